@@ -1,0 +1,28 @@
+"""mythos_kernels: Triton kernels for the OpenMythos recurrent-depth transformer, each beside its
+plain-torch reference, behind one dispatch point (:mod:`mythos_kernels._dispatch`)."""
+
+from ._dispatch import (BACKENDS, BackendUnavailable, dispatch_counts, get_backend,
+                        interpreter_active, reset_dispatch_counts, set_backend, triton_available,
+                        use_backend)
+from ._registry import KernelConfig, register_kernel, registered_kernels
+from .attention import attention, attention_reference, causal_mask
+from .mla import mla_decompress, mla_decompress_reference
+from .moe import (expert_counts, moe_experts, moe_experts_reference, moe_route,
+                  moe_route_reference)
+from .recurrent import (get_A, loop_embedding_vector, loop_index_embedding, loop_input,
+                        loop_input_reference, lti_act_step, lti_act_step_reference)
+from .rmsnorm import rms_norm, rms_norm_reference
+from .rope import apply_rope, apply_rope_reference, precompute_rope_freqs
+
+__all__ = [
+    "BACKENDS", "BackendUnavailable", "dispatch_counts", "get_backend", "interpreter_active",
+    "reset_dispatch_counts", "set_backend", "triton_available", "use_backend",
+    "KernelConfig", "register_kernel", "registered_kernels",
+    "attention", "attention_reference", "causal_mask",
+    "mla_decompress", "mla_decompress_reference",
+    "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",
+    "get_A", "loop_embedding_vector", "loop_index_embedding", "loop_input", "loop_input_reference",
+    "lti_act_step", "lti_act_step_reference",
+    "rms_norm", "rms_norm_reference",
+    "apply_rope", "apply_rope_reference", "precompute_rope_freqs",
+]

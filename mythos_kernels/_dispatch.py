@@ -1,0 +1,160 @@
+"""The one dispatch point: which implementation (Triton kernel or torch reference) serves an op.
+
+Backend setting, from the environment variable ``MYTHOS_BACKEND`` or from Python:
+
+* ``auto``      -- Triton kernels for CUDA tensors when Triton is importable and the op has a
+                   kernel; the reference otherwise (CPU tensors, no Triton, no kernel yet).
+* ``triton``    -- force the kernels; raise :class:`BackendUnavailable` if one cannot run.
+                   With ``TRITON_INTERPRET=1`` kernels run on CPU tensors.
+* ``reference`` -- force the plain-torch references.
+
+An op that has no Triton kernel yet uses its reference under every setting.
+
+Every decision is recorded in a counter keyed ``(op, impl)`` so tests can assert that a kernel
+path really ran::
+
+    from mythos_kernels import use_backend, dispatch_counts, reset_dispatch_counts
+    reset_dispatch_counts()
+    with use_backend("triton"):
+        model(ids)
+    assert dispatch_counts()[("lti_act_step", "triton")] > 0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import Counter
+from typing import Iterator, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+_lock = threading.Lock()
+_counts: Counter = Counter()
+_override: list[str] = []  # stack of context-manager / set_backend() choices
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when the Triton backend is forced but a kernel cannot run on the given inputs."""
+
+
+def _validate(name: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"MYTHOS_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost :func:`use_backend`, else ``$MYTHOS_BACKEND``, else auto."""
+    if _override:
+        return _override[-1]
+    return _validate(os.environ.get("MYTHOS_BACKEND", "auto") or "auto")
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide backend (``None`` goes back to the environment variable)."""
+    with _lock:
+        _override.clear()
+        if name is not None:
+            _override.append(_validate(name))
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed code with the given backend."""
+    name = _validate(name)
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_triton_ok: bool | None = None
+_triton_err: str = ""
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` imports (cached)."""
+    global _triton_ok, _triton_err
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_ok = True
+        except Exception as exc:  # pragma: no cover - depends on the install
+            _triton_ok, _triton_err = False, f"{type(exc).__name__}: {exc}"
+    return _triton_ok
+
+
+def _why_not_triton(tensors: Sequence[torch.Tensor | None]) -> str | None:
+    """Reason the Triton path cannot serve these tensors, or None if it can."""
+    if not triton_available():
+        return f"triton is not importable ({_triton_err})"
+    devs = {t.device.type for t in tensors if t is not None}
+    if len(devs) > 1:
+        return f"inputs are on several device types {sorted(devs)}"
+    dev = devs.pop() if devs else "cpu"
+    if dev == "cuda":
+        return None
+    if dev == "cpu" and interpreter_active():
+        return None
+    if dev == "cpu":
+        return "inputs are CPU tensors and TRITON_INTERPRET=1 is not set"
+    return f"device type {dev!r} is not supported by the Triton kernels"
+
+
+def choose(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
+           supported: str | None = None) -> str:
+    """Decide and record which implementation serves ``op`` for these inputs.
+
+    Args:
+        op:         op name, used in the dispatch record.
+        tensors:    the op's tensor inputs (``None`` entries ignored).
+        has_kernel: False for ops without a Triton kernel yet: always the reference.
+        supported:  a reason the kernel cannot take these particular inputs (shape, dtype,
+                    size limit), or None. Forced ``triton`` raises with it; ``auto`` falls back.
+
+    Returns:
+        ``"triton"`` or ``"reference"``.
+
+    Raises:
+        BackendUnavailable: the backend is ``triton`` and the kernel cannot run.
+    """
+    backend = get_backend()
+    impl = "reference"
+    if has_kernel and backend == "triton":
+        why = supported or _why_not_triton(tensors)
+        if why is not None:
+            raise BackendUnavailable(f"MYTHOS_BACKEND=triton but op {op!r} cannot run its Triton "
+                                     f"kernel: {why}")
+        impl = "triton"
+    elif has_kernel and backend == "auto":
+        on_cuda = any(t is not None and t.is_cuda for t in tensors)
+        if on_cuda and supported is None and _why_not_triton(tensors) is None:
+            impl = "triton"
+    with _lock:
+        _counts[(op, impl)] += 1
+    return impl
+
+
+def dispatch_counts() -> dict[tuple[str, str], int]:
+    """A copy of the dispatch record: ``{(op, impl): number of calls}``."""
+    with _lock:
+        return dict(_counts)
+
+
+def reset_dispatch_counts() -> None:
+    """Clear the dispatch record."""
+    with _lock:
+        _counts.clear()
