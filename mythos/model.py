@@ -1,0 +1,388 @@
+"""The OpenMythos recurrent-depth transformer, as a thin model over ``mythos_kernels`` ops.
+
+    tokens -> embed -> Prelude (dense blocks, once)
+           -> RecurrentBlock: one MoE TransformerBlock looped T times with LTI injection + ACT
+           -> Coda (dense blocks, once) -> RMSNorm -> tied head -> logits
+
+Module and parameter names equal open-mythos 0.5.0's, so its state_dicts load strictly; the one
+layout change is that routed experts are stacked (``w13 [E, D, 2F]``, ``w2 [E, F, D]``) for
+grouped GEMMs, converted by a load hook (``mythos.checkpoint``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mythos_kernels as K
+
+from .cache import MythosCache, cache_length, layer_cache
+from .config import MythosConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm: ``x * rsqrt(mean(x^2) + eps) * weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+precompute_rope_freqs = K.precompute_rope_freqs
+apply_rope = K.apply_rope
+loop_index_embedding = K.loop_index_embedding
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with RoPE; caches K (rotated) and V with n_kv_heads."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.groups = cfg.n_heads // cfg.n_kv_heads
+        self.max_seq_len = cfg.max_seq_len
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.dropout_p = cfg.dropout
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask=None,
+                kv_cache: Optional[dict] = None, cache_key: str = "default") -> torch.Tensor:
+        B, T, _ = x.shape
+        q = K.apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
+        k = K.apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if kv_cache is not None:
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(k=k, v=v)
+            k, v = kv["k"], kv["v"]
+        out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=True,
+                          dropout_p=self.dropout_p if self.training else 0.0)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-latent attention (DeepSeek-V2). Caches the normalized latent c_kv [B, S, r] and one
+    RoPE'd key [B, S, dr] shared by all heads; K_nope and V are decompressed through kv_up."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_rope_dim = cfg.qk_rope_head_dim
+        self.qk_nope_dim = cfg.qk_nope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.q_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.max_seq_len = cfg.max_seq_len
+        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank)
+        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
+        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
+        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_up = nn.Linear(cfg.kv_lora_rank,
+                               cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.dropout_p = cfg.dropout
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask=None,
+                kv_cache: Optional[dict] = None, cache_key: str = "default") -> torch.Tensor:
+        B, T, _ = x.shape
+        H = self.n_heads
+        c_q = self.q_norm(self.q_down(x))
+        q_nope = self.q_up_nope(c_q).view(B, T, H, self.qk_nope_dim)
+        q_rope = K.apply_rope(self.q_up_rope(c_q).view(B, T, H, self.qk_rope_dim), freqs_cis)
+        kv_raw = self.kv_down(x)
+        c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
+        k_rope = K.apply_rope(kv_raw[..., self.kv_lora_rank:].unsqueeze(2), freqs_cis)
+        k_rope = k_rope.squeeze(2)                                             # [B, T, dr]
+        if kv_cache is not None:
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv,
+                                                                           k_rope=k_rope)
+            c_kv, k_rope = kv["c_kv"], kv["k_rope"]
+        k, v = K.mla_decompress(c_kv, k_rope, self.kv_up.weight, H, self.qk_nope_dim, self.v_dim)
+        q = torch.cat([q_nope, q_rope], dim=-1)                                # [B, T, H, dq]
+        out = K.attention(q, k, v, scale=self.q_head_dim ** -0.5, causal=True,
+                          dropout_p=self.dropout_p if self.training else 0.0)
+        return self.wo(out.reshape(B, T, -1))
+
+
+class Expert(nn.Module):
+    """SwiGLU FFN: ``down(silu(gate(x)) * up(x))`` (dense prelude/coda FFN and shared experts)."""
+
+    def __init__(self, dim: int, expert_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, expert_dim, bias=False)
+        self.up = nn.Linear(dim, expert_dim, bias=False)
+        self.down = nn.Linear(expert_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoEFFN(nn.Module):
+    """DeepSeek-style MoE: softmax router, aux-loss-free selection bias, renormalized top-k,
+    routed SwiGLU experts (stacked weights) + always-on shared experts."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.n_shared = cfg.n_shared_experts
+        self.topk = cfg.n_experts_per_tok
+        self.expert_dim = cfg.expert_dim
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
+        self.w13 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, 2 * cfg.expert_dim))
+        self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.expert_dim, cfg.dim))
+        self.shared_experts = nn.ModuleList(
+            [Expert(cfg.dim, cfg.expert_dim * cfg.n_experts_per_tok) for _ in range(self.n_shared)])
+        nn.init.normal_(self.w13, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
+        from .checkpoint import moe_load_hook
+        self._register_load_state_dict_pre_hook(moe_load_hook, with_module=True)
+        self.last_counts: Optional[torch.Tensor] = None  # tokens per expert, last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        logits = self.router(flat)                                            # [N, E] unbiased
+        weights, idx = K.moe_route(logits, self.router_bias, self.topk)       # [N, k] each
+        self.last_counts = K.expert_counts(idx.detach(), self.n_experts)
+        out = K.moe_experts(flat, weights, idx, self.w13, self.w2)
+        for shared in self.shared_experts:
+            out = out + shared(flat)
+        return out.view(B, T, D)
+
+
+class LoRAAdapter(nn.Module):
+    """Depth-wise LoRA: ``delta(x, t) = (down(x) * scale[min(t, max_loops-1)]) @ B``."""
+
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.scale = nn.Embedding(max_loops, rank)
+
+    def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
+        t_idx = min(loop_t, self.scale.num_embeddings - 1)
+        return (self.down(x) * self.scale.weight[t_idx]) @ self.B
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``+ ffn(norm(x))`` (MoE when use_moe)."""
+
+    def __init__(self, cfg: MythosConfig, use_moe: bool = False):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+        self.ffn = MoEFFN(cfg) if use_moe else Expert(cfg.dim, cfg.dim * 4 // 3)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default"):
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key))
+        return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
+
+
+class LTIInjection(nn.Module):
+    """``h' = A*h + B*e + out`` with ``A = exp(-exp(clamp(log_dt + log_A, -20, 20)))`` in (0, 1)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.ones(dim) * 0.1)
+
+    def get_A(self) -> torch.Tensor:
+        return K.get_A(self.log_A, self.log_dt)
+
+    def forward(self, h, e, transformer_out):
+        return self.get_A() * h + self.B * e + transformer_out
+
+
+class ACTHalting(nn.Module):
+    """Per-position halting probability ``sigmoid(h . w + b)`` (Graves, 2016)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h)).squeeze(-1)
+
+
+class RecurrentBlock(nn.Module):
+    """One MoE TransformerBlock looped n_loops times with LTI injection and ACT halting.
+
+    Without a cache the loop stops once every position has halted; with a cache every loop runs
+    so each depth's cache stays filled (open-mythos semantics)."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.block = TransformerBlock(cfg, use_moe=True)
+        self.injection = LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim)
+        self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        self.norm = RMSNorm(cfg.dim)
+        self.loop_dim = cfg.dim // 8
+
+    def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None):
+        n_loops = n_loops or self.cfg.max_loop_iters
+        B, T, D = h.shape
+        thr = self.cfg.act_threshold
+        cum_p = torch.zeros(B, T, device=h.device, dtype=torch.float32)
+        h_out = torch.zeros(B, T, D, device=h.device, dtype=torch.float32)
+        inj = self.injection
+        for t in range(n_loops):
+            x = K.loop_input(h, e, t, self.norm.weight, self.norm.eps, self.loop_dim)
+            out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}")
+            out = out + self.lora(out, t)
+            h, h_out, cum_p = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt,
+                                             inj.B, self.act.halt.weight, self.act.halt.bias, thr)
+            if kv_cache is None and t + 1 < n_loops and bool((cum_p >= thr).all()):
+                break
+        return h_out.to(h.dtype)
+
+
+class OpenMythos(nn.Module):
+    """Recurrent-depth transformer language model (drop-in for ``open_mythos.OpenMythos``)."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.register_buffer("freqs_cis", precompute_rope_freqs(cfg.dim // cfg.n_heads,
+                                                                cfg.max_seq_len, cfg.rope_theta))
+        self.register_buffer("freqs_cis_mla", precompute_rope_freqs(cfg.qk_rope_head_dim,
+                                                                    cfg.max_seq_len,
+                                                                    cfg.rope_theta))
+        self.prelude = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.prelude_layers)])
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.coda_layers)])
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # weight tying
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def _check_inputs(self, input_ids, n_loops, kv_cache, start_pos) -> None:
+        """Validate before any compute, so a bad call leaves the cache untouched."""
+        cfg = self.cfg
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or \
+                input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+        if n_loops is not None and (isinstance(n_loops, bool) or not isinstance(n_loops, int)
+                                    or n_loops < 1):
+            raise ValueError(f"n_loops must be a positive int or None, got {n_loops!r}")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        if start_pos + T > cfg.max_seq_len:
+            raise ValueError(f"start_pos + seq_len = {start_pos} + {T} exceeds max_seq_len "
+                             f"{cfg.max_seq_len}")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, dict):
+                raise ValueError(f"kv_cache must be a dict or None, got {type(kv_cache).__name__}")
+            S0 = cache_length(kv_cache)
+            cap = kv_cache.capacity if isinstance(kv_cache, MythosCache) else cfg.max_seq_len
+            if S0 + T > cap:
+                raise ValueError(f"kv_cache holds {S0} positions; {T} more exceed its capacity "
+                                 f"{cap}")
+            for c in kv_cache.values():
+                c.check_append(B, 0)
+        lo, hi = torch.aminmax(input_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values "
+                             f"in [{lo}, {hi}]")
+
+    def forward(self, input_ids: torch.Tensor, n_loops: Optional[int] = None,
+                kv_cache: Optional[dict] = None, start_pos: int = 0) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size].
+
+        Args:
+            n_loops: recurrent depth (default cfg.max_loop_iters; may exceed it at inference).
+            kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding.
+            start_pos: position of input_ids[:, 0] in the sequence (selects RoPE frequencies).
+        """
+        self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
+        return self.head(self.norm(self._hidden(input_ids, n_loops, kv_cache, start_pos)))
+
+    def _hidden(self, input_ids, n_loops, kv_cache, start_pos) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.embed(input_ids)
+        freqs = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
+        freqs_cis = freqs[start_pos:start_pos + T]
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, freqs_cis, None, kv_cache, f"prelude_{i}")
+        e = x
+        x = self.recurrent(x, e, freqs_cis, None, n_loops, kv_cache)
+        for i, layer in enumerate(self.coda):
+            x = layer(x, freqs_cis, None, kv_cache, f"coda_{i}")
+        return x
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: int = 8,
+                 temperature: float = 1.0, top_k: int = 50) -> torch.Tensor:
+        """Autoregressive sampling with a preallocated KV cache: [B, T] -> [B, T + max_new_tokens].
+
+        Same sampling as open-mythos (logits / temperature, top-k filter, multinomial); top_k=1
+        reproduces its tokens; ``temperature=0`` is greedy decoding."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not (temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens == 0:
+            return input_ids
+        prompt_len = input_ids.shape[1]
+        total = prompt_len + max_new_tokens - 1
+        self._check_inputs(input_ids, n_loops, None, 0)
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
+                             f"{total} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cache = MythosCache(total)
+        B = input_ids.shape[0]
+        out = input_ids.new_empty(B, prompt_len + max_new_tokens)
+        out[:, :prompt_len] = input_ids
+        cur, pos = input_ids, 0
+        for step in range(max_new_tokens):
+            h = self._hidden(cur, n_loops, cache, pos)[:, -1]                 # [B, D]
+            logits = self.head(self.norm(h))
+            nxt = sample(logits, temperature, top_k)
+            out[:, prompt_len + step] = nxt
+            pos += cur.shape[1]
+            cur = out[:, prompt_len + step:prompt_len + step + 1]
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """logits [B, V] -> next token [B]: open-mythos's temperature / top-k / multinomial rule."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        v, _ = logits.topk(min(top_k, logits.shape[-1]))
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)

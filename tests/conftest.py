@@ -1,0 +1,63 @@
+"""Shared test helpers: open-mythos loading, tiny configs, relative-error assertions."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+from _openmythos import load_open_mythos  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def om():
+    """The open_mythos 0.5.0 module (tests that need it skip when it is not installed)."""
+    mod = load_open_mythos()
+    if mod is None:
+        pytest.skip("open-mythos 0.5.0 is not installed (pip install --no-deps open-mythos==0.5.0)")
+    return mod
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives inf)."""
+    ref, out = ref.double(), out.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(ref, out)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def tiny_kwargs(attn_type: str = "mla", **over) -> dict:
+    """A small config with odd sizes (non-powers of two everywhere)."""
+    kw = dict(vocab_size=97, dim=60, n_heads=6, n_kv_heads=2, max_seq_len=64, max_loop_iters=4,
+              prelude_layers=1, coda_layers=1, attn_type=attn_type, kv_lora_rank=24,
+              q_lora_rank=20, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=14, n_experts=7,
+              n_shared_experts=1, n_experts_per_tok=3, expert_dim=12, act_threshold=0.99,
+              lora_rank=3, rope_theta=10000.0)
+    kw.update(over)
+    return kw
+
+
+def make_pair(om, seed: int = 0, perturb: float = 0.1, **kw):
+    """(open-mythos model, mythos model) with identical random weights, eval mode."""
+    import mythos
+
+    torch.manual_seed(seed)
+    a = om.OpenMythos(om.MythosConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p) * perturb)
+        a.recurrent.block.ffn.router_bias.normal_(0, 0.05)
+    b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b

@@ -1,0 +1,62 @@
+"""Preallocated cache: chunked prefill, decode == full forward, capacity, bytes per token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, tiny_kwargs
+
+import mythos
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("cache_kind", ["dict", "preallocated"])
+def test_chunked_prefill_and_decode_equal_full_forward(attn, cache_kind):
+    torch.manual_seed(1)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(attn, act_threshold=1e4))).eval()
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        full = m(ids, n_loops=3)
+        cache = {} if cache_kind == "dict" else mythos.MythosCache(13)
+        parts = [m(ids[:, :5], n_loops=3, kv_cache=cache),
+                 m(ids[:, 5:9], n_loops=3, kv_cache=cache, start_pos=5)]  # chunk onto a cache
+        for i in range(9, 13):
+            parts.append(m(ids[:, i:i + 1], n_loops=3, kv_cache=cache, start_pos=i))
+    assert_close("chunked", full, torch.cat(parts, dim=1), 1e-5)
+    per_layer = {k: c.length for k, c in cache.items()}
+    assert set(per_layer.values()) == {13}
+    assert len(per_layer) == 1 + 1 + 3
+
+
+def test_mla_cache_stores_one_rope_key_per_token():
+    cfg = mythos.MythosConfig(**tiny_kwargs("mla"))
+    m = mythos.OpenMythos(cfg).eval()
+    cache = {}
+    with torch.no_grad():
+        m(torch.randint(0, 97, (2, 7)), n_loops=2, kv_cache=cache)
+    c = cache["recurrent_loop_0"]
+    assert c.buffers["c_kv"].shape[2] == cfg.kv_lora_rank
+    assert c.buffers["k_rope"].shape[2] == cfg.qk_rope_head_dim
+    assert c.nbytes() == 2 * 7 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_cache_bytes_per_token_vs_open_mythos():
+    cfg = mythos.mythos_1b()
+    ours = mythos.cache_bytes_per_token(cfg, 2)
+    theirs = mythos.cache_bytes_per_token(cfg, 2, open_mythos=True)
+    layers = cfg.prelude_layers + cfg.coda_layers + cfg.max_loop_iters
+    assert ours == layers * (256 + 32) * 2
+    assert theirs == layers * (256 + 16 * 32) * 2
+
+
+def test_generate_greedy_matches_full_forward_argmax():
+    torch.manual_seed(2)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla"))).eval()
+    prompt = torch.randint(0, 97, (2, 4))
+    out = m.generate(prompt, max_new_tokens=5, n_loops=3, temperature=0)
+    with torch.no_grad():
+        ids = prompt
+        for _ in range(5):
+            nxt = m(ids, n_loops=3, kv_cache={})[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(out, ids)

@@ -1,0 +1,66 @@
+"""open-mythos checkpoints load unchanged; export back round-trips; weight tying is kept."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import make_pair, tiny_kwargs
+
+import mythos
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_load_open_mythos_checkpoint_strict_and_round_trip(om, attn, tmp_path):
+    kw = tiny_kwargs(attn)
+    a, _ = make_pair(om, **kw)
+    path = tmp_path / "om.pt"
+    torch.save(a.state_dict(), path)
+    b = mythos.OpenMythos(mythos.MythosConfig(**kw))
+    b.load_state_dict(torch.load(path), strict=True)
+    assert b.head.weight is b.embed.weight
+    back = mythos.to_open_mythos_state_dict(b)
+    ref = a.state_dict()
+    assert set(back) == set(ref)
+    for k in ref:
+        assert torch.equal(back[k], ref[k]), k
+    a2 = om.OpenMythos(om.MythosConfig(**kw))
+    a2.load_state_dict(back, strict=True)
+    assert a2.head.weight is a2.embed.weight
+
+
+def test_mythos_layout_round_trip_and_converter(om):
+    kw = tiny_kwargs("mla")
+    a, b = make_pair(om, **kw)
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    c = mythos.OpenMythos(mythos.MythosConfig(**kw))
+    c.load_state_dict(torch.load(buf), strict=True)
+    conv = mythos.from_open_mythos_state_dict(a.state_dict())
+    assert set(conv) == set(b.state_dict())
+    for k, v in b.state_dict().items():
+        assert torch.equal(conv[k], v), k
+    assert b.recurrent.block.ffn.w13.shape == (7, 60, 24)
+    assert b.recurrent.block.ffn.w2.shape == (7, 12, 60)
+
+
+def test_missing_expert_reports_error(om):
+    kw = tiny_kwargs("mla")
+    a, _ = make_pair(om, **kw)
+    sd = a.state_dict()
+    del sd["recurrent.block.ffn.routed_experts.3.up.weight"]
+    b = mythos.OpenMythos(mythos.MythosConfig(**kw))
+    with pytest.raises(RuntimeError, match="routed expert"):
+        b.load_state_dict(sd)
+
+
+def test_spectral_radius_below_one():
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa")))
+    with torch.no_grad():
+        m.recurrent.injection.log_A.uniform_(-4, 4)
+        m.recurrent.injection.log_dt.fill_(-1.0)
+    A = m.recurrent.injection.get_A()
+    assert A.shape == (60,) and (A > 0).all() and (A < 1).all()

@@ -1,0 +1,85 @@
+"""The dispatch point: backend switch, forced-triton errors, dispatch record."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mythos_kernels as K
+from mythos_kernels import _dispatch
+
+
+def test_reference_backend_records_reference():
+    K.reset_dispatch_counts()
+    x = torch.randn(3, 5)
+    with K.use_backend("reference"):
+        assert _dispatch.choose("some_op", x) == "reference"
+    assert K.dispatch_counts() == {("some_op", "reference"): 1}
+    K.reset_dispatch_counts()
+    assert K.dispatch_counts() == {}
+
+
+def test_auto_uses_reference_for_cpu_tensors():
+    with K.use_backend("auto"):
+        assert _dispatch.choose("op", torch.randn(2)) == "reference"
+
+
+def test_op_without_kernel_uses_reference_even_when_forced():
+    with K.use_backend("triton"):
+        assert _dispatch.choose("op", torch.randn(2), has_kernel=False) == "reference"
+
+
+def test_forced_triton_raises_when_kernel_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with K.use_backend("triton"):
+        with pytest.raises(K.BackendUnavailable, match="TRITON_INTERPRET"):
+            _dispatch.choose("op", torch.randn(2))
+        with pytest.raises(K.BackendUnavailable, match="too large"):
+            _dispatch.choose("op", torch.randn(2), supported="D too large")
+
+
+def test_forced_triton_runs_under_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not K.triton_available():
+        pytest.skip("triton not installed")
+    with K.use_backend("triton"):
+        assert _dispatch.choose("op", torch.randn(2)) == "triton"
+
+
+def test_nested_context_and_set_backend():
+    K.set_backend("reference")
+    try:
+        assert K.get_backend() == "reference"
+        with K.use_backend("triton"):
+            assert K.get_backend() == "triton"
+        assert K.get_backend() == "reference"
+    finally:
+        K.set_backend(None)
+
+
+def test_environment_variable_selects_backend():
+    code = "import mythos_kernels as K; print(K.get_backend())"
+    env = dict(os.environ, MYTHOS_BACKEND="reference", PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "reference", out.stderr
+    env["MYTHOS_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "MYTHOS_BACKEND must be one of" in out.stderr
+
+
+def test_model_records_every_op():
+    import mythos
+    from conftest import tiny_kwargs
+
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla"))).eval()
+    K.reset_dispatch_counts()
+    with K.use_backend("reference"), torch.no_grad():
+        m(torch.randint(0, 97, (1, 5)), n_loops=2)
+    ops = {op for op, impl in K.dispatch_counts()}
+    assert {"loop_input", "lti_act_step", "moe_route", "moe_experts", "attention",
+            "mla_decompress", "rms_norm", "rope"} <= ops
+    assert all(impl == "reference" for _, impl in K.dispatch_counts())

@@ -1,0 +1,104 @@
+"""Parity with the real open-mythos 0.5.0 package: logits, cached decode, generate, configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import assert_close, make_pair, tiny_kwargs
+
+import mythos
+
+pytestmark = pytest.mark.parity
+
+CASES = [
+    ("gqa", {}),
+    ("mla", {}),
+    ("gqa", dict(dim=48, n_heads=4, n_kv_heads=4, n_experts=5, n_experts_per_tok=1)),
+    ("mla", dict(dim=40, n_heads=5, n_experts=9, n_experts_per_tok=2, qk_rope_head_dim=4,
+                 n_shared_experts=0, kv_lora_rank=10, lora_rank=2, max_loop_iters=3)),
+    ("mla", dict(prelude_layers=0, coda_layers=2, n_shared_experts=2)),
+]
+
+
+@pytest.mark.parametrize("attn,over", CASES)
+@pytest.mark.parametrize("threshold", [0.99, 1e4], ids=["act-exit", "all-loops"])
+@pytest.mark.parametrize("loops", ["below", "at", "above"])
+def test_logits_match(om, attn, over, threshold, loops):
+    kw = tiny_kwargs(attn, act_threshold=threshold, **over)
+    n_loops = {"below": 2, "at": None, "above": kw["max_loop_iters"] + 3}[loops]
+    a, b = make_pair(om, seed=hash((attn, loops)) % 1000, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 11))
+    with torch.no_grad():
+        ref, out = a(ids, n_loops=n_loops), b(ids, n_loops=n_loops)
+    assert_close("logits", ref, out, 1e-5)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("threshold", [0.99, 1e4])
+def test_prefill_then_decode_with_cache(om, attn, threshold):
+    kw = tiny_kwargs(attn, act_threshold=threshold)
+    a, b = make_pair(om, seed=3, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 12))
+    ca, cb = {}, {}
+    with torch.no_grad():
+        assert_close("prefill", a(ids[:, :7], kv_cache=ca), b(ids[:, :7], kv_cache=cb), 1e-5)
+        for i in range(7, 12):
+            ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
+            rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
+            assert_close(f"decode step {i}", ra, rb, 1e-5)
+    assert set(ca) == set(cb)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_generate_top1_identical(om, attn):
+    kw = tiny_kwargs(attn)
+    a, b = make_pair(om, seed=5, **kw)
+    prompt = torch.randint(0, kw["vocab_size"], (2, 5))
+    torch.manual_seed(0)
+    ga = a.generate(prompt, max_new_tokens=9, n_loops=3, top_k=1)
+    gb = b.generate(prompt, max_new_tokens=9, n_loops=3, top_k=1)
+    assert torch.equal(ga, gb)
+    assert torch.equal(b.generate(prompt, max_new_tokens=9, n_loops=3, temperature=0), gb)
+
+
+def test_training_gradients_match(om):
+    kw = tiny_kwargs("mla", act_threshold=1e4)
+    a, b = make_pair(om, seed=7, **kw)
+    a.train(), b.train()
+    ids = torch.randint(0, kw["vocab_size"], (2, 9))
+    a(ids, n_loops=3).logsumexp(-1).mean().backward()
+    b(ids, n_loops=3).logsumexp(-1).mean().backward()
+    ga = {k: p.grad for k, p in a.named_parameters()}
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    for k, g in ga.items():
+        if g is not None and g.abs().sum() > 0:
+            assert_close(f"grad {k}", g, gb[k], 1e-4)
+
+
+def test_config_fields_and_variants_match(om):
+    fa = {f.name: f.default for f in dataclasses.fields(om.MythosConfig)}
+    fb = {f.name: f.default for f in dataclasses.fields(mythos.MythosConfig)}
+    assert fa == fb
+    for name in ["mythos_1b", "mythos_3b", "mythos_10b", "mythos_50b", "mythos_100b",
+                 "mythos_500b", "mythos_1t"]:
+        assert dataclasses.asdict(getattr(om, name)()) == \
+            dataclasses.asdict(getattr(mythos, name)())
+
+
+def test_public_names_match(om):
+    for name in om.__all__:
+        if name in ("load_tokenizer", "get_vocab_size", "MythosTokenizer"):
+            continue
+        assert hasattr(mythos, name), name
+
+
+def test_component_functions_match(om):
+    x = torch.randn(2, 5, 3, 8)
+    f = om.precompute_rope_freqs(8, 16, 10000.0)
+    assert torch.equal(f, mythos.precompute_rope_freqs(8, 16, 10000.0))
+    assert torch.equal(om.apply_rope(x, f[:5]), mythos.apply_rope(x, f[:5]))
+    h = torch.randn(2, 5, 200)
+    for t in (0, 3, 17):
+        assert torch.equal(om.loop_index_embedding(h, t, 25), mythos.loop_index_embedding(h, t, 25))
