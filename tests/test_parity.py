@@ -102,3 +102,19 @@ def test_component_functions_match(om):
     h = torch.randn(2, 5, 200)
     for t in (0, 3, 17):
         assert torch.equal(om.loop_index_embedding(h, t, 25), mythos.loop_index_embedding(h, t, 25))
+
+
+def test_documented_difference_chunked_prefill(om):
+    """open-mythos's T x T mask fails when a multi-token chunk is appended to a non-empty cache;
+    mythos computes the correct causal result (equal to a full forward, see test_cache.py)."""
+    kw = tiny_kwargs("mla", act_threshold=1e4)
+    a, b = make_pair(om, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (1, 9))
+    ca, cb = {}, {}
+    with torch.no_grad():
+        a(ids[:, :5], n_loops=2, kv_cache=ca)
+        b(ids[:, :5], n_loops=2, kv_cache=cb)
+        with pytest.raises(RuntimeError):
+            a(ids[:, 5:], n_loops=2, kv_cache=ca, start_pos=5)
+        out = b(ids[:, 5:], n_loops=2, kv_cache=cb, start_pos=5)
+        assert_close("chunk vs full", a(ids, n_loops=2, kv_cache={})[:, 5:], out, 1e-5)
