@@ -63,6 +63,16 @@ class LayerCache:
         self.length = end
         return {name: buf[:, :end] for name, buf in self.buffers.items()}
 
+    def write_at(self, positions: torch.Tensor, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Static-shape write for a captured decode step: ``buf[:, positions] = new`` (positions an
+        int64 device tensor [T]) and return the full-capacity buffers. Needs a fixed-capacity
+        cache whose buffers exist (a prefill ran); the valid length is tracked by the caller."""
+        if not self.fixed or not self.buffers:
+            raise ValueError("write_at needs a MythosCache whose buffers were filled by a prefill")
+        for name, x in new.items():
+            self.buffers[name].index_copy_(1, positions, x.detach())
+        return dict(self.buffers)
+
     def nbytes(self) -> int:
         """Bytes of the valid positions."""
         return sum(b[:, :self.length].numel() * b.element_size() for b in self.buffers.values())

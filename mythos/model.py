@@ -57,16 +57,22 @@ class GQAttention(nn.Module):
         self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask=None,
-                kv_cache: Optional[dict] = None, cache_key: str = "default") -> torch.Tensor:
+                kv_cache: Optional[dict] = None, cache_key: str = "default",
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = K.apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
         k = K.apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if kv_cache is not None:
+        attn_mask = None
+        if positions is not None:  # static decode: full-capacity buffers, mask by position
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(positions, k=k, v=v)
+            k, v = kv["k"], kv["v"]
+            attn_mask = torch.arange(k.shape[1], device=k.device) <= positions[:, None]
+        elif kv_cache is not None:
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(k=k, v=v)
             k, v = kv["k"], kv["v"]
         out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=True,
-                          dropout_p=self.dropout_p if self.training else 0.0)
+                          dropout_p=self.dropout_p if self.training else 0.0, attn_mask=attn_mask)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -94,8 +100,24 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 
+    def _static_splits(self, c_kv: torch.Tensor) -> int:
+        """A fixed split count for the decode kernel, chosen from the cache capacity."""
+        from mythos_kernels.mla_decode import mla_decode_num_splits
+
+        return mla_decode_num_splits(c_kv.shape[0], self.n_heads, c_kv.shape[1], c_kv.shape[2],
+                                     c_kv.device)
+
+    def _absorbed_is_cheaper(self, T: int, S: int) -> bool:
+        """Attend over the latent cache (W_UK/W_UV absorbed) instead of decompressing K and V
+        when that takes fewer FLOPs: decode and short chunks over a long cache."""
+        r, dn, dv, dr = self.kv_lora_rank, self.qk_nope_dim, self.v_dim, self.qk_rope_dim
+        decompress = S * r * (dn + dv) + T * S * (dn + dr + dv)
+        absorbed = T * (dn * r + S * (2 * r + dr) + r * dv)
+        return absorbed < decompress
+
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask=None,
-                kv_cache: Optional[dict] = None, cache_key: str = "default") -> torch.Tensor:
+                kv_cache: Optional[dict] = None, cache_key: str = "default",
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
         c_q = self.q_norm(self.q_down(x))
@@ -105,10 +127,22 @@ class MLAttention(nn.Module):
         c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
         k_rope = K.apply_rope(kv_raw[..., self.kv_lora_rank:].unsqueeze(2), freqs_cis)
         k_rope = k_rope.squeeze(2)                                             # [B, T, dr]
+        if positions is not None:  # static decode: full-capacity buffers, length as a tensor
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(
+                positions, c_kv=c_kv, k_rope=k_rope)
+            out = K.mla_decode(q_nope, q_rope, kv["c_kv"], kv["k_rope"], self.kv_up.weight,
+                               self.qk_nope_dim, self.v_dim, positions[-1:] + 1,
+                               self.q_head_dim ** -0.5, num_splits=self._static_splits(kv["c_kv"]))
+            return self.wo(out.reshape(B, T, -1))
         if kv_cache is not None:
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv,
                                                                            k_rope=k_rope)
             c_kv, k_rope = kv["c_kv"], kv["k_rope"]
+            S = c_kv.shape[1]
+            if self._absorbed_is_cheaper(T, S):
+                out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, self.kv_up.weight,
+                                   self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
+                return self.wo(out.reshape(B, T, -1))
         k, v = K.mla_decompress(c_kv, k_rope, self.kv_up.weight, H, self.qk_nope_dim, self.v_dim)
         q = torch.cat([q_nope, q_rope], dim=-1)                                # [B, T, H, dq]
         out = K.attention(q, k, v, scale=self.q_head_dim ** -0.5, causal=True,
@@ -188,8 +222,9 @@ class TransformerBlock(nn.Module):
         self.ffn = MoEFFN(cfg) if use_moe else Expert(cfg.dim, cfg.dim * 4 // 3)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default"):
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key))
+    def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default", positions=None):
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key,
+                                          positions))
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -236,20 +271,25 @@ class RecurrentBlock(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         self.loop_dim = cfg.dim // 8
 
-    def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None):
+    def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None, positions=None):
         n_loops = n_loops or self.cfg.max_loop_iters
         B, T, D = h.shape
         thr = self.cfg.act_threshold
         cum_p = torch.zeros(B, T, device=h.device, dtype=torch.float32)
         h_out = torch.zeros(B, T, D, device=h.device, dtype=torch.float32)
-        inj = self.injection
+        inj, halt, norm = self.injection, self.act.halt, self.norm
+        x = K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
+        halted = K.HaltCheck(h.device)  # on CUDA reads the flag one iteration late: no sync
         for t in range(n_loops):
-            x = K.loop_input(h, e, t, self.norm.weight, self.norm.eps, self.loop_dim)
-            out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}")
-            out = out + self.lora(out, t)
-            h, h_out, cum_p = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt,
-                                             inj.B, self.act.halt.weight, self.act.halt.bias, thr)
-            if kv_cache is None and t + 1 < n_loops and bool((cum_p >= thr).all()):
+            out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}", positions)
+            delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)
+            nxt = (t + 1, norm.weight, norm.eps, self.loop_dim) if t + 1 < n_loops else None
+            # h' = A h + B e + out + delta, ACT accumulation, and the next loop's normed input
+            res = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt, inj.B,
+                                 halt.weight, halt.bias, thr, next_loop=nxt, delta=delta)
+            h, h_out, cum_p = res[:3]
+            x = res[3] if nxt is not None else None
+            if kv_cache is None and nxt is not None and halted(cum_p, thr):
                 break
         return h_out.to(h.dtype)
 
@@ -311,6 +351,8 @@ class OpenMythos(nn.Module):
                                  f"{cap}")
             for c in kv_cache.values():
                 c.check_append(B, 0)
+        if torch.compiler.is_compiling():  # a host read would break the graph; eager checks it
+            return
         lo, hi = torch.aminmax(input_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= cfg.vocab_size:
@@ -329,51 +371,104 @@ class OpenMythos(nn.Module):
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
         return self.head(self.norm(self._hidden(input_ids, n_loops, kv_cache, start_pos)))
 
-    def _hidden(self, input_ids, n_loops, kv_cache, start_pos) -> torch.Tensor:
+    def _hidden(self, input_ids, n_loops, kv_cache, start_pos, positions=None) -> torch.Tensor:
+        """Embedding -> prelude -> recurrent loop -> coda (before the final norm and head).
+        ``positions`` (int64 device tensor [T]) selects the static decode path: cache writes and
+        RoPE by tensor index, attention over the full preallocated cache (CUDA-graph safe)."""
         T = input_ids.shape[1]
         x = self.embed(input_ids)
         freqs = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
-        freqs_cis = freqs[start_pos:start_pos + T]
+        freqs_cis = freqs[start_pos:start_pos + T] if positions is None else \
+            freqs.index_select(0, positions)
         for i, layer in enumerate(self.prelude):
-            x = layer(x, freqs_cis, None, kv_cache, f"prelude_{i}")
+            x = layer(x, freqs_cis, None, kv_cache, f"prelude_{i}", positions)
         e = x
-        x = self.recurrent(x, e, freqs_cis, None, n_loops, kv_cache)
+        x = self.recurrent(x, e, freqs_cis, None, n_loops, kv_cache, positions)
         for i, layer in enumerate(self.coda):
-            x = layer(x, freqs_cis, None, kv_cache, f"coda_{i}")
+            x = layer(x, freqs_cis, None, kv_cache, f"coda_{i}", positions)
         return x
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: int = 8,
-                 temperature: float = 1.0, top_k: int = 50) -> torch.Tensor:
+                 temperature: float = 1.0, top_k: int = 50,
+                 cuda_graph: Optional[bool] = None,
+                 static: Optional[bool] = None) -> torch.Tensor:
         """Autoregressive sampling with a preallocated KV cache: [B, T] -> [B, T + max_new_tokens].
 
         Same sampling as open-mythos (logits / temperature, top-k filter, multinomial); top_k=1
-        reproduces its tokens; ``temperature=0`` is greedy decoding."""
+        reproduces its tokens; ``temperature=0`` is greedy decoding. The prompt is prefilled in
+        one forward into a cache preallocated for the whole generation.
+
+        Args:
+            cuda_graph: capture the decode step once in a CUDA graph and replay it per token
+                (default: on for CUDA inputs unless the reference backend is forced).
+            static: decode with the static-shape step (cache written by a position tensor,
+                attention over the full preallocated cache masked by length, no host sync);
+                default: the same as ``cuda_graph``. Otherwise each step appends to the cache
+                and attends over the valid prefix (fewer ops: faster eagerly, e.g. on CPU).
+        """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         if not (temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self._check_inputs(input_ids, n_loops, None, 0)
         if max_new_tokens == 0:
             return input_ids
-        prompt_len = input_ids.shape[1]
+        B, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens - 1
-        self._check_inputs(input_ids, n_loops, None, 0)
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
                              f"{total} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if cuda_graph is None:
+            cuda_graph = (input_ids.is_cuda and K.get_backend() != "reference"
+                          and K.triton_available())
+        if cuda_graph and not input_ids.is_cuda:
+            raise ValueError("cuda_graph=True needs CUDA input_ids")
+        static = cuda_graph if static is None else static
+        if cuda_graph and not static:
+            raise ValueError("cuda_graph=True needs the static decode step (static=True)")
         cache = MythosCache(total)
-        B = input_ids.shape[0]
         out = input_ids.new_empty(B, prompt_len + max_new_tokens)
         out[:, :prompt_len] = input_ids
-        cur, pos = input_ids, 0
-        for step in range(max_new_tokens):
-            h = self._hidden(cur, n_loops, cache, pos)[:, -1]                 # [B, D]
-            logits = self.head(self.norm(h))
-            nxt = sample(logits, temperature, top_k)
-            out[:, prompt_len + step] = nxt
-            pos += cur.shape[1]
-            cur = out[:, prompt_len + step:prompt_len + step + 1]
+        h = self._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
+        out[:, prompt_len] = sample(self.head(self.norm(h)), temperature, top_k)
+        if max_new_tokens == 1:
+            return out
+        if not static:
+            for i in range(1, max_new_tokens):
+                cur = out[:, prompt_len + i - 1:prompt_len + i]
+                h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
+                out[:, prompt_len + i] = sample(self.head(self.norm(h)), temperature, top_k)
+            return out
+        tok = out[:, prompt_len:prompt_len + 1].clone()                       # static inputs
+        pos = torch.full((1,), prompt_len, dtype=torch.long, device=out.device)
+
+        def step() -> torch.Tensor:
+            return self.head(self.norm(self._hidden(tok, n_loops, cache, 0, pos)[:, -1]))
+
+        run = step
+        if cuda_graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up (idempotent: same token, same position)
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits_out = step()
+
+            def run() -> torch.Tensor:
+                graph.replay()
+                return logits_out
+
+        for i in range(1, max_new_tokens):
+            tok.copy_(out[:, prompt_len + i - 1:prompt_len + i])
+            pos.fill_(prompt_len + i - 1)
+            out[:, prompt_len + i] = sample(run(), temperature, top_k)
+        for c in cache.values():
+            c.length = total
         return out
 
 

@@ -10,8 +10,9 @@ Backend setting, from the environment variable ``MYTHOS_BACKEND`` or from Python
 
 An op that has no Triton kernel yet uses its reference under every setting.
 
-Every decision is recorded in a counter keyed ``(op, impl)`` so tests can assert that a kernel
-path really ran::
+Every eager decision is recorded in a counter keyed ``(op, impl)`` so tests can assert that a
+kernel path really ran (under ``torch.compile`` the choice is made at trace time and not
+counted)::
 
     from mythos_kernels import use_backend, dispatch_counts, reset_dispatch_counts
     reset_dispatch_counts()
@@ -143,9 +144,16 @@ def choose(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
         on_cuda = any(t is not None and t.is_cuda for t in tensors)
         if on_cuda and supported is None and _why_not_triton(tensors) is None:
             impl = "triton"
-    with _lock:
+    if not _compiling():  # under torch.compile the choice is made once, at trace time
         _counts[(op, impl)] += 1
     return impl
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - old torch
+        return False
 
 
 def dispatch_counts() -> dict[tuple[str, str], int]:

@@ -32,15 +32,20 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                        causal: bool = True, dropout_p: float = 0.0) -> torch.Tensor:
+                        causal: bool = True, dropout_p: float = 0.0,
+                        attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, T, Hq, dq], k: [B, S, Hkv, dq], v: [B, S, Hkv, dv] -> [B, T, Hq, dv].
 
     Hkv must divide Hq (grouped-query attention: query head h reads kv head h // (Hq // Hkv)).
+    ``attn_mask`` (bool [T, S], True = attend) replaces the causal mask when given (static decode
+    over a full-capacity cache).
     """
     B, T, Hq, dq = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     scale = dq ** -0.5 if scale is None else scale
-    if (_flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if attn_mask is not None:
+        causal = False
+    if (attn_mask is None and _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and dq == v.shape[-1] and (not causal or T == S or T == 1)):
         return _flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
                                 causal=causal and T > 1)
@@ -48,7 +53,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     if Hkv != Hq:
         kt = kt.repeat_interleave(Hq // Hkv, dim=1)
         vt = vt.repeat_interleave(Hq // Hkv, dim=1)
-    mask = causal_mask(T, S, q.device) if causal else None
+    mask = causal_mask(T, S, q.device) if causal else attn_mask
     if mask is not None and T == S:
         out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, is_causal=True,
                                              scale=scale)
@@ -58,10 +63,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return out.transpose(1, 2)
 
 
-def attention(q, k, v, scale=None, causal=True, dropout_p=0.0):
+def attention(q, k, v, scale=None, causal=True, dropout_p=0.0, attn_mask=None):
     """Dispatching entry point for :func:`attention_reference`."""
     choose("attention", q, k, v, has_kernel=False)
-    return attention_reference(q, k, v, scale, causal, dropout_p)
+    return attention_reference(q, k, v, scale, causal, dropout_p, attn_mask)
 
 
 __all__ = ["attention", "attention_reference", "causal_mask", "math"]

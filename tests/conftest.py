@@ -13,6 +13,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from _openmythos import load_open_mythos  # noqa: E402
 
+# On a machine with a CUDA GPU the whole suite runs there (kernels compiled, interpreter off):
+# new tensors default to the GPU. Without one, tensors stay on the CPU and kernel tests run through
+# the Triton interpreter (TRITON_INTERPRET=1). MYTHOS_TEST_DEVICE overrides the choice.
+DEVICE = torch.device(os.environ.get("MYTHOS_TEST_DEVICE")
+                      or ("cuda" if torch.cuda.is_available() else "cpu"))
+if DEVICE.type == "cuda":
+    torch.set_default_device(DEVICE)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the suite runs on."""
+    return DEVICE
+
 
 @pytest.fixture(scope="session")
 def om():

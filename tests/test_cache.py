@@ -60,3 +60,16 @@ def test_generate_greedy_matches_full_forward_argmax():
             nxt = m(ids, n_loops=3, kv_cache={})[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
     assert torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_static_decode_step_matches_dynamic(attn):
+    """The CUDA-graph-safe static decode step (run eagerly here) gives the same tokens."""
+    torch.manual_seed(4)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(attn))).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    a = m.generate(prompt, max_new_tokens=7, n_loops=3, temperature=0, static=False)
+    b = m.generate(prompt, max_new_tokens=7, n_loops=3, temperature=0, static=True)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="CUDA"):
+        m.generate(prompt, max_new_tokens=2, cuda_graph=True)

@@ -15,7 +15,7 @@ from mythos_kernels import _dispatch
 
 def test_reference_backend_records_reference():
     K.reset_dispatch_counts()
-    x = torch.randn(3, 5)
+    x = torch.randn(3, 5, device="cpu")
     with K.use_backend("reference"):
         assert _dispatch.choose("some_op", x) == "reference"
     assert K.dispatch_counts() == {("some_op", "reference"): 1}
@@ -25,21 +25,21 @@ def test_reference_backend_records_reference():
 
 def test_auto_uses_reference_for_cpu_tensors():
     with K.use_backend("auto"):
-        assert _dispatch.choose("op", torch.randn(2)) == "reference"
+        assert _dispatch.choose("op", torch.randn(2, device="cpu")) == "reference"
 
 
 def test_op_without_kernel_uses_reference_even_when_forced():
     with K.use_backend("triton"):
-        assert _dispatch.choose("op", torch.randn(2), has_kernel=False) == "reference"
+        assert _dispatch.choose("op", torch.randn(2, device="cpu"), has_kernel=False) == "reference"
 
 
 def test_forced_triton_raises_when_kernel_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with K.use_backend("triton"):
         with pytest.raises(K.BackendUnavailable, match="TRITON_INTERPRET"):
-            _dispatch.choose("op", torch.randn(2))
+            _dispatch.choose("op", torch.randn(2, device="cpu"))
         with pytest.raises(K.BackendUnavailable, match="too large"):
-            _dispatch.choose("op", torch.randn(2), supported="D too large")
+            _dispatch.choose("op", torch.randn(2, device="cpu"), supported="D too large")
 
 
 def test_forced_triton_runs_under_interpreter(monkeypatch):
@@ -47,7 +47,7 @@ def test_forced_triton_runs_under_interpreter(monkeypatch):
     if not K.triton_available():
         pytest.skip("triton not installed")
     with K.use_backend("triton"):
-        assert _dispatch.choose("op", torch.randn(2)) == "triton"
+        assert _dispatch.choose("op", torch.randn(2, device="cpu")) == "triton"
 
 
 def test_nested_context_and_set_backend():
@@ -79,7 +79,10 @@ def test_model_records_every_op():
     K.reset_dispatch_counts()
     with K.use_backend("reference"), torch.no_grad():
         m(torch.randint(0, 97, (1, 5)), n_loops=2)
+        cache = {}
+        m(torch.randint(0, 97, (1, 5)), n_loops=2, kv_cache=cache)
+        m(torch.randint(0, 97, (1, 1)), n_loops=2, kv_cache=cache, start_pos=5)
     ops = {op for op, impl in K.dispatch_counts()}
     assert {"loop_input", "lti_act_step", "moe_route", "moe_experts", "attention",
-            "mla_decompress", "rms_norm", "rope"} <= ops
+            "mla_decompress", "rms_norm", "rope", "mla_decode_attention"} <= ops
     assert all(impl == "reference" for _, impl in K.dispatch_counts())
