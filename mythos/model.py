@@ -124,9 +124,14 @@ class MLAttention(nn.Module):
         q_nope = self.q_up_nope(c_q).view(B, T, H, self.qk_nope_dim)
         q_rope = K.apply_rope(self.q_up_rope(c_q).view(B, T, H, self.qk_rope_dim), freqs_cis)
         kv_raw = self.kv_down(x)
-        c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
         k_rope = K.apply_rope(kv_raw[..., self.kv_lora_rank:].unsqueeze(2), freqs_cis)
         k_rope = k_rope.squeeze(2)                                             # [B, T, dr]
+        if kv_cache is None:  # training / no cache: RMSNorm fused into the decompression
+            k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, self.kv_up.weight,
+                                    H, self.qk_nope_dim, self.v_dim,
+                                    norm_weight=self.kv_norm.weight, eps=self.kv_norm.eps)
+            return self._attend(q_nope, q_rope, k, v)
+        c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
         if positions is not None:  # static decode: full-capacity buffers, length as a tensor
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(
                 positions, c_kv=c_kv, k_rope=k_rope)
@@ -134,16 +139,19 @@ class MLAttention(nn.Module):
                                self.qk_nope_dim, self.v_dim, positions[-1:] + 1,
                                self.q_head_dim ** -0.5, num_splits=self._static_splits(kv["c_kv"]))
             return self.wo(out.reshape(B, T, -1))
-        if kv_cache is not None:
-            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv,
-                                                                           k_rope=k_rope)
-            c_kv, k_rope = kv["c_kv"], kv["k_rope"]
-            S = c_kv.shape[1]
-            if self._absorbed_is_cheaper(T, S):
-                out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, self.kv_up.weight,
-                                   self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
-                return self.wo(out.reshape(B, T, -1))
+        kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv, k_rope=k_rope)
+        c_kv, k_rope = kv["c_kv"], kv["k_rope"]
+        S = c_kv.shape[1]
+        if self._absorbed_is_cheaper(T, S):
+            out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, self.kv_up.weight,
+                               self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
+            return self.wo(out.reshape(B, T, -1))
         k, v = K.mla_decompress(c_kv, k_rope, self.kv_up.weight, H, self.qk_nope_dim, self.v_dim)
+        return self._attend(q_nope, q_rope, k, v)
+
+    def _attend(self, q_nope, q_rope, k, v) -> torch.Tensor:
+        """Causal attention of q = [q_nope | q_rope] over decompressed K [B,S,H,dq], V -> wo."""
+        B, T = q_nope.shape[:2]
         q = torch.cat([q_nope, q_rope], dim=-1)                                # [B, T, H, dq]
         out = K.attention(q, k, v, scale=self.q_head_dim ** -0.5, causal=True,
                           dropout_p=self.dropout_p if self.training else 0.0)
@@ -421,8 +429,8 @@ class OpenMythos(nn.Module):
             raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
                              f"{total} exceeds max_seq_len {self.cfg.max_seq_len}")
         if cuda_graph is None:
-            cuda_graph = (input_ids.is_cuda and K.get_backend() != "reference"
-                          and K.triton_available())
+            cuda_graph = (input_ids.is_cuda and static is not False
+                          and K.get_backend() != "reference" and K.triton_available())
         if cuda_graph and not input_ids.is_cuda:
             raise ValueError("cuda_graph=True needs CUDA input_ids")
         static = cuda_graph if static is None else static

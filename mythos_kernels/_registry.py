@@ -22,6 +22,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     expect_hgmma: bool = False     # the report flags a GEMM kernel whose sm_90 SASS lacks HGMMA
+    # integer arguments this config assumes are multiples of 16 (as Triton's JIT specializes them
+    # at launch when they are); pointer arguments are always taken as 16-byte aligned.
+    divisible: tuple[str, ...] = ()
 
 
 @dataclass

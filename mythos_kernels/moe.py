@@ -43,7 +43,10 @@ def moe_route_reference(logits: torch.Tensor, router_bias: torch.Tensor, topk: i
 
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert: idx [N, k] -> int64 [E]."""
-    return torch.bincount(idx.reshape(-1), minlength=n_experts)
+    flat = idx.reshape(-1).long()
+    # scatter_add, not bincount: bincount reads the max on the host (a sync, no CUDA graphs)
+    return torch.zeros(n_experts, dtype=torch.int64, device=idx.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
 
 
 def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
@@ -67,10 +70,13 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     xs = x.index_select(0, order // k)                                   # [Nk, D] sorted rows
     segs = []
     start = 0
+    # unbind once: indexing w13[e] per expert would make autograd build a full [E, D, 2F]
+    # zero gradient for every expert; unbind's backward stacks the per-expert grads once.
+    w13s, w2s = w13.unbind(0), w2.unbind(0)
     for e, c in enumerate(counts):
         if c:
-            hg = xs[start:start + c] @ w13[e]                                # [c, 2F]
-            segs.append((F.silu(hg[:, :Fh]) * hg[:, Fh:]) @ w2[e])          # [c, D]
+            hg = xs[start:start + c] @ w13s[e]                               # [c, 2F]
+            segs.append((F.silu(hg[:, :Fh]) * hg[:, Fh:]) @ w2s[e])         # [c, D]
             start += c
     ys = torch.cat(segs) if len(segs) > 1 else segs[0]
     y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, D)     # back to pair order
@@ -292,12 +298,13 @@ def moe_align_reference(idx: torch.Tensor, n_experts: int, block_m: int):
         c = int(counts[e])
         p = _cdiv(c, block_m) * block_m
         ids.append(order[start:start + c])
-        ids.append(torch.full((p - c,), NK, dtype=order.dtype))
+        ids.append(torch.full((p - c,), NK, dtype=order.dtype, device=idx.device))
         eids += [e] * (p // block_m)
         seg.append(seg[-1] + p)
         start += c
-    return (torch.cat(ids).to(torch.int32), torch.tensor(eids, dtype=torch.int32),
-            torch.tensor(seg, dtype=torch.int32), counts.to(torch.int32))
+    dev = idx.device
+    return (torch.cat(ids).to(torch.int32), torch.tensor(eids, dtype=torch.int32, device=dev),
+            torch.tensor(seg, dtype=torch.int32, device=dev), counts.to(torch.int32))
 
 
 # ------------------------------------------------------------------------ grouped GEMMs ----

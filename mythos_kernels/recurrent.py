@@ -177,7 +177,7 @@ class HaltCheck:
             return bool(flag)
         prev, self._pending = self._pending, None
         if not self._host:
-            self._host = [torch.empty((), dtype=torch.bool, pin_memory=flag.is_cuda)
+            self._host = [torch.empty((), dtype=torch.bool, device="cpu", pin_memory=flag.is_cuda)
                           for _ in range(2)]
         # buffer k % 2 was last read (after its event) at call k - 1: safe to overwrite
         host = self._host[self._calls % 2]
@@ -209,7 +209,7 @@ def lti_act_step_bytes(n_tokens: int, D: int, dtype: torch.dtype, fused: bool = 
     ``delta``: the LoRA delta is read too (forward only; its gradient is grad out).
     Parameter vectors and column partials are O(D) and not counted.
     """
-    a = torch.empty((), dtype=dtype).element_size()
+    a = torch.empty((), dtype=dtype, device="cpu").element_size()
     if not backward:
         per_row = 3 * a + 4 + a + 4 + (a if fused else 0) + (a if delta else 0)
         per_tok = 4 + 4 + 4
@@ -381,6 +381,12 @@ def _bwd_warps(block_d: int, elem_size: int, step: bool) -> int:
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _div(block_d: int) -> tuple[str, ...]:
+    """The wide configs serve model widths (512..4096), multiples of 16 in every variant: the
+    report compiles them with D specialized as the JIT does at launch."""
+    return ("D",) if block_d >= 1024 else ()
+
+
 def _register() -> None:
     """Register the shipped compile configurations (one per dtype x width x mode)."""
     if triton is None:
@@ -403,7 +409,7 @@ def _register() -> None:
                                         {"BLOCK_D": block_d, "STEP": step, "NORM": norm,
                                          "STORE_P": step, "HAS_DELTA": delta},
                                         num_warps=_fwd_warps(block_d),
-                                        num_stages=1))
+                                        num_stages=1, divisible=_div(block_d)))
                 sig = {n: f"*{dt}" for n in ("H", "E", "HN", "EMB", "GHN", "GX", "DH", "DE",
                                              "DOUT")}
                 sig.update({n: "*fp32" for n in ("CUMP", "P", "LOGA", "LOGDT", "BVEC", "WH", "NW",
@@ -413,7 +419,7 @@ def _register() -> None:
                 bwd.append(KernelConfig(f"{dt}-B{block_d}-{mode}", sig,
                                         {"BLOCK_D": block_d, "STEP": step, "NORM": norm},
                                         num_warps=warps,
-                                        num_stages=1))
+                                        num_stages=1, divisible=_div(block_d)))
     register_kernel("recurrent_fwd", _recurrent_fwd_kernel, fwd)
     register_kernel("recurrent_bwd", _recurrent_bwd_kernel, bwd)
 

@@ -1,0 +1,102 @@
+"""Multi-latent attention decode step (``mythos_kernels/mla_decode.py``).
+
+``mla_decode``: one decode token per sequence attends over a cache of S positions and returns the
+per-head output before ``wo`` ([B, 1, H, dv]).
+
+* ``eager``: open-mythos 0.5.0's path: its cache holds the raw latent and a RoPE key copied per
+  head; every step re-normalizes and re-expands the whole cache through ``kv_up`` and attends
+  over the decompressed K and V.
+* ``reference``: our absorbed path in plain torch (W_UK folded into the query, W_UV into the
+  output, attention over the normalized latent cache).
+* ``triton``: the same through the flash-decoding kernel.
+
+Bytes for the "% of ceiling" are the latent cache (``c_kv`` + one rope key) read once plus the
+queries and output: the issue's measure (% of HBM bandwidth over the bytes of the latent cache).
+Shapes: open-mythos's default MLA dims (r=512, dr=64, H=16, dn=dv=128); B in {1, 64},
+S in {512, 4096, 32768}.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import mythos_kernels as mk
+from mythos_kernels.mla_decode import mla_decode_bytes, mla_decode_flops
+
+from .harness import OpBench, Provider, dispatch_provider, register
+
+DIMS = {"H": 16, "r": 512, "dr": 64, "dn": 128, "dv": 128}
+
+
+def _inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    B, S, H, r, dr, dn, dv = (shape[k] for k in ("B", "S", "H", "r", "dr", "dn", "dv"))
+    c = torch.randn(B, S, r, device=device)
+    c = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)  # normalized latent
+    return {
+        "q_nope": torch.randn(B, 1, H, dn, device=device, dtype=dtype),
+        "q_rope": torch.randn(B, 1, H, dr, device=device, dtype=dtype),
+        "c_kv": c,
+        "k_rope": torch.randn(B, S, dr, device=device, dtype=dtype),
+        "w_up": (torch.randn(H * (dn + dv), r, device=device) * r ** -0.5).to(dtype),
+        "nope_dim": dn, "v_dim": dv, "seq_len": S, "scale": (dn + dr) ** -0.5,
+    }
+
+
+def _eager_prepare(inp: dict) -> dict:
+    """open-mythos's cache layout: the latent as written (its norm weight is ones here, so the
+    normalized cache stands for it) and the rope key expanded to every head."""
+    B, S, dr = inp["k_rope"].shape
+    H = inp["q_nope"].shape[2]
+    out = dict(inp)
+    out["k_rope_heads"] = inp["k_rope"][:, :, None, :].expand(B, S, H, dr).contiguous()
+    out["norm_w"] = torch.ones(inp["c_kv"].shape[-1], device=inp["c_kv"].device,
+                               dtype=inp["c_kv"].dtype)
+    del out["k_rope"]
+    return out
+
+
+def mla_decode_eager(q_nope, q_rope, c_kv, k_rope_heads, w_up, norm_w, nope_dim, v_dim, seq_len,
+                     scale):
+    """open-mythos 0.5.0 ``MLAttention.forward`` for one decode token, from the cache on."""
+    B, S, _ = c_kv.shape
+    H = q_nope.shape[2]
+    q = torch.cat([q_nope, q_rope], dim=-1)
+    c = c_kv * c_kv.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt() * norm_w   # kv_norm
+    kv = F.linear(c, w_up).view(B, S, H, nope_dim + v_dim)                      # kv_up
+    k = torch.cat([kv[..., :nope_dim], k_rope_heads], dim=-1)
+    v = kv[..., nope_dim:]
+    attn = torch.matmul(q.transpose(1, 2), k.transpose(1, 2).transpose(-2, -1)) * scale
+    out = torch.matmul(F.softmax(attn, dim=-1), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def mla_decode_absorbed_reference(q_nope, q_rope, c_kv, k_rope, w_up, nope_dim, v_dim, seq_len,
+                                  scale):
+    with mk.use_backend("reference"):
+        return mk.mla_decode(q_nope, q_rope, c_kv, k_rope, w_up, nope_dim, v_dim, seq_len, scale)
+
+
+def _shape(B, S):
+    return dict(B=B, S=S, **DIMS)
+
+
+DECODE = register(OpBench(
+    name="mla_decode",
+    description="MLA decode attention over the latent cache (absorbed) vs open-mythos's "
+                "re-expansion of the whole cache",
+    make_inputs=_inputs,
+    flops=lambda s: float(mla_decode_flops(s["B"], s["S"], s["r"], s["dr"], s["H"])),
+    bytes=lambda s, dtype, mode: float(mla_decode_bytes(s["B"], s["S"], s["r"], s["dr"], s["H"],
+                                                        dtype)),
+    modes=("forward",),
+    shapes={
+        "tiny": [dict(B=1, S=37, H=3, r=32, dr=8, dn=16, dv=16)],
+        "cpu": [_shape(1, 512), _shape(1, 4096)],
+        "cuda": [_shape(1, 4096), _shape(64, 4096)],
+        "full": [_shape(b, s) for b in (1, 64) for s in (512, 4096, 32768)],
+    },
+))
+DECODE.add(Provider("eager", mla_decode_eager, prepare=_eager_prepare))
+DECODE.provider("reference")(mla_decode_absorbed_reference)
+DECODE.add(dispatch_provider("mla_decode_attention", mk.mla_decode, name="triton"))

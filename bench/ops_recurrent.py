@@ -1,0 +1,134 @@
+"""The recurrent step around the shared block (``mythos_kernels/recurrent.py``).
+
+* ``lti_act_step``: LTI update ``h' = A*h + B*e + out`` + ACT halting accumulation.
+* ``loop_input``:   ``RMSNorm(h + loop_emb(t) + e)`` on the way into the block.
+
+Tokens N = B*T are laid out as [1, N, D]. Performance targets (kernel issue): N in {1k, 16k, 64k}
+x D in {2048, 4096}, fp32 and bf16, forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import mythos_kernels as mk
+
+from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
+
+THRESHOLD = 0.99
+_SHAPES = {
+    "tiny": [{"N": 48, "D": 64}],
+    "cpu": [{"N": 1024, "D": 512}, {"N": 4096, "D": 2048}],
+    "cuda": [{"N": 16384, "D": 2048}, {"N": 16384, "D": 4096}],
+    "full": [{"N": n, "D": d} for d in (2048, 4096) for n in (1024, 16384, 65536)],
+}
+
+
+# --------------------------------------------------------------------------- lti_act_step
+
+
+def _step_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    N, D = shape["N"], shape["D"]
+    f32 = dict(device=device, dtype=torch.float32)
+    return {
+        "h": torch.randn(1, N, D, device=device, dtype=dtype),
+        "e": torch.randn(1, N, D, device=device, dtype=dtype),
+        "out": torch.randn(1, N, D, device=device, dtype=dtype),
+        "h_out": 0.1 * torch.randn(1, N, D, **f32),
+        "cum_p": 1.2 * torch.rand(1, N, **f32),                    # some positions halted
+        "log_A": 0.5 * torch.randn(D, **f32),
+        "log_dt": torch.zeros(1, **f32),
+        "B": 0.1 * torch.ones(D, **f32),
+        "w_halt": (0.02 * torch.randn(1, D, **f32)),
+        "b_halt": torch.zeros(1, **f32),
+        "threshold": THRESHOLD,
+    }
+
+
+def _eager_prepare(inp: dict) -> dict:
+    """open-mythos carries a bool ``halted`` and keeps h_out in the activation dtype."""
+    inp = dict(inp)
+    inp["halted"] = inp["cum_p"].detach() >= inp["threshold"]
+    inp["h_out"] = inp["h_out"].to(inp["h"].dtype)
+    params = ("log_A", "log_dt", "B", "w_halt", "b_halt")
+    for k in params:  # open-mythos parameters live in the model dtype
+        inp[k] = inp[k].to(inp["h"].dtype)
+    return inp
+
+
+def lti_act_step_eager(h, e, out, h_out, cum_p, halted, log_A, log_dt, B, w_halt, b_halt,
+                       threshold):
+    """open-mythos 0.5.0: ``LTIInjection.forward`` + ``ACTHalting`` + one iteration of the ACT
+    bookkeeping in ``RecurrentBlock.forward``, op for op."""
+    A = torch.exp(-torch.exp((log_dt + log_A).clamp(-20, 20)))
+    h = A * h + B * e + out
+    p = torch.sigmoid(F.linear(h, w_halt, b_halt)).squeeze(-1)
+    still_running = ~halted
+    remainder = (1.0 - cum_p).clamp(min=0)
+    weight = torch.where(cum_p + p >= threshold, remainder, p)
+    weight = weight * still_running.float()
+    h_out = h_out + weight.unsqueeze(-1) * h
+    cum_p = cum_p + p * still_running.float()
+    halted = halted | (cum_p >= threshold)
+    return h, h_out, cum_p
+
+
+STEP = register(OpBench(
+    name="lti_act_step",
+    description="LTI injection + ACT halting accumulation, one loop iteration",
+    make_inputs=_step_inputs,
+    # A*h, B*e, two adds, halting dot (2), weight*h, accumulate  -> ~8 per element
+    flops=lambda s: 8.0 * s["N"] * s["D"],
+    grad_inputs=("h", "e", "out", "h_out", "cum_p", "log_A", "log_dt", "B", "w_halt", "b_halt"),
+    shapes=_SHAPES,
+    dtypes_cuda=(torch.float32, torch.bfloat16),
+))
+STEP.add(Provider("eager", lti_act_step_eager, prepare=_eager_prepare))
+STEP.provider("reference")(mk.lti_act_step_reference)
+STEP.add(compiled_provider(lti_act_step_eager, prepare=_eager_prepare))
+STEP.add(dispatch_provider("lti_act_step", mk.lti_act_step))
+
+
+# --------------------------------------------------------------------------- loop_input
+
+
+def _loop_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    N, D = shape["N"], shape["D"]
+    return {
+        "h": torch.randn(1, N, D, device=device, dtype=dtype),
+        "e": torch.randn(1, N, D, device=device, dtype=dtype),
+        "loop_t": 3,
+        "norm_weight": (1 + 0.1 * torch.randn(D, device=device)).to(dtype),
+        "eps": 1e-6,
+        "loop_dim": D // 8,
+    }
+
+
+def loop_input_eager(h, e, loop_t, norm_weight, eps, loop_dim):
+    """open-mythos 0.5.0: ``loop_index_embedding`` (rebuilt every call) then ``RMSNorm(h + e)``."""
+    theta = 10000.0
+    freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=h.device, dtype=h.dtype)
+                             / loop_dim))
+    angles = loop_t * freqs
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:loop_dim]
+    emb_full = torch.zeros(h.shape[-1], device=h.device, dtype=h.dtype)
+    emb_full[:loop_dim] = emb
+    x = h + emb_full.unsqueeze(0).unsqueeze(0) + e
+    rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+    return x * rms * norm_weight
+
+
+LOOP = register(OpBench(
+    name="loop_input",
+    description="RMSNorm(h + loop_emb(t) + e)",
+    make_inputs=_loop_inputs,
+    flops=lambda s: 6.0 * s["N"] * s["D"],
+    grad_inputs=("h", "e", "norm_weight"),
+    shapes=_SHAPES,
+    dtypes_cuda=(torch.float32, torch.bfloat16),
+))
+LOOP.provider("eager")(loop_input_eager)
+LOOP.provider("reference")(mk.loop_input_reference)
+LOOP.add(compiled_provider(loop_input_eager))
+LOOP.add(dispatch_provider("loop_input", mk.loop_input))
