@@ -110,7 +110,9 @@ EXPERTS = register(OpBench(
         "tiny": [{"N": 32, "E": 8, "k": 2, "D": 64, "F": 32}],
         "cpu": [{"N": 512, "E": 64, "k": 4, "D": 512, "F": 128}],
         "cuda": [{"N": 4096, "E": 64, "k": 4, "D": 2048, "F": 2048}],
-        "full": [{"N": n, "E": 64, "k": 4, "D": 2048, "F": 2048} for n in (512, 4096, 16384)],
+        # 1..64 tokens: decode batches (the kernel's small tiles must not lose to the reference)
+        "full": [{"N": n, "E": 64, "k": 4, "D": 2048, "F": 2048}
+                 for n in (1, 16, 64, 512, 4096, 16384)],
     },
 ))
 EXPERTS.add(Provider("eager", moe_experts_eager, prepare=_eager_prepare))

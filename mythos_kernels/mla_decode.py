@@ -76,7 +76,20 @@ def mla_decode_attention_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_
     squeeze = q_lat.dim() == 3
     if squeeze:
         q_lat, q_rope = q_lat.unsqueeze(1), q_rope.unsqueeze(1)
-    B, T, _H, _ = q_lat.shape
+    B, T, H, _ = q_lat.shape
+    if not isinstance(seq_len, torch.Tensor):  # host length: slice, mask only causally
+        S = int(seq_len)
+        c, kr = c_kv[:, :S].float(), k_rope[:, :S].float()
+        s = (torch.matmul(q_lat.float().flatten(1, 2), c.transpose(1, 2))
+             + torch.matmul(q_rope.float().flatten(1, 2), kr.transpose(1, 2))) * scale
+        s = s.view(B, T, H, S)                                              # [B, T, H, S]
+        if T > 1:
+            keep = torch.arange(S, device=c.device) <= (S - T + torch.arange(
+                T, device=c.device))[:, None]                               # [T, S]
+            s = s.masked_fill(~keep[None, :, None, :], float("-inf"))
+        out = torch.matmul(torch.softmax(s, dim=-1).flatten(1, 2), c).view(B, T, H, -1)
+        out = out.to(q_lat.dtype)
+        return out.squeeze(1) if squeeze else out
     Smax = c_kv.shape[1]
     lens = _lengths(seq_len, B, c_kv.device)                                # [B]
     c, kr = _valid_prefix(c_kv, lens), _valid_prefix(k_rope, lens)          # zeros past S

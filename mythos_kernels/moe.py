@@ -72,7 +72,8 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     start = 0
     # unbind once: indexing w13[e] per expert would make autograd build a full [E, D, 2F]
     # zero gradient for every expert; unbind's backward stacks the per-expert grads once.
-    w13s, w2s = w13.unbind(0), w2.unbind(0)
+    grads = torch.is_grad_enabled() and (w13.requires_grad or w2.requires_grad)
+    w13s, w2s = (w13.unbind(0), w2.unbind(0)) if grads else (w13, w2)
     for e, c in enumerate(counts):
         if c:
             hg = xs[start:start + c] @ w13s[e]                               # [c, 2F]
