@@ -72,4 +72,4 @@ def test_static_decode_step_matches_dynamic(attn):
     b = m.generate(prompt, max_new_tokens=7, n_loops=3, temperature=0, static=True)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="CUDA"):
-        m.generate(prompt, max_new_tokens=2, cuda_graph=True)
+        m.generate(prompt.cpu(), max_new_tokens=2, cuda_graph=True)
