@@ -377,7 +377,11 @@ class OpenMythos(nn.Module):
             start_pos: position of input_ids[:, 0] in the sequence (selects RoPE frequencies).
         """
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
-        return self.head(self.norm(self._hidden(input_ids, n_loops, kv_cache, start_pos)))
+        return self._logits(self._hidden(input_ids, n_loops, kv_cache, start_pos))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and the tied head."""
+        return K.lm_head(self.norm(h), self.head.weight)
 
     def _hidden(self, input_ids, n_loops, kv_cache, start_pos, positions=None) -> torch.Tensor:
         """Embedding -> prelude -> recurrent loop -> coda (before the final norm and head).
@@ -440,20 +444,20 @@ class OpenMythos(nn.Module):
         out = input_ids.new_empty(B, prompt_len + max_new_tokens)
         out[:, :prompt_len] = input_ids
         h = self._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
-        out[:, prompt_len] = sample(self.head(self.norm(h)), temperature, top_k)
+        out[:, prompt_len] = sample(self._logits(h), temperature, top_k)
         if max_new_tokens == 1:
             return out
         if not static:
             for i in range(1, max_new_tokens):
                 cur = out[:, prompt_len + i - 1:prompt_len + i]
                 h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
-                out[:, prompt_len + i] = sample(self.head(self.norm(h)), temperature, top_k)
+                out[:, prompt_len + i] = sample(self._logits(h), temperature, top_k)
             return out
         tok = out[:, prompt_len:prompt_len + 1].clone()                       # static inputs
         pos = torch.full((1,), prompt_len, dtype=torch.long, device=out.device)
 
         def step() -> torch.Tensor:
-            return self.head(self.norm(self._hidden(tok, n_loops, cache, 0, pos)[:, -1]))
+            return self._logits(self._hidden(tok, n_loops, cache, 0, pos)[:, -1])
 
         run = step
         if cuda_graph:

@@ -1,0 +1,31 @@
+"""The column-blocked LM head equals F.linear (values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mythos_kernels as K
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40), (2, 7, 40), (3, 40)])
+@pytest.mark.parametrize("V", [97, 4096, 9001])
+def test_lm_head_matches_linear(shape, V):
+    x = torch.randn(*shape)
+    w = torch.randn(V, shape[-1]) * 0.1
+    with torch.no_grad():
+        out = K.lm_head(x, w)
+    ref = F.linear(x, w)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_lm_head_gradients():
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    w = (torch.randn(9001, 24) * 0.1).requires_grad_()
+    g = torch.randn(2, 5, 9001)
+    gx, gw = torch.autograd.grad((K.lm_head(x, w) * g).sum(), [x, w])
+    rx, rw = torch.autograd.grad((F.linear(x, w) * g).sum(), [x, w])
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)

@@ -1,0 +1,81 @@
+"""Side-by-side CPU comparison for the issue's mid config: mythos (reference ops) vs open-mythos
+0.5.0 in one process, interleaved repetitions, medians. Appends one JSON row per suite to
+bench/results/cpu/compare.jsonl.
+
+    python tools/cpu_compare.py [--reps 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench._openmythos import load_open_mythos  # noqa: E402
+from bench.devinfo import run_info  # noqa: E402
+from bench.model import MID  # noqa: E402
+
+import mythos  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "compare.jsonl"))
+    args = ap.parse_args(argv)
+    om, _why = load_open_mythos()
+    if om is None:
+        print("open-mythos 0.5.0 is not installed: pip install --no-deps open-mythos==0.5.0")
+        return 1
+    torch.manual_seed(0)
+    kw = dict(MID)
+    a = om.OpenMythos(om.MythosConfig(**kw)).eval()
+    b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, kw["vocab_size"], (2, 256))
+    rows = []
+    with torch.no_grad():
+        a(ids), b(ids)
+        ta, tb = [], []
+        for _ in range(args.reps):
+            for m, ts in ((a, ta), (b, tb)):
+                t0 = time.perf_counter()
+                m(ids)
+                ts.append(time.perf_counter() - t0)
+    rows.append({"suite": "forward", "shape": {"B": 2, "T": 256}, "open_mythos_s": ta,
+                 "mythos_s": tb, "speedup_median": statistics.median(ta) / statistics.median(tb)})
+    prompt = ids[:1, :64]
+    ga, gb = [], []
+    for _ in range(max(3, args.reps // 3)):
+        for m, ts in ((a, ga), (b, gb)):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            m.generate(prompt, 32, n_loops=8)
+            ts.append(time.perf_counter() - t0)
+    rows.append({"suite": "generate", "shape": {"B": 1, "prompt": 64, "new": 32},
+                 "open_mythos_s": ga, "mythos_s": gb,
+                 "open_mythos_tok_s": 32 / statistics.median(ga),
+                 "mythos_tok_s": 32 / statistics.median(gb),
+                 "speedup_median": statistics.median(ga) / statistics.median(gb)})
+    info = run_info(torch.device("cpu"))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in rows:
+            r.update(info)
+            f.write(json.dumps(r) + "\n")
+    for r in rows:
+        print(f"{r['suite']:9s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"
+              f"  mythos {statistics.median(r['mythos_s']):.3f}s  speedup {r['speedup_median']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
