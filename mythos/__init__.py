@@ -3,17 +3,28 @@
 ``from mythos import OpenMythos, MythosConfig`` replaces ``from open_mythos import ...``.
 """
 
-from mythos_kernels import (dispatch_counts, get_backend, reset_dispatch_counts, set_backend,
-                            use_backend)
+from mythos_kernels import dispatch_counts, get_backend, reset_dispatch_counts, set_backend, use_backend
 
 from .cache import CacheCapacityError, LayerCache, MythosCache, cache_bytes_per_token
 from .checkpoint import from_open_mythos_state_dict, to_open_mythos_state_dict
 from .config import MythosConfig
-from .model import (ACTHalting, Expert, GQAttention, LoRAAdapter, LTIInjection, MLAttention,
-                    MoEFFN, OpenMythos, RecurrentBlock, RMSNorm, TransformerBlock, apply_rope,
-                    loop_index_embedding, precompute_rope_freqs)
-from .variants import (mythos_1b, mythos_1t, mythos_3b, mythos_10b, mythos_50b, mythos_100b,
-                       mythos_500b)
+from .model import (
+                            ACTHalting,
+                            Expert,
+                            GQAttention,
+                            LoRAAdapter,
+                            LTIInjection,
+                            MLAttention,
+                            MoEFFN,
+                            OpenMythos,
+                            RecurrentBlock,
+                            RMSNorm,
+                            TransformerBlock,
+                            apply_rope,
+                            loop_index_embedding,
+                            precompute_rope_freqs,
+)
+from .variants import mythos_1b, mythos_1t, mythos_3b, mythos_10b, mythos_50b, mythos_100b, mythos_500b
 
 __version__ = "0.1.0"
 

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     print(f"ops served: {', '.join(served)}")
     print(f"dispatched vs reference path: relative error {err:.2e}")
     try:
-        import sys
         import os
+        import sys
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         from _openmythos import load_open_mythos
 

@@ -1,23 +1,52 @@
 """mythos_kernels: Triton kernels for the OpenMythos recurrent-depth transformer, each beside its
 plain-torch reference, behind one dispatch point (:mod:`mythos_kernels._dispatch`)."""
 
-from ._dispatch import (BACKENDS, BackendUnavailable, dispatch_counts, get_backend,
-                        interpreter_active, reset_dispatch_counts, set_backend, triton_available,
-                        use_backend)
+from ._dispatch import (
+                        BACKENDS,
+                        BackendUnavailable,
+                        dispatch_counts,
+                        get_backend,
+                        interpreter_active,
+                        reset_dispatch_counts,
+                        set_backend,
+                        triton_available,
+                        use_backend,
+)
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from .attention import attention, attention_reference, causal_mask
 from .linear import lm_head, lm_head_reference
 from .mla import mla_decompress, mla_decompress_reference
-from .mla_decode import (mla_decode, mla_decode_attention, mla_decode_attention_reference,
-                         mla_decode_reference)
-from .moe import (expert_counts, moe_align_triton, moe_experts, moe_experts_bytes,
-                  moe_experts_flops, moe_experts_reference, moe_experts_triton, moe_route,
-                  moe_route_reference, moe_route_triton)
-from .recurrent import (HaltCheck, all_halted, get_A, loop_embedding_vector, loop_index_embedding,
-                        loop_input, loop_input_reference, loop_input_triton, lti_act_step,
-                        lti_act_step_and_next_input, lti_act_step_and_next_input_reference,
-                        lti_act_step_and_next_input_triton, lti_act_step_bytes,
-                        lti_act_step_flops, lti_act_step_reference, lti_act_step_triton)
+from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
+from .moe import (
+                        expert_counts,
+                        moe_align_triton,
+                        moe_experts,
+                        moe_experts_bytes,
+                        moe_experts_flops,
+                        moe_experts_reference,
+                        moe_experts_triton,
+                        moe_route,
+                        moe_route_reference,
+                        moe_route_triton,
+)
+from .recurrent import (
+                        HaltCheck,
+                        all_halted,
+                        get_A,
+                        loop_embedding_vector,
+                        loop_index_embedding,
+                        loop_input,
+                        loop_input_reference,
+                        loop_input_triton,
+                        lti_act_step,
+                        lti_act_step_and_next_input,
+                        lti_act_step_and_next_input_reference,
+                        lti_act_step_and_next_input_triton,
+                        lti_act_step_bytes,
+                        lti_act_step_flops,
+                        lti_act_step_reference,
+                        lti_act_step_triton,
+)
 from .rmsnorm import rms_norm, rms_norm_reference
 from .rope import apply_rope, apply_rope_reference, precompute_rope_freqs
 

@@ -72,8 +72,9 @@ def test_environment_variable_selects_backend():
 
 
 def test_model_records_every_op():
-    import mythos
     from conftest import tiny_kwargs
+
+    import mythos
 
     m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla"))).eval()
     K.reset_dispatch_counts()

@@ -19,11 +19,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.model import MID  # noqa: E402
-
-import mythos  # noqa: E402
 
 
 def main(argv=None) -> int:
