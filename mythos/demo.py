@@ -43,13 +43,10 @@ def main(argv=None) -> int:
     print(f"ops served: {', '.join(served)}")
     print(f"dispatched vs reference path: relative error {err:.2e}")
     try:
-        import os
-        import sys
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from _openmythos import load_open_mythos
+        from bench._openmythos import load_open_mythos
 
-        om = load_open_mythos()
-    except Exception:
+        om = load_open_mythos()[0]
+    except Exception:  # bench is not importable, or open-mythos is missing
         om = None
     if om is not None:
         a = om.OpenMythos(om.MythosConfig(**cfg.__dict__)).to(dev).eval()
