@@ -118,3 +118,28 @@ def test_documented_difference_chunked_prefill(om):
             a(ids[:, 5:], n_loops=2, kv_cache=ca, start_pos=5)
         out = b(ids[:, 5:], n_loops=2, kv_cache=cb, start_pos=5)
         assert_close("chunk vs full", a(ids, n_loops=2, kv_cache={})[:, 5:], out, 1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         or __import__("mythos_kernels").interpreter_active()),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_training_gradients_match_with_triton_kernels(om, attn):
+    """A training step with every Triton kernel forced: each parameter's gradient matches
+    open-mythos's (ACT early exit included) and the kernels really served the step."""
+    kw = tiny_kwargs(attn, act_threshold=0.99)
+    a, b = make_pair(om, seed=11, **kw)
+    a.train(), b.train()
+    ids = torch.randint(0, kw["vocab_size"], (2, 7))
+    a(ids, n_loops=3).logsumexp(-1).mean().backward()
+    mythos.reset_dispatch_counts()
+    with mythos.use_backend("triton"):
+        b(ids, n_loops=3).logsumexp(-1).mean().backward()
+    served = {op for (op, impl) in mythos.dispatch_counts() if impl == "triton"}
+    assert {"lti_act_step", "loop_input", "moe_route", "moe_experts"} <= served
+    if attn == "mla":
+        assert "mla_decompress" in served
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    for k, p in a.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
