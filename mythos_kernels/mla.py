@@ -23,6 +23,7 @@ import torch
 
 from ._dispatch import choose, interpreter_active
 from ._registry import KernelConfig, register_kernel
+from ._tl import next_pow2 as _p2
 from .rmsnorm import rms_norm_reference
 
 try:
@@ -58,18 +59,7 @@ def mla_decompress_reference(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: tor
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b in fp32. IEEE: exact fp32 products (fp32 inputs, no TF32). UPCAST: fp32
-        operands -- only under TRITON_INTERPRET, whose Triton 3.6 dot multiplies bf16 operands
-        as their raw uint16 bits."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
+    from ._tl import dot_f32 as _dot
 
     @triton.jit
     def _mla_decompress_fwd_kernel(
@@ -267,10 +257,6 @@ if triton is not None:
 
 _MAX_R = 1024     # the dX kernel holds a full [BLOCK_M, r] fp32 row block
 _MAX_DR = 256
-
-
-def _p2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(x) - 1).bit_length())
 
 
 def _flags(dtype: torch.dtype) -> dict:

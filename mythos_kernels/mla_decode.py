@@ -26,6 +26,7 @@ import torch
 
 from ._dispatch import choose, interpreter_active
 from ._registry import KernelConfig, register_kernel
+from ._tl import next_pow2 as _p2
 
 try:
     import triton
@@ -132,18 +133,7 @@ def mla_decode_reference(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch
 # ----------------------------------------------------------------------------------------------
 
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """acc + a @ b in fp32. IEEE: exact fp32 products (fp32 inputs, no TF32). UPCAST: feed the
-        dot fp32 operands -- only under TRITON_INTERPRET, whose Triton 3.6 dot multiplies bf16
-        operands as their raw uint16 bits."""
-        if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc)
+    from ._tl import dot_f32 as _dot
 
     @triton.jit(do_not_specialize=["seq_len", "num_splits"])   # no recompile as S grows
     def _mla_decode_split_kernel(
@@ -273,10 +263,6 @@ if triton is not None:
 _MAX_SPLITS = 256
 _MAX_R = 1024
 _MAX_DR = 256
-
-
-def _p2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (int(x) - 1).bit_length())
 
 
 def _block_m(M: int, R: int) -> int:

@@ -22,6 +22,12 @@ if DEVICE.type == "cuda":
     torch.set_default_device(DEVICE)
 
 
+# Where Triton kernels can run in this session: the GPU, else the CPU through the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else (
+    "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else None)
+needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1")
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device the suite runs on."""

@@ -15,13 +15,8 @@ from mythos_kernels import moe as M
 
 triton = pytest.importorskip("triton")
 
-if torch.cuda.is_available():
-    DEV = "cuda"
-elif K.interpreter_active():
-    DEV = "cpu"
-else:
-    DEV = None
-needs_kernels = pytest.mark.skipif(DEV is None, reason="needs a GPU or TRITON_INTERPRET=1")
+from conftest import KERNEL_DEVICE as DEV  # noqa: E402
+from conftest import needs_kernels  # noqa: E402
 
 # dtype -> relative (RMS) tolerance for outputs / gradients
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2.5e-2}

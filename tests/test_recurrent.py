@@ -17,13 +17,8 @@ from mythos_kernels import recurrent as R
 
 triton = pytest.importorskip("triton")
 
-if torch.cuda.is_available():
-    DEV = "cuda"
-elif K.interpreter_active():
-    DEV = "cpu"
-else:
-    DEV = None
-needs_kernels = pytest.mark.skipif(DEV is None, reason="needs a GPU or TRITON_INTERPRET=1")
+from conftest import KERNEL_DEVICE as DEV  # noqa: E402
+from conftest import needs_kernels  # noqa: E402
 
 # activation dtype -> relative (RMS) tolerance against the fp32 reference
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

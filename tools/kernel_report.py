@@ -278,7 +278,8 @@ def unregistered_kernels(package: str = "mythos_kernels") -> list[str]:
             continue
     reg_ids = {id(f) for f in reg_fns}
     sources = "\n".join(getattr(f, "src", "") or "" for f in reg_fns)
-    out = []
+    found = []      # (module, jit fn) defined in scope
+    aliases: dict[int, set[str]] = {}  # id(fn) -> every name it is bound to in scope
     for mod_name, mod in sorted(sys.modules.items()):
         in_scope = (mod_name == package or mod_name.startswith(package + ".")
                     or mod_name in EXTRA_MODULES)
@@ -289,12 +290,18 @@ def unregistered_kernels(package: str = "mythos_kernels") -> list[str]:
                 fn = _jit_fn(val) if hasattr(val, "fn") or isinstance(val, JITFunction) else None
             except TypeError:
                 fn = None
-            if fn is None or id(fn) in reg_ids or getattr(fn, "__module__", mod_name) != mod_name:
+            if fn is None:
                 continue
-            name = getattr(fn, "__name__", attr)
-            if re.search(rf"\b{re.escape(name)}\s*\(", sources):
-                continue  # a @triton.jit helper called from a registered kernel
-            out.append(f"{mod_name}.{name}")
+            aliases.setdefault(id(fn), set()).update({attr, getattr(fn, "__name__", attr)})
+            if getattr(fn, "__module__", mod_name) == mod_name:
+                found.append((mod_name, fn))
+    out = []
+    for mod_name, fn in found:
+        if id(fn) in reg_ids:
+            continue
+        if any(re.search(rf"\b{re.escape(n)}\s*\(", sources) for n in aliases[id(fn)]):
+            continue  # a @triton.jit helper called (under any name) from a registered kernel
+        out.append(f"{mod_name}.{getattr(fn, '__name__', '?')}")
     return sorted(set(out))
 
 
