@@ -10,8 +10,6 @@ Backends: flash-attn when installed (CUDA, bf16/fp16, equal head dims), else PyT
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -69,4 +67,4 @@ def attention(q, k, v, scale=None, causal=True, dropout_p=0.0, attn_mask=None):
     return attention_reference(q, k, v, scale, causal, dropout_p, attn_mask)
 
 
-__all__ = ["attention", "attention_reference", "causal_mask", "math"]
+__all__ = ["attention", "attention_reference", "causal_mask"]
