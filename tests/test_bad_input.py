@@ -48,7 +48,9 @@ def model():
 
 
 def _snapshot(cache):
-    return {k: (c.length, {n: b.clone() for n, b in c.buffers.items()}) for k, c in cache.items()}
+    # the valid prefix: positions past `length` are preallocated but never written (garbage)
+    return {k: (c.length, {n: b[:, :c.length].clone() for n, b in c.buffers.items()})
+            for k, c in cache.items()}
 
 
 @pytest.mark.parametrize("bad,kwargs,msg", [
