@@ -11,6 +11,7 @@ grouped GEMMs, converted by a load hook (``mythos.checkpoint``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -432,6 +433,7 @@ class OpenMythos(nn.Module):
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
                              f"{total} exceeds max_seq_len {self.cfg.max_seq_len}")
+        graph_requested = cuda_graph
         if cuda_graph is None:
             cuda_graph = (input_ids.is_cuda and static is not False
                           and K.get_backend() != "reference" and K.triton_available())
@@ -463,10 +465,23 @@ class OpenMythos(nn.Module):
         if cuda_graph:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
+            before = K.dispatch_counts()
             with torch.cuda.stream(stream):  # warm up (idempotent: same token, same position)
                 for _ in range(2):
                     step()
             torch.cuda.current_stream().wait_stream(stream)
+            # the reference MoE dispatch reads expert counts on the host: not capturable
+            syncing = K.dispatch_counts().get(("moe_experts", "reference"), 0) > \
+                before.get(("moe_experts", "reference"), 0)
+            if syncing and graph_requested:
+                raise ValueError("cuda_graph=True: the decode step uses the reference MoE "
+                                 "dispatch (host sync), which a CUDA graph cannot capture")
+            if syncing:
+                warnings.warn("generate: the MoE runs on its reference path here (no Triton "
+                              "kernel for this config), so the decode step is not captured in a "
+                              "CUDA graph", RuntimeWarning, stacklevel=2)
+                cuda_graph = False
+        if cuda_graph:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 logits_out = step()
