@@ -98,12 +98,27 @@ def moe_experts_eager(x, weights, idx, gate, up, down):
     return out
 
 
+def _expert_bytes(s: dict, dtype: torch.dtype, mode: str) -> float:
+    """The least HBM traffic: the weights of the experts that can receive a token
+    (min(E, N*k)) read once (and, with a backward, read again and their gradients written), x read
+    and the output written (plus dy read and dx written with a backward)."""
+    elt = torch.empty((), dtype=dtype, device="cpu").element_size()
+    weights = min(s["E"], s["N"] * s["k"]) * 3 * s["D"] * s["F"] * elt
+    rows = s["N"] * s["D"] * elt
+    if mode == "forward":
+        return float(weights + 2 * rows)
+    if mode == "backward":
+        return float(2 * weights + 3 * rows)
+    return float(3 * weights + 4 * rows)
+
+
 EXPERTS = register(OpBench(
     name="moe_experts",
     description="routed SwiGLU experts, weighted sum over the top-k slots",
     make_inputs=_expert_inputs,
     # per (token, slot): gate+up 4*D*F, down 2*F*D
     flops=lambda s: 6.0 * s["N"] * s["k"] * s["D"] * s["F"],
+    bytes=lambda s, dtype, mode: _expert_bytes(s, dtype, mode),
     grad_inputs=("x", "weights", "w13", "w2"),
     modes=("forward", "full"),
     shapes={

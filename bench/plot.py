@@ -48,39 +48,67 @@ def latest(rows: list[dict]) -> list[dict]:
     return list(keep.values())
 
 
-def _size_mb(r: dict) -> float:
-    return (r.get("bytes") or 0) / 1e6
+_COLORS = {"eager": "tab:orange", "reference": "tab:green", "compile": "tab:blue",
+           "triton": "tab:red"}
+
+
+def _color(provider: str) -> str:
+    """One color per provider in every panel (others get matplotlib's next color)."""
+    return _COLORS.get(provider, "tab:purple")
+
+
+def _size_key(r: dict) -> tuple:
+    return (r.get("flops") or 0, r.get("bytes") or 0)
+
+
+def _shape_labels(rows: list[dict]) -> dict[str, str]:
+    """Short x-axis label per shape: only the shape keys that vary across these rows."""
+    shapes = {json.dumps(r.get("shape"), sort_keys=True): r.get("shape") or {} for r in rows}
+    keys = sorted({k for sh in shapes.values() for k in sh})
+    varying = [k for k in keys if len({str(sh.get(k)) for sh in shapes.values()}) > 1] or keys
+    return {js: ",".join(f"{k}={sh.get(k)}" for k in varying) for js, sh in shapes.items()}
 
 
 def plot_op(op: str, rows: list[dict], out_dir: Path) -> Path:
+    """Speedup over eager and % of ceiling per shape (shapes ordered by work: FLOPs, bytes)."""
     modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.4 * len(modes)), squeeze=False)
+    fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.6 * len(modes)), squeeze=False)
     device = rows[0].get("device", "?")
     for i, mode in enumerate(modes):
+        mrows = [r for r in rows if r["mode"] == mode]
+        labels = _shape_labels(mrows)
+        order = []  # shape keys by size
+        for r in sorted(mrows, key=_size_key):
+            js = json.dumps(r.get("shape"), sort_keys=True)
+            if js not in order:
+                order.append(js)
+        pos = {js: k for k, js in enumerate(order)}
         series: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for r in rows:
-            if r["mode"] == mode:
-                series[(r["provider"], r["dtype"])].append(r)
+        for r in mrows:
+            series[(r["provider"], r["dtype"])].append(r)
         ax_s, ax_c = axes[i]
         for (prov, dt), rs in sorted(series.items()):
-            rs.sort(key=_size_mb)
-            xs = [_size_mb(r) for r in rs]
+            rs.sort(key=lambda r: pos[json.dumps(r.get("shape"), sort_keys=True)])
+            xs = [pos[json.dumps(r.get("shape"), sort_keys=True)] for r in rs]
             label = f"{prov} {dt}"
+            style = dict(marker="o", label=label, color=_color(prov),
+                         ls="-" if dt in ("bfloat16", "float16") else "--")
             if prov != "eager":
                 ys = [r.get("speedup_vs_eager") for r in rs]
                 pts = [(x, y) for x, y in zip(xs, ys) if y]
                 if pts:
-                    ax_s.plot(*zip(*pts), marker="o", label=label)
+                    ax_s.plot(*zip(*pts), **style)
             ys = [r.get("pct_of_ceiling") for r in rs]
             pts = [(x, y) for x, y in zip(xs, ys) if y]
             if pts:
-                ax_c.plot(*zip(*pts), marker="o", label=label)
+                ax_c.plot(*zip(*pts), **style)
         ax_s.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax_s.set_yscale("log")
         ax_s.set_title(f"{op} {mode}: speedup over eager (open-mythos ops)")
         ax_c.set_title(f"{op} {mode}: % of device ceiling")
         for ax in (ax_s, ax_c):
-            ax.set_xscale("log")
-            ax.set_xlabel("MB moved (counted bytes)")
+            ax.set_xticks(range(len(order)))
+            ax.set_xticklabels([labels[js] for js in order], rotation=30, ha="right", fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=7)
