@@ -445,9 +445,31 @@ def mla_decode_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.
     impl = choose("mla_decode_attention", q_lat, q_rope, c_kv, k_rope,
                   supported=_unsupported(q_lat, q_rope, c_kv, k_rope, seq_len))
     if impl == "triton":
+        if torch.compiler.is_compiling():  # an opaque op for torch.compile: no graph break
+            lens = seq_len if isinstance(seq_len, torch.Tensor) else torch.full(
+                (1,), int(seq_len), dtype=torch.int32, device=c_kv.device)
+            splits = num_splits if num_splits is not None else mla_decode_num_splits(
+                q_lat.shape[0], q_lat.shape[-2] * (q_lat.shape[1] if q_lat.dim() == 4 else 1),
+                c_kv.shape[1], c_kv.shape[2], c_kv.device)
+            return torch.ops.mythos.mla_decode_attention(q_lat, q_rope, c_kv, k_rope, lens,
+                                                         float(scale), int(splits))
         return mla_decode_attention_triton(q_lat, q_rope, c_kv, k_rope, seq_len, scale,
                                            num_splits=num_splits)
     return mla_decode_attention_reference(q_lat, q_rope, c_kv, k_rope, seq_len, scale)
+
+
+@torch.library.custom_op("mythos::mla_decode_attention", mutates_args=())
+def _mla_decode_attention_op(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
+                             k_rope: torch.Tensor, seq_len: torch.Tensor, scale: float,
+                             num_splits: int) -> torch.Tensor:
+    """The Triton decode as a torch.library op (used under torch.compile; inference only)."""
+    return mla_decode_attention_triton(q_lat, q_rope, c_kv, k_rope, seq_len, scale,
+                                       num_splits=num_splits)
+
+
+@_mla_decode_attention_op.register_fake
+def _(q_lat, q_rope, c_kv, k_rope, seq_len, scale, num_splits):
+    return torch.empty_like(q_lat)
 
 
 def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,

@@ -487,3 +487,28 @@ def test_model_mla_cache_parity_triton(om):
     assert counts.get(("mla_decode_attention", "triton"), 0) > 0, counts
     assert counts.get(("mla_decompress", "reference"), 0) == 0
     assert counts.get(("mla_decode_attention", "reference"), 0) == 0
+
+
+@needs_triton
+def test_decode_attention_compiles_as_one_op():
+    """Under torch.compile the Triton decode is an opaque torch.library op (fake impl for
+    tracing): no graph break, same numbers as the eager kernel."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    B, H, S, r, dr = 2, 5, 37, 32, 8
+    q = torch.randn(B, H, r, device=DEVICE)
+    qr = torch.randn(B, H, dr, device=DEVICE)
+    c = torch.randn(B, S, r, device=DEVICE)
+    kr = torch.randn(B, S, dr, device=DEVICE)
+    lens = torch.tensor([S], dtype=torch.int32, device=DEVICE)
+
+    def f(q, qr, c, kr, lens):
+        return mla_decode_attention(q, qr, c, kr, lens, 0.2, num_splits=3) * 2.0
+
+    with use_backend("triton"):
+        eager = f(q, qr, c, kr, lens)
+        explain = torch._dynamo.explain(f)(q, qr, c, kr, lens)
+        compiled = torch.compile(f, fullgraph=True)(q, qr, c, kr, lens)
+    assert explain.graph_break_count == 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
