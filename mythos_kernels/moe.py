@@ -479,6 +479,8 @@ def moe_route(logits: torch.Tensor, router_bias: torch.Tensor, topk: int):
     impl = choose("moe_route", logits, router_bias,
                   supported=_route_unsupported(logits, router_bias))
     if impl == "triton":
+        if torch.compiler.is_compiling() and not _needs_grad(logits):
+            return torch.ops.mythos.moe_route(logits, router_bias, int(topk))
         return moe_route_triton(logits, router_bias, topk)
     return moe_route_reference(logits, router_bias, topk)
 
@@ -490,8 +492,42 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: 
     impl = choose("moe_experts", x, weights, idx, w13, w2,
                   supported=_experts_unsupported(x, weights, w13))
     if impl == "triton":
+        if torch.compiler.is_compiling() and not _needs_grad(x, weights, w13, w2):
+            return torch.ops.mythos.moe_experts(x, weights, idx, w13, w2)
         return moe_experts_triton(x, weights, idx, w13, w2)
     return moe_experts_reference(x, weights, idx, w13, w2)
+
+
+# Inference under torch.compile: the Triton paths as opaque torch.library ops (fake impls give
+# the output shapes for tracing), so a compiled decode step has no graph break here. With
+# gradients the autograd.Function paths run (a graph break under compile).
+
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+@torch.library.custom_op("mythos::moe_route", mutates_args=())
+def _moe_route_op(logits: torch.Tensor, router_bias: torch.Tensor,
+                  topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w, idx = moe_route_triton(logits, router_bias, topk)
+    return w, idx.to(torch.int64)
+
+
+@_moe_route_op.register_fake
+def _(logits, router_bias, topk):
+    N = logits.shape[0]
+    return logits.new_empty(N, topk), logits.new_empty(N, topk, dtype=torch.int64)
+
+
+@torch.library.custom_op("mythos::moe_experts", mutates_args=())
+def _moe_experts_op(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+    return moe_experts_triton(x, weights, idx, w13, w2)
+
+
+@_moe_experts_op.register_fake
+def _(x, weights, idx, w13, w2):
+    return x.new_empty(x.shape[0], w2.shape[-1])
 
 
 # ------------------------------------------------------------- bench: bytes and FLOPs ----

@@ -388,3 +388,29 @@ def test_model_parity_triton_backend(om):
     counts = K.dispatch_counts()
     assert counts.get(("moe_experts", "triton"), 0) > 0
     assert counts.get(("moe_route", "triton"), 0) > 0
+
+
+@needs_kernels
+def test_inference_compiles_without_graph_break():
+    """Under torch.compile (no grad) routing and experts are opaque torch.library ops: the whole
+    router -> route -> experts function traces with fullgraph=True and matches eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    N, E, k, D, Fh = 13, 6, 2, 32, 16
+    x = torch.randn(N, D, device=DEV)
+    wr = torch.randn(E, D, device=DEV) * 0.1
+    bias = torch.randn(E, device=DEV) * 0.01
+    w13 = torch.randn(E, D, 2 * Fh, device=DEV) * 0.1
+    w2 = torch.randn(E, Fh, D, device=DEV) * 0.1
+
+    def f(x):
+        w, idx = M.moe_route(x @ wr.t(), bias, k)
+        return M.moe_experts(x, w, idx, w13, w2)
+
+    with torch.no_grad(), K.use_backend("triton"):
+        eager = f(x)
+        explain = torch._dynamo.explain(f)(x)
+        compiled = torch.compile(f, fullgraph=True)(x)
+    assert explain.graph_break_count == 0
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
