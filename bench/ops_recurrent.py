@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import mythos_kernels as mk
 
 from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
+from .ops_rmsnorm import rmsnorm_eager
 
 THRESHOLD = 0.99
 _SHAPES = {
@@ -114,9 +115,7 @@ def loop_input_eager(h, e, loop_t, norm_weight, eps, loop_dim):
     emb = torch.cat([angles.sin(), angles.cos()], dim=-1)[:loop_dim]
     emb_full = torch.zeros(h.shape[-1], device=h.device, dtype=h.dtype)
     emb_full[:loop_dim] = emb
-    x = h + emb_full.unsqueeze(0).unsqueeze(0) + e
-    rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
-    return x * rms * norm_weight
+    return rmsnorm_eager(h + emb_full.unsqueeze(0).unsqueeze(0) + e, norm_weight, eps)
 
 
 LOOP = register(OpBench(

@@ -192,14 +192,21 @@ class MoEFFN(nn.Module):
         nn.init.normal_(self.w2, std=0.02)
         from .checkpoint import moe_load_hook
         self._register_load_state_dict_pre_hook(moe_load_hook, with_module=True)
-        self.last_counts: Optional[torch.Tensor] = None  # tokens per expert, last forward
+        self._last_idx: Optional[torch.Tensor] = None  # [N, k] experts chosen, last forward
+
+    @property
+    def last_counts(self) -> Optional[torch.Tensor]:
+        """Tokens routed to each expert in the last forward (int64 [E]), for load balancing."""
+        if self._last_idx is None:
+            return None
+        return K.expert_counts(self._last_idx, self.n_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         logits = self.router(flat)                                            # [N, E] unbiased
         weights, idx = K.moe_route(logits, self.router_bias, self.topk)       # [N, k] each
-        self.last_counts = K.expert_counts(idx.detach(), self.n_experts)
+        self._last_idx = idx.detach()
         out = K.moe_experts(flat, weights, idx, self.w13, self.w2)
         for shared in self.shared_experts:
             out = out + shared(flat)

@@ -147,23 +147,14 @@ def _check_expert_inputs(x, weights, idx, w13, w2) -> None:
         raise ValueError("moe_experts: weights must be floating point")
 
 
-def _route_unsupported(logits: torch.Tensor, router_bias: torch.Tensor) -> str | None:
+def _unsupported(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> str | None:
+    """Why the Triton MoE path cannot take these inputs (a, b: the float inputs), or None."""
     if _mk is None:
         return f"mythos_kernels.moe_kernels failed to import ({_mk_error})"
-    if logits.dtype not in _FLOAT_DTYPES or router_bias.dtype not in _FLOAT_DTYPES:
-        return f"dtype {logits.dtype}/{router_bias.dtype} not in fp32/bf16/fp16"
-    if logits.shape[1] > MAX_EXPERTS:
-        return f"n_experts {logits.shape[1]} > {MAX_EXPERTS}"
-    return None
-
-
-def _experts_unsupported(x: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor) -> str | None:
-    if _mk is None:
-        return f"mythos_kernels.moe_kernels failed to import ({_mk_error})"
-    if x.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES:
-        return f"dtype {x.dtype}/{weights.dtype} not in fp32/bf16/fp16"
-    if w13.shape[0] > MAX_EXPERTS:
-        return f"n_experts {w13.shape[0]} > {MAX_EXPERTS}"
+    if a.dtype not in _FLOAT_DTYPES or b.dtype not in _FLOAT_DTYPES:
+        return f"dtype {a.dtype}/{b.dtype} not in fp32/bf16/fp16"
+    if n_experts > MAX_EXPERTS:
+        return f"n_experts {n_experts} > {MAX_EXPERTS}"
     return None
 
 
@@ -225,7 +216,7 @@ def moe_route_triton(logits: torch.Tensor, router_bias: torch.Tensor, topk: int,
     the lowest expert id. Differentiable w.r.t. logits (not router_bias).
     """
     _check_route_inputs(logits, router_bias, topk)
-    why = _route_unsupported(logits, router_bias)
+    why = _unsupported(logits, router_bias, logits.shape[1])
     if why:
         raise ValueError(f"moe_route_triton: {why}")
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -457,7 +448,7 @@ def moe_experts_triton(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     Expert ids must lie in [0, E) (not checked: that would need a host sync).
     """
     _check_expert_inputs(x, weights, idx, w13, w2)
-    why = _experts_unsupported(x, weights, w13)
+    why = _unsupported(x, weights, w13.shape[0])
     if why:
         raise ValueError(f"moe_experts_triton: {why}")
     if x.shape[0] == 0:
@@ -477,7 +468,7 @@ def moe_route(logits: torch.Tensor, router_bias: torch.Tensor, topk: int):
     """
     _check_route_inputs(logits, router_bias, topk)
     impl = choose("moe_route", logits, router_bias,
-                  supported=_route_unsupported(logits, router_bias))
+                  supported=_unsupported(logits, router_bias, logits.shape[1]))
     if impl == "triton":
         if torch.compiler.is_compiling() and not _needs_grad(logits):
             return torch.ops.mythos.moe_route(logits, router_bias, int(topk))
@@ -490,7 +481,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: 
     """Routed SwiGLU experts, see :func:`moe_experts_triton` / :func:`moe_experts_reference`."""
     _check_expert_inputs(x, weights, idx, w13, w2)
     impl = choose("moe_experts", x, weights, idx, w13, w2,
-                  supported=_experts_unsupported(x, weights, w13))
+                  supported=_unsupported(x, weights, w13.shape[0]))
     if impl == "triton":
         if torch.compiler.is_compiling() and not _needs_grad(x, weights, w13, w2):
             return torch.ops.mythos.moe_experts(x, weights, idx, w13, w2)

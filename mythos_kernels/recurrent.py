@@ -44,6 +44,7 @@ import math
 import torch
 
 from ._dispatch import choose
+from .rmsnorm import rms_norm_reference
 
 try:
     import triton
@@ -93,9 +94,7 @@ def get_A(log_A: torch.Tensor, log_dt: torch.Tensor) -> torch.Tensor:
 def loop_input_reference(h: torch.Tensor, e: torch.Tensor, loop_t: int, norm_weight: torch.Tensor,
                          eps: float, loop_dim: int) -> torch.Tensor:
     """RMSNorm(loop_index_embedding(h, t) + e). h, e: [B, T, D] -> [B, T, D]."""
-    x = loop_index_embedding(h, loop_t, loop_dim) + e
-    rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
-    return x * rms * norm_weight
+    return rms_norm_reference(loop_index_embedding(h, loop_t, loop_dim) + e, norm_weight, eps)
 
 
 def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,

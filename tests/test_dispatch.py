@@ -87,3 +87,21 @@ def test_model_records_every_op():
     assert {"loop_input", "lti_act_step", "moe_route", "moe_experts", "attention",
             "mla_decompress", "rms_norm", "rope", "mla_decode_attention"} <= ops
     assert all(impl == "reference" for _, impl in K.dispatch_counts())
+
+
+def test_moe_expert_counts_of_last_forward():
+    import mythos
+    from conftest import tiny_kwargs
+
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla", n_experts_per_tok=3))).eval()
+    ffn = m.recurrent.block.ffn
+    assert ffn.last_counts is None
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        m(ids, n_loops=1)
+        x = m.recurrent.block.ffn_norm(torch.randn(2, 5, 60, device=ids.device))
+        ffn(x)
+    counts = ffn.last_counts
+    assert counts.shape == (7,) and int(counts.sum()) == 2 * 5 * 3
+    ref = torch.bincount(ffn._last_idx.reshape(-1).cpu(), minlength=7)
+    assert torch.equal(counts.cpu(), ref)
