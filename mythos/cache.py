@@ -55,7 +55,9 @@ class LayerCache:
                 cap = self.capacity if self.fixed else min(max(end, 2 * (buf.shape[1] if buf is not
                                                                           None else 0), 16),
                                                            self.max_capacity)
-                grown = x.new_empty((x.shape[0], cap) + tuple(x.shape[2:]))
+                # zeros, not empty: the static decode step attends over the whole buffer with a
+                # mask, and 0 * NaN from never-written garbage would poison p @ V
+                grown = x.new_zeros((x.shape[0], cap) + tuple(x.shape[2:]))
                 if buf is not None:
                     grown[:, :self.length] = buf[:, :self.length]
                 self.buffers[name] = buf = grown

@@ -73,3 +73,15 @@ def test_static_decode_step_matches_dynamic(attn):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="CUDA"):
         m.generate(prompt.cpu(), max_new_tokens=2, cuda_graph=True)
+
+
+def test_preallocated_positions_past_length_are_zero():
+    """The static decode step attends over the whole buffer with a mask; a never-written
+    position must hold zeros (0 * NaN from uninitialized memory would poison p @ V)."""
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa"))).eval()
+    cache = mythos.MythosCache(40)
+    with torch.no_grad():
+        m(torch.randint(0, 97, (2, 6)), n_loops=2, kv_cache=cache)
+    for c in cache.values():
+        for buf in c.buffers.values():
+            assert buf.shape[1] == 40 and not buf[:, 6:].any()

@@ -90,8 +90,9 @@ def test_model_records_every_op():
 
 
 def test_moe_expert_counts_of_last_forward():
-    import mythos
     from conftest import tiny_kwargs
+
+    import mythos
 
     m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla", n_experts_per_tok=3))).eval()
     ffn = m.recurrent.block.ffn
