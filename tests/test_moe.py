@@ -104,7 +104,7 @@ def test_route_bias_changes_selection(poison):
     N, E, k = 16, 6, 2
     logits = torch.randn(N, E, device=DEV)
     bias = torch.zeros(E, device=DEV)
-    bias[3] = 5.0                         # expert 3 selected everywhere, weight from softmax
+    bias[3] = 20.0                        # expert 3 selected everywhere, weight from softmax
     _, idx0 = M.moe_route_triton(logits, torch.zeros(E, device=DEV), k)
     w, idx = M.moe_route_triton(logits, bias, k)
     assert not torch.equal(idx0, idx) and (idx[:, 0] == 3).all()
