@@ -7,7 +7,12 @@ shape x dtype x mode (``forward``, ``backward``, ``full`` = forward + backward) 
 timed and one JSON row is appended to the results file:
 
 * CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call) with the 20/50/80
-  quantiles; inputs are also rotated over enough copies to exceed twice the L2 size.
+  quantiles; inputs are also rotated over enough copies to exceed twice the L2 size. This per-call
+  time includes whatever host (Python + launch) time the GPU waits for. Forward rows also carry
+  ``device_ms``: the same calls (one per input copy) captured in one CUDA graph and replayed, so the
+  GPU time with no host gaps (what a captured decode step or a busy training queue sees), with
+  ``device_pct_of_ceiling`` and ``device_speedup_vs_eager`` from it. Providers that cannot be
+  captured (a host sync, ``graph=False``) leave them None.
 * CPU: wall clock (``time.perf_counter``) after warm-up; median and 20/80 quantiles.
 
 Each row carries GB/s and TFLOP/s from the counted bytes and FLOPs and the % of the device ceiling
@@ -56,6 +61,8 @@ class Provider:
                per-expert tensors open-mythos keeps); tensors it derives become fresh leaves.
     available: optional ``available(inputs, device) -> reason or None``: a reason skips it.
     cuda_only: skipped on CPU (reason: Triton timings need a CUDA GPU).
+    graph:     False when a CUDA-graph capture must not be tried (host syncs, torch.compile):
+               the row then has no ``device_ms``.
     """
 
     name: str
@@ -63,6 +70,7 @@ class Provider:
     prepare: Callable[[dict], dict] | None = None
     available: Callable[[dict, torch.device], str | None] | None = None
     cuda_only: bool = False
+    graph: bool = True
 
 
 @dataclass
@@ -232,7 +240,7 @@ def compiled_provider(eager: Callable[..., Any], name: str = "compile",
             return "torch.compile skipped on CPU in quick mode (use --compile)"
         return None
 
-    return Provider(name, fn, prepare=prepare, available=available)
+    return Provider(name, fn, prepare=prepare, available=available, graph=False)
 
 
 # --------------------------------------------------------------------------- timing
@@ -294,6 +302,41 @@ def time_cuda(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100
         ends[i].record()
     torch.cuda.synchronize()
     return (*_quantiles([a.elapsed_time(b) for a, b in zip(starts, ends)]), n)
+
+
+def time_cuda_graph(calls: list[Callable[[], Any]], rep_ms: int = 100) -> float | None:
+    """GPU time per call (ms) of ``calls`` captured back to back in one CUDA graph and replayed
+    (median over replays / len(calls)); None when capture fails (a host sync, an allocation the
+    graph cannot own)."""
+    try:
+        from triton.testing import do_bench
+    except Exception:  # pragma: no cover
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):       # warm-up off the capture (allocator, autotune, JIT)
+            for _ in range(2):
+                for c in calls:
+                    c()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for c in calls:
+                c()
+        torch.cuda.synchronize()
+        med = do_bench(graph.replay, warmup=10, rep=rep_ms, quantiles=[0.5])
+        if isinstance(med, (list, tuple)):
+            med = med[0]
+        del graph
+        return float(med) / len(calls)
+    except Exception:
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # pragma: no cover
+            pass
+        return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -495,8 +538,15 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
                     counter[0] += 1
                     o = [t for t in _float_outputs(fn(**prepared[i])) if t.requires_grad]
                     return torch.autograd.grad(o, leaves[i], gouts[i], allow_unused=True)
+        device_ms = None
         if device.type == "cuda":
             med, p20, p80, reps = time_cuda(run, rep_ms=100 if level != "tiny" else 20)
+            if mode == "forward" and prov.graph:
+                def _call(p):
+                    with torch.no_grad():
+                        return fn(**p)
+                device_ms = time_cuda_graph([lambda p=p: _call(p) for p in prepared],
+                                            rep_ms=100 if level != "tiny" else 20)
         else:
             budget = {"tiny": 0.05, "quick": 0.3, "full": 1.0}[level]
             med, p20, p80, reps = time_cpu(run, budget_s=budget)
@@ -513,6 +563,9 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
     row.update(status="ok", median_ms=med, p20_ms=p20, p80_ms=p80, reps=reps, n_rotate=n_rot,
                max_abs_err_vs_reference=err)
     row.update(metrics(nb, flops, med, ceil, dtype))
+    row["device_ms"] = device_ms
+    row["device_pct_of_ceiling"] = (metrics(nb, flops, device_ms, ceil, dtype)["pct_of_ceiling"]
+                                    if device_ms else None)
     return row
 
 
@@ -613,6 +666,10 @@ def run_ops(ops: Iterable[OpBench], level: str = "quick", device: torch.device |
                 if r["status"] == "ok":
                     r["speedup_vs_eager"] = (eager["median_ms"] / r["median_ms"]
                                              if eager is not None else None)
+                    r["device_speedup_vs_eager"] = (
+                        eager["device_ms"] / r["device_ms"]
+                        if eager is not None and eager.get("device_ms") and r.get("device_ms")
+                        else None)
                 if out_file is not None and r["status"] in ("ok", "error"):
                     out_file.write(json.dumps(r, default=str) + "\n")
                     out_file.flush()
@@ -643,7 +700,7 @@ def print_table(title: str, rows: list[dict], ceil: dict | None = None, info: di
         head += (f"   [ceiling: copy {ceil['copy_gbps']:.3g} GB/s; matmul TFLOP/s {rates}]")
     print(head, file=file)
     cols = ["shape", "dtype", "mode", "provider", "median ms", "[p20, p80]", "vs eager", "GB/s",
-            "TFLOP/s", "% ceil", "bound"]
+            "TFLOP/s", "% ceil", "bound", "graph ms", "% ceil (graph)", "vs eager (graph)"]
     table = []
     for r in ok:
         sp = r.get("speedup_vs_eager")
@@ -656,11 +713,14 @@ def print_table(title: str, rows: list[dict], ceil: dict | None = None, info: di
             f"{r['tflops']:.3g}" if r.get("tflops") else "-",
             f"{r['pct_of_ceiling']:.1f}" if r.get("pct_of_ceiling") else "-",
             r.get("bound") or "-",
+            fmt_time(r["device_ms"]) if r.get("device_ms") else "-",
+            f"{r['device_pct_of_ceiling']:.1f}" if r.get("device_pct_of_ceiling") else "-",
+            f"{r['device_speedup_vs_eager']:.2f}x" if r.get("device_speedup_vs_eager") else "-",
         ])
     for r in rows:
         if r.get("status") == "error":
             table.append([shape_str(r["shape"]), r["dtype"], r["mode"], r["provider"],
-                          "ERROR", r.get("reason", "")[:60], "", "", "", "", ""])
+                          "ERROR", r.get("reason", "")[:60], "", "", "", "", "", "", "", ""])
     if table:
         widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)]
         line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))

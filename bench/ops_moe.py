@@ -2,6 +2,10 @@
 
 * ``moe_route``:   softmax router + biased top-k selection + renormalized weights.
 * ``moe_experts``: routed SwiGLU experts combined with the routing weights.
+* ``moe_shared``:  routed + always-on shared experts, the two designs the kernel issue asks to
+  choose between by measurement: ``dense`` (what the model does: routed grouped GEMMs, then each
+  shared expert as a dense cuBLAS SwiGLU) and ``folded`` (each shared expert of hidden k*F split
+  into k always-on experts of hidden F with weight 1, run in the same grouped GEMM launches).
 
 Performance targets (kernel issue): 64 experts, top-4, D = F = 2048, 512 / 4k / 16k tokens, bf16,
 forward and forward+backward. The CPU shapes are the mid model config (D=512, F=128).
@@ -130,9 +134,93 @@ EXPERTS = register(OpBench(
                  for n in (1, 16, 64, 512, 4096, 16384)],
     },
 ))
-EXPERTS.add(Provider("eager", moe_experts_eager, prepare=_eager_prepare))
-EXPERTS.provider("reference")(mk.moe_experts_reference)
+EXPERTS.add(Provider("eager", moe_experts_eager, prepare=_eager_prepare, graph=False))  # mask.any() syncs
+EXPERTS.add(Provider("reference", mk.moe_experts_reference, graph=False))  # bincount().tolist()
 # torch.compile of the data-dependent eager loop graph-breaks on every mask.any(); it is still
 # the honest "compile what open-mythos wrote" baseline.
 EXPERTS.add(compiled_provider(moe_experts_eager, prepare=_eager_prepare))
 EXPERTS.add(dispatch_provider("moe_experts", mk.moe_experts))
+
+
+# --------------------------------------------------------------------------- shared experts
+
+
+def _shared_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    inp = _expert_inputs(shape, dtype, device)
+    D, Fh, k, ns = shape["D"], shape["F"], shape["k"], shape["S"]
+    inp.update(
+        s_gate=(torch.randn(ns, k * Fh, D, device=device) * D ** -0.5).to(dtype),   # nn.Linear
+        s_up=(torch.randn(ns, k * Fh, D, device=device) * D ** -0.5).to(dtype),
+        s_down=(torch.randn(ns, D, k * Fh, device=device) * (k * Fh) ** -0.5).to(dtype))
+    return inp
+
+
+def _shared_dense(x, s_gate, s_up, s_down):
+    out = None
+    for g, u, d in zip(s_gate.unbind(0), s_up.unbind(0), s_down.unbind(0)):
+        y = F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        out = y if out is None else out + y
+    return out
+
+
+def moe_shared_reference(x, weights, idx, w13, w2, s_gate, s_up, s_down):
+    return mk.moe_experts_reference(x, weights, idx, w13, w2) + _shared_dense(x, s_gate, s_up,
+                                                                              s_down)
+
+
+def moe_shared_dense(x, weights, idx, w13, w2, s_gate, s_up, s_down):
+    """mythos's MoEFFN: routed experts through ``moe_experts`` + dense shared SwiGLUs."""
+    return mk.moe_experts(x, weights, idx, w13, w2) + _shared_dense(x, s_gate, s_up, s_down)
+
+
+def _fold_prepare(inp: dict) -> dict:
+    """Stack the shared experts as always-on experts E..E+S*k-1 (untimed, as a model storing
+    them stacked would): chunk j of shared expert s is gate/up rows [jF, (j+1)F), down columns
+    [jF, (j+1)F)."""
+    w13, w2, x = inp["w13"], inp["w2"], inp["x"]
+    E, _, F2 = w13.shape
+    Fh = F2 // 2
+    g, u, d = inp["s_gate"], inp["s_up"], inp["s_down"]
+    ns, kF, _ = g.shape
+    k = kF // Fh
+    gs = g.reshape(ns * k, Fh, -1).transpose(1, 2)                     # [S*k, D, F]
+    us = u.reshape(ns * k, Fh, -1).transpose(1, 2)
+    ds = d.transpose(1, 2).reshape(ns * k, Fh, -1)                     # [S*k, F, D]
+    N = x.shape[0]
+    ones = torch.ones(N, ns * k, device=x.device, dtype=inp["weights"].dtype)
+    sidx = (E + torch.arange(ns * k, device=x.device)).expand(N, -1)
+    return {"x": x,
+            "weights": torch.cat([inp["weights"], ones], 1).contiguous(),
+            "idx": torch.cat([inp["idx"], sidx], 1).contiguous(),
+            "w13": torch.cat([w13, torch.cat([gs, us], 2)], 0).contiguous(),
+            "w2": torch.cat([w2, ds], 0).contiguous()}
+
+
+def _shared_bytes(s: dict, dtype: torch.dtype, mode: str) -> float:
+    elt = torch.empty((), dtype=dtype, device="cpu").element_size()
+    shared = s["S"] * 3 * s["D"] * s["k"] * s["F"] * elt
+    base = _expert_bytes(s, dtype, mode)
+    return float(base + shared * {"forward": 1, "backward": 2, "full": 3}[mode])
+
+
+SHARED = register(OpBench(
+    name="moe_shared",
+    description="routed + shared experts: dense shared SwiGLU vs folded always-on experts",
+    make_inputs=_shared_inputs,
+    flops=lambda s: 6.0 * s["N"] * s["k"] * s["D"] * s["F"] * (1 + s["S"]),
+    bytes=lambda s, dtype, mode: _shared_bytes(s, dtype, mode),
+    grad_inputs=("x", "weights", "w13", "w2", "s_gate", "s_up", "s_down"),
+    modes=("forward", "full"),
+    shapes={
+        "tiny": [{"N": 32, "E": 8, "k": 2, "D": 64, "F": 32, "S": 2}],
+        "cpu": [{"N": 512, "E": 64, "k": 4, "D": 512, "F": 128, "S": 2}],
+        "cuda": [{"N": 4096, "E": 64, "k": 4, "D": 2048, "F": 2048, "S": 2}],
+        "full": [{"N": n, "E": 64, "k": 4, "D": 2048, "F": 2048, "S": 2}
+                 for n in (1, 16, 64, 512, 4096, 16384)],
+    },
+))
+SHARED.add(Provider("reference", moe_shared_reference, graph=False))  # bincount().tolist()
+SHARED.add(dispatch_provider("moe_experts", moe_shared_dense, name="dense"))
+_folded = dispatch_provider("moe_experts", mk.moe_experts, name="folded")
+_folded.prepare = _fold_prepare
+SHARED.add(_folded)

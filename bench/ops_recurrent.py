@@ -2,6 +2,12 @@
 
 * ``lti_act_step``: LTI update ``h' = A*h + B*e + out`` + ACT halting accumulation.
 * ``loop_input``:   ``RMSNorm(h + loop_emb(t) + e)`` on the way into the block.
+* ``loop_tail``:    the whole per-iteration tail the kernel issue names: ``lti_act_step`` followed by
+  the next iteration's ``loop_input``. Eager is open-mythos's op sequence for both; Triton is the
+  fused kernel (one pass: the step and the next input, ``lti_act_step(..., next_loop=...)``).
+
+Bytes are what the Triton kernels must move (``mk.lti_act_step_bytes``: each row read or written
+once, h_out fp32), so "% of ceiling" is the kernel's share of the copy bandwidth.
 
 Tokens N = B*T are laid out as [1, N, D]. Performance targets (kernel issue): N in {1k, 16k, 64k}
 x D in {2048, 4096}, fp32 and bf16, forward and backward.
@@ -75,10 +81,19 @@ def lti_act_step_eager(h, e, out, h_out, cum_p, halted, log_A, log_dt, B, w_halt
     return h, h_out, cum_p
 
 
+def _step_bytes(fused: bool):
+    def nb(s: dict, dtype: torch.dtype, mode: str) -> float:
+        fwd = mk.lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused)
+        bwd = mk.lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused, backward=True)
+        return float({"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
+    return nb
+
+
 STEP = register(OpBench(
     name="lti_act_step",
     description="LTI injection + ACT halting accumulation, one loop iteration",
     make_inputs=_step_inputs,
+    bytes=_step_bytes(fused=False),
     # A*h, B*e, two adds, halting dot (2), weight*h, accumulate  -> ~8 per element
     flops=lambda s: 8.0 * s["N"] * s["D"],
     grad_inputs=("h", "e", "out", "h_out", "cum_p", "log_A", "log_dt", "B", "w_halt", "b_halt"),
@@ -131,3 +146,62 @@ LOOP.provider("eager")(loop_input_eager)
 LOOP.provider("reference")(mk.loop_input_reference)
 LOOP.add(compiled_provider(loop_input_eager))
 LOOP.add(dispatch_provider("loop_input", mk.loop_input))
+
+
+# --------------------------------------------------------------------------- loop_tail
+
+
+def _tail_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    inp = _step_inputs(shape, dtype, device)
+    D = shape["D"]
+    inp.update(norm_weight=(1 + 0.1 * torch.randn(D, device=device)).to(dtype), loop_t=3,
+               eps=1e-6, loop_dim=D // 8)
+    return inp
+
+
+def _tail_eager_prepare(inp: dict) -> dict:
+    out = _eager_prepare({k: v for k, v in inp.items()
+                          if k not in ("norm_weight", "loop_t", "eps", "loop_dim")})
+    out.update(norm_weight=inp["norm_weight"], loop_t=inp["loop_t"], eps=inp["eps"],
+               loop_dim=inp["loop_dim"])
+    return out
+
+
+def loop_tail_eager(h, e, out, h_out, cum_p, halted, log_A, log_dt, B, w_halt, b_halt, threshold,
+                    norm_weight, loop_t, eps, loop_dim):
+    """open-mythos 0.5.0: the end of iteration t (LTI + ACT) and the start of iteration t+1
+    (loop-index embedding + RMSNorm of h + e), op for op."""
+    h, h_out, cum_p = lti_act_step_eager(h, e, out, h_out, cum_p, halted, log_A, log_dt, B,
+                                         w_halt, b_halt, threshold)
+    return h, h_out, cum_p, loop_input_eager(h, e, loop_t + 1, norm_weight, eps, loop_dim)
+
+
+def loop_tail_reference(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold,
+                        norm_weight, loop_t, eps, loop_dim):
+    return mk.lti_act_step_and_next_input_reference(
+        h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold,
+        (loop_t + 1, norm_weight, eps, loop_dim))
+
+
+def loop_tail(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold, norm_weight,
+              loop_t, eps, loop_dim):
+    """The dispatching entry the model calls each iteration: step + next input in one kernel."""
+    return mk.lti_act_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold,
+                           next_loop=(loop_t + 1, norm_weight, eps, loop_dim))
+
+
+TAIL = register(OpBench(
+    name="loop_tail",
+    description="LTI + ACT step then the next iteration's loop embedding + RMSNorm (fused)",
+    make_inputs=_tail_inputs,
+    flops=lambda s: 14.0 * s["N"] * s["D"],
+    bytes=_step_bytes(fused=True),
+    grad_inputs=("h", "e", "out", "h_out", "cum_p", "log_A", "log_dt", "B", "w_halt", "b_halt",
+                 "norm_weight"),
+    shapes=_SHAPES,
+    dtypes_cuda=(torch.float32, torch.bfloat16),
+))
+TAIL.add(Provider("eager", loop_tail_eager, prepare=_tail_eager_prepare))
+TAIL.provider("reference")(loop_tail_reference)
+TAIL.add(compiled_provider(loop_tail_eager, prepare=_tail_eager_prepare))
+TAIL.add(dispatch_provider("lti_act_step", loop_tail))

@@ -131,6 +131,28 @@ def test_decode_attention_empty_splits(nan_empty, T):
 
 
 @needs_triton
+def test_decode_attention_many_splits_column_blocks(nan_empty):
+    """70 splits (a 128-row merge tile, so the merge runs in 32-column blocks) and r = 40 (the
+    last column block partly masked), one key per split for the first 70 keys."""
+    B, T, H, R, DR, S = 2, 1, 3, 40, 8, 75
+    q_lat, q_rope = rand(B, T, H, R), rand(B, T, H, DR)
+    c, kr = rand(B, S, R), rand(B, S, DR)
+    got = mla_decode_attention_triton(q_lat, q_rope, c, kr, S, 0.3, num_splits=70, block_n=16)
+    ref = mla_decode_attention_reference(q_lat, q_rope, c, kr, S, 0.3)
+    assert_close("out_lat", got, ref, torch.float32)
+
+
+def test_decode_default_splits_fill_the_gpu_at_batch_one():
+    """B=1 spreads a 4k cache over many programs (latency-bound otherwise); a full batch keeps
+    one wave of programs."""
+    from mythos_kernels.mla_decode import mla_decode_num_splits
+    cpu = torch.device("cpu")   # planned for an H100's 132 SMs
+    assert mla_decode_num_splits(1, 16, 4096, 512, cpu, 32) == 64
+    assert mla_decode_num_splits(64, 16, 4096, 512, cpu, 32) == 2
+    assert mla_decode_num_splits(1, 16, 40, 512, cpu, 32) == 1
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("per_batch", [False, True])
 @pytest.mark.parametrize("T", [1, 2])
