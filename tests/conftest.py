@@ -13,6 +13,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
 from _openmythos import load_open_mythos  # noqa: E402
 
+try:  # HYPOTHESIS_PROFILE=noshrink: report the first failing example without shrinking it
+    from hypothesis import Phase
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse,
+                                                       Phase.generate], print_blob=True)
+    if os.environ.get("HYPOTHESIS_PROFILE"):
+        _hyp_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+except ImportError:  # pragma: no cover - hypothesis is a dev extra
+    pass
+
 # On a machine with a CUDA GPU the whole suite runs there (kernels compiled, interpreter off):
 # new tensors default to the GPU. Without one, tensors stay on the CPU and kernel tests run through
 # the Triton interpreter (TRITON_INTERPRET=1). MYTHOS_TEST_DEVICE overrides the choice.

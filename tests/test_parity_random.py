@@ -70,7 +70,7 @@ def test_random_configs_match_triton(om, kw, B, T, seed):
 
 def _compare(a, b, kw, B, T, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, kw["vocab_size"], (B, T + 2), generator=g).to(
+    ids = torch.randint(0, kw["vocab_size"], (B, T + 2), generator=g, device="cpu").to(
         a.embed.weight.device)
     n_loops = kw["max_loop_iters"] + 1
     with torch.no_grad():
