@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import mythos_kernels as K
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 40), (2, 7, 40), (3, 40)])
+@pytest.mark.parametrize("shape", [(1, 1, 40), (2, 7, 40), (3, 40), (5, 30, 40)])
 @pytest.mark.parametrize("V", [97, 4096, 9001])
 def test_lm_head_matches_linear(shape, V):
     x = torch.randn(*shape)
@@ -29,3 +29,20 @@ def test_lm_head_gradients():
     rx, rw = torch.autograd.grad((F.linear(x, w) * g).sum(), [x, w])
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
+
+
+def test_decode_head_copy_follows_weight_changes():
+    """The decode path's transposed copy is remade when the weight changes in place, and a new
+    weight never reuses a stale copy. (Tolerance: the copy sums in another order.)"""
+    x = torch.randn(1, 1, 24)
+    w = torch.randn(9001, 24)
+    with torch.no_grad():
+        a = K.lm_head(x, w)
+        torch.testing.assert_close(a, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        w.mul_(-2.0)                                  # in place (an optimizer step)
+        torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        w[3].zero_()                                  # a partial in-place write
+        torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        for _ in range(3):                            # fresh tensors (ids may be recycled)
+            w = torch.randn(9001, 24)
+            torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
