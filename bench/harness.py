@@ -8,7 +8,7 @@ timed and one JSON row is appended to the results file:
 
 * CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call) with the 20/50/80
   quantiles; inputs are also rotated over enough copies to exceed twice the L2 size. This per-call
-  time includes whatever host (Python + launch) time the GPU waits for. Forward rows also carry
+  time includes whatever host (Python + launch) time the GPU waits for. Forward and full rows carry
   ``device_ms``: the same calls (one per input copy) captured in one CUDA graph and replayed, so the
   GPU time with no host gaps (what a captured decode step or a busy training queue sees), with
   ``device_pct_of_ceiling`` and ``device_speedup_vs_eager`` from it. Providers that cannot be
@@ -515,9 +515,7 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
         counter = [0]
 
         if mode == "forward":
-            def run():
-                i = counter[0] % n_rot
-                counter[0] += 1
+            def one(i):
                 with torch.no_grad():
                     return fn(**prepared[i])
         else:
@@ -527,25 +525,26 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
                 return {**row, "status": "skipped", "reason": "no differentiable output"}
             gouts = [[torch.randn_like(o) for o in oo] for oo in outs]
             if mode == "backward":
-                def run():
-                    i = counter[0] % n_rot
-                    counter[0] += 1
+                def one(i):
                     return torch.autograd.grad(outs[i], leaves[i], gouts[i], retain_graph=True,
                                                allow_unused=True)
             else:
-                def run():
-                    i = counter[0] % n_rot
-                    counter[0] += 1
+                def one(i):
                     o = [t for t in _float_outputs(fn(**prepared[i])) if t.requires_grad]
                     return torch.autograd.grad(o, leaves[i], gouts[i], allow_unused=True)
+
+        def run():
+            i = counter[0] % n_rot
+            counter[0] += 1
+            return one(i)
+
         device_ms = None
         if device.type == "cuda":
             med, p20, p80, reps = time_cuda(run, rep_ms=100 if level != "tiny" else 20)
-            if mode == "forward" and prov.graph:
-                def _call(p):
-                    with torch.no_grad():
-                        return fn(**p)
-                device_ms = time_cuda_graph([lambda p=p: _call(p) for p in prepared],
+            # backward alone is not captured: autograd runs it on the forward's stream, which
+            # was not the capture stream; "full" captures forward and backward together
+            if mode != "backward" and prov.graph:
+                device_ms = time_cuda_graph([lambda i=i: one(i) for i in range(n_rot)],
                                             rep_ms=100 if level != "tiny" else 20)
         else:
             budget = {"tiny": 0.05, "quick": 0.3, "full": 1.0}[level]
