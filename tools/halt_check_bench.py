@@ -2,9 +2,11 @@
 what open-mythos does with ``halted.all()``) against mythos's one-iteration-late read (lag 1,
 ``mythos_kernels.HaltCheck``), on the whole model forward (no cache, so early exit is live).
 
-Two thresholds: ``act_threshold=100`` (no row ever halts: every loop runs under both lags, so the
-difference is the per-iteration sync alone) and a low threshold where every row halts within a
-few loops (lag 1 then runs one extra iteration; the logits are identical). Interleaved
+Three cases: ``act_threshold=100`` (no row ever halts: every loop runs under both lags, so the
+difference is the per-iteration sync alone), and two where every row halts early -- the halting
+linear set to a constant probability (weight 0, bias logit(p)) with the default threshold 0.99:
+p = 0.3 halts every row after 4 loops, p ~ 1 after 1 loop. There lag 1 runs one extra iteration
+(the logits are identical: a halted row's weight is exactly 0). Interleaved
 repetitions, medians; one JSON row per case appended to ``bench/results/<device>/halt_check.jsonl``.
 
     python tools/halt_check_bench.py [--config 1b|mid] [--reps 15]
@@ -56,8 +58,19 @@ def main(argv=None) -> int:
     with torch.device(dev):
         model = mythos.OpenMythos(mythos.MythosConfig(**kw)).to(dtype=dtype).eval()
     n_loops = kw["max_loop_iters"]
-    for thr in (100.0, 0.5):
+    halt = model.recurrent.act.halt
+    w0, b0 = halt.weight.detach().clone(), halt.bias.detach().clone()
+    cases = [("no exit", 100.0, None), ("all halt after 4 loops", 0.99, 0.3),
+             ("all halt after 1 loop", 0.99, 1.0)]
+    for case, thr, p_const in cases:
         model.recurrent.cfg.act_threshold = thr      # read at every forward
+        with torch.no_grad():
+            if p_const is None:
+                halt.weight.copy_(w0)
+                halt.bias.copy_(b0)
+            else:
+                halt.weight.zero_()
+                halt.bias.fill_(20.0 if p_const >= 1.0 else float(torch.logit(torch.tensor(p_const))))
         for B, T in shapes:
             ids = torch.randint(0, kw["vocab_size"], (B, T), device=dev)
             times: dict[int, list[float]] = {0: [], 1: []}
@@ -79,13 +92,14 @@ def main(argv=None) -> int:
                         outs[lag] = o
             same = bool(torch.equal(outs[0], outs[1]))
             med = {lag: statistics.median(ts) * 1e3 for lag, ts in times.items()}
-            row = {"kind": "halt_check", "config": cfg_name, "dtype": str(dtype).split(".")[-1],
-                   "act_threshold": thr, "n_loops": n_loops, "shape": {"B": B, "T": T},
+            row = {"kind": "halt_check", "case": case, "config": cfg_name,
+                   "dtype": str(dtype).split(".")[-1], "act_threshold": thr,
+                   "halt_probability": p_const, "n_loops": n_loops, "shape": {"B": B, "T": T},
                    "lag0_ms": med[0], "lag1_ms": med[1], "lag0_s": times[0], "lag1_s": times[1],
                    "saved_per_iteration_ms": (med[0] - med[1]) / n_loops,
                    "logits_identical": same, **run_info(dev)}
             rows.append(row)
-            print(f"thr={thr:<6} B={B} T={T:<5} lag0 {med[0]:8.2f} ms  lag1 {med[1]:8.2f} ms  "
+            print(f"{case:<24} B={B} T={T:<5} lag0 {med[0]:8.2f} ms  lag1 {med[1]:8.2f} ms  "
                   f"ratio {med[0] / med[1]:.3f}  logits identical: {same}", flush=True)
     with open(out, "a") as f:
         for r in rows:
