@@ -286,6 +286,9 @@ class RecurrentBlock(nn.Module):
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
         self.norm = RMSNorm(cfg.dim)
         self.loop_dim = cfg.dim // 8
+        # early-exit check: None = MYTHOS_HALT_LAG (default 0, a sync per loop); 1 = read the
+        # all-halted flag one loop late (no sync; one extra loop when every row halts)
+        self.halt_lag: Optional[int] = None
 
     def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None, positions=None):
         n_loops = n_loops or self.cfg.max_loop_iters
@@ -295,7 +298,7 @@ class RecurrentBlock(nn.Module):
         h_out = torch.zeros(B, T, D, device=h.device, dtype=torch.float32)
         inj, halt, norm = self.injection, self.act.halt, self.norm
         x = K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
-        halted = K.HaltCheck(h.device)  # on CUDA reads the flag one iteration late: no sync
+        halted = K.HaltCheck(h.device, lag=self.halt_lag)  # see HaltCheck: lag 0 by default
         for t in range(n_loops):
             out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}", positions)
             delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)

@@ -564,6 +564,40 @@ def test_halt_check_lag(lag):
     assert R.HaltCheck("cpu").lag == 0
 
 
+def test_halt_lag_default_env_and_model(monkeypatch):
+    """Default lag 0 on every device; MYTHOS_HALT_LAG=1 or RecurrentBlock.halt_lag = 1 reads the
+    flag a loop late: same logits, one more loop when every row halts early."""
+    from conftest import tiny_kwargs
+
+    import mythos
+
+    assert R.HaltCheck("cuda").lag == 0
+    monkeypatch.setenv("MYTHOS_HALT_LAG", "1")
+    assert R.HaltCheck("cpu").lag == 1 and R.HaltCheck("cpu", lag=0).lag == 0
+    monkeypatch.setenv("MYTHOS_HALT_LAG", "2")
+    with pytest.raises(ValueError, match="MYTHOS_HALT_LAG"):
+        R.HaltCheck("cpu")
+    monkeypatch.delenv("MYTHOS_HALT_LAG")
+
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa"))).eval()
+    with torch.no_grad():
+        m.recurrent.act.halt.weight.zero_()
+        m.recurrent.act.halt.bias.fill_(20.0)          # p = 1: every row halts after one loop
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 5))
+    calls = []
+    hook = m.recurrent.block.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out0 = m(ids, n_loops=4)
+        n0 = len(calls)
+        m.recurrent.halt_lag = 1
+        out1 = m(ids, n_loops=4)
+        n1 = len(calls) - n0
+    hook.remove()
+    assert (n0, n1) == (1, 2)
+    torch.testing.assert_close(out0, out1, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------- compile (no GPU) ----
 
 @pytest.mark.skipif(K.interpreter_active(), reason="compiles real GPU code: run without "
