@@ -1,4 +1,12 @@
-"""Multi-latent attention decode step (``mythos_kernels/mla_decode.py``).
+"""Multi-latent attention: the decode step (``mythos_kernels/mla_decode.py``) and the prefill /
+training latent decompression (``mythos_kernels/mla.py``).
+
+``mla_decompress``: RMSNorm(c_kv) -> kv_up -> per-head K (nope part + the shared RoPE key) and V,
+the layout attention wants. ``eager`` is open-mythos's op sequence (its RMSNorm, ``kv_up``, view,
+split, the RoPE key expanded to every head and concatenated); ``triton`` the fused kernel
+(forward and backward). Bytes: ``mla_decompress_bytes`` (latent + rope key read, K and V written);
+FLOPs: the kv_up GEMM. Shapes: the roofline table in ``bench/roofline_mla.md``.
+
 
 ``mla_decode``: one decode token per sequence attends over a cache of S positions and returns the
 per-head output before ``wo`` ([B, 1, H, dv]).
@@ -22,9 +30,11 @@ import torch
 import torch.nn.functional as F
 
 import mythos_kernels as mk
+from mythos_kernels.mla import mla_decompress_bytes, mla_decompress_flops
 from mythos_kernels.mla_decode import mla_decode_bytes, mla_decode_flops
 
-from .harness import OpBench, Provider, dispatch_provider, register
+from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
+from .ops_rmsnorm import rmsnorm_eager
 
 DIMS = {"H": 16, "r": 512, "dr": 64, "dn": 128, "dv": 128}
 
@@ -100,3 +110,65 @@ DECODE = register(OpBench(
 DECODE.add(Provider("eager", mla_decode_eager, prepare=_eager_prepare))
 DECODE.provider("reference")(mla_decode_absorbed_reference)
 DECODE.add(dispatch_provider("mla_decode_attention", mk.mla_decode, name="triton"))
+
+
+# --------------------------------------------------------------------------- decompression
+
+
+def _dec_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    B, S, H, r, dr, dn, dv = (shape[k] for k in ("B", "S", "H", "r", "dr", "dn", "dv"))
+    return {
+        "c_kv": torch.randn(B, S, r, device=device, dtype=dtype),          # raw latent
+        "k_rope": torch.randn(B, S, dr, device=device, dtype=dtype),       # RoPE applied
+        "w_up": (torch.randn(H * (dn + dv), r, device=device) * r ** -0.5).to(dtype),
+        "norm_weight": (1 + 0.1 * torch.randn(r, device=device)).to(dtype),
+        "n_heads": H, "nope_dim": dn, "v_dim": dv,
+    }
+
+
+def mla_decompress_eager(c_kv, k_rope, w_up, norm_weight, n_heads, nope_dim, v_dim):
+    """open-mythos 0.5.0 ``MLAttention.forward`` from the latent on: ``kv_norm``, ``kv_up``,
+    split into K_nope / V, the RoPE key expanded to every head and concatenated."""
+    B, S, _ = c_kv.shape
+    kv = F.linear(rmsnorm_eager(c_kv, norm_weight, 1e-6), w_up).view(B, S, n_heads,
+                                                                      nope_dim + v_dim)
+    k_nope, v = torch.split(kv, [nope_dim, v_dim], dim=-1)
+    k_r = k_rope.unsqueeze(2).expand(B, S, n_heads, k_rope.shape[-1])
+    return torch.cat([k_nope, k_r], dim=-1), v
+
+
+def mla_decompress_ref(c_kv, k_rope, w_up, norm_weight, n_heads, nope_dim, v_dim):
+    return mk.mla_decompress_reference(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight)
+
+
+def mla_decompress_entry(c_kv, k_rope, w_up, norm_weight, n_heads, nope_dim, v_dim):
+    return mk.mla_decompress(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight)
+
+
+def _dec_bytes(s: dict, dtype: torch.dtype, mode: str) -> float:
+    fwd = mla_decompress_bytes(s["B"], s["S"], s["r"], s["dr"], s["H"], s["dn"], s["dv"], dtype)
+    # backward: K/V gradients and the latent re-read, latent/rope/weight gradients written
+    return float(fwd if mode == "forward" else (3 * fwd if mode == "full" else 2 * fwd))
+
+
+DECOMPRESS = register(OpBench(
+    name="mla_decompress",
+    description="RMSNorm(c_kv) + kv_up latent decompression into per-head K (with the shared "
+                "RoPE key) and V",
+    make_inputs=_dec_inputs,
+    flops=lambda s: float(mla_decompress_flops(s["B"], s["S"], s["r"], s["H"], s["dn"],
+                                               s["dv"])),
+    bytes=_dec_bytes,
+    grad_inputs=("c_kv", "k_rope", "w_up", "norm_weight"),
+    modes=("forward", "full"),
+    shapes={
+        "tiny": [dict(B=1, S=37, H=3, r=32, dr=8, dn=16, dv=16)],
+        "cpu": [_shape(1, 512)],
+        "cuda": [_shape(1, 4096)],
+        "full": [_shape(1, 4096), _shape(8, 4096), _shape(1, 32768)],
+    },
+))
+DECOMPRESS.add(Provider("eager", mla_decompress_eager))
+DECOMPRESS.add(Provider("reference", mla_decompress_ref))
+DECOMPRESS.add(compiled_provider(mla_decompress_eager))
+DECOMPRESS.add(dispatch_provider("mla_decompress", mla_decompress_entry))
