@@ -48,7 +48,7 @@ def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             or torch.compiler.is_compiling()):
         return F.linear(x, weight)
     if x.numel() <= DECODE_ROWS * x.shape[-1]:
-        if x.dtype != weight.dtype:
+        if x.dtype != weight.dtype or weight.is_inference():   # inference tensors: no version
             return F.linear(x, weight)
         return x @ _transposed(weight)
     x2 = x.reshape(-1, x.shape[-1])

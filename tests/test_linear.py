@@ -46,3 +46,11 @@ def test_decode_head_copy_follows_weight_changes():
         for _ in range(3):                            # fresh tensors (ids may be recycled)
             w = torch.randn(9001, 24)
             torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_head_with_inference_tensors():
+    """A weight made under inference_mode has no version counter: plain F.linear, no error."""
+    with torch.inference_mode():
+        w = torch.randn(9001, 24)
+        x = torch.randn(1, 24)
+        torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w))
