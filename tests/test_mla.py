@@ -118,26 +118,19 @@ def test_decode_attention_matches_reference(nan_empty, shape, dtype, num_splits)
     assert_close("out_lat", got, ref, dtype)
 
 
+# (B, T, H, r, dr, Smax, S, num_splits): more splits than key tiles (the empty splits carry
+# lse = -inf and weigh nothing, T = 1 and 2); 70 splits (a 128-row merge tile, so the merge runs
+# in 32-column blocks) with r = 40 (the last column block partly masked)
+SPLIT_CASES = [(2, 1, 3, 32, 16, 9, 5, 8), (2, 2, 3, 32, 16, 9, 5, 8), (2, 1, 3, 40, 8, 75, 75, 70)]
+
+
 @needs_triton
-@pytest.mark.parametrize("T", [1, 2])
-def test_decode_attention_empty_splits(nan_empty, T):
-    """More splits than key tiles: the empty splits carry lse = -inf and weigh nothing."""
-    B, H, R, DR, Smax, S = 2, 3, 32, 16, 9, 5
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_decode_attention_empty_splits_and_merge_blocks(nan_empty, case):
+    B, T, H, R, DR, Smax, S, splits = case
     q_lat, q_rope = rand(B, T, H, R), rand(B, T, H, DR)
     c, kr = rand(B, Smax, R), rand(B, Smax, DR)
-    got = mla_decode_attention_triton(q_lat, q_rope, c, kr, S, 0.3, num_splits=8, block_n=16)
-    ref = mla_decode_attention_reference(q_lat, q_rope, c, kr, S, 0.3)
-    assert_close("out_lat", got, ref, torch.float32)
-
-
-@needs_triton
-def test_decode_attention_many_splits_column_blocks(nan_empty):
-    """70 splits (a 128-row merge tile, so the merge runs in 32-column blocks) and r = 40 (the
-    last column block partly masked), one key per split for the first 70 keys."""
-    B, T, H, R, DR, S = 2, 1, 3, 40, 8, 75
-    q_lat, q_rope = rand(B, T, H, R), rand(B, T, H, DR)
-    c, kr = rand(B, S, R), rand(B, S, DR)
-    got = mla_decode_attention_triton(q_lat, q_rope, c, kr, S, 0.3, num_splits=70, block_n=16)
+    got = mla_decode_attention_triton(q_lat, q_rope, c, kr, S, 0.3, num_splits=splits, block_n=16)
     ref = mla_decode_attention_reference(q_lat, q_rope, c, kr, S, 0.3)
     assert_close("out_lat", got, ref, torch.float32)
 
