@@ -62,6 +62,15 @@ if triton is not None:
     from ._tl import dot_f32 as _dot
 
     @triton.jit
+    def _kv_up_columns(offs_n, H, DN, DV, DR):
+        """kv_up output column n (head h = n // (DN+DV), j = n % (DN+DV)) -> its column in K
+        [.., H, DN+DR] (j < DN) or in V [.., H, DV] (j >= DN); returns (k_col, v_col, is_k)."""
+        DKV = DN + DV
+        hh = offs_n // DKV
+        jj = offs_n % DKV
+        return hh * (DN + DR) + jj, hh * DV + jj - DN, jj < DN
+
+    @triton.jit
     def _mla_decompress_fwd_kernel(
         X, KR, W, NW, K, V, RSTD,
         stride_xb, stride_xs, stride_krb, stride_krs, stride_wn, stride_km, stride_vm,
@@ -163,12 +172,11 @@ if triton is not None:
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < N
-            hh = offs_n // DKV
-            jj = offs_n % DKV
-            gk = tl.load(gk_row[:, None] + (hh * DK + jj)[None, :],
-                         mask=m_ok[:, None] & (n_ok & (jj < DN))[None, :], other=0.0)
-            gv = tl.load(gv_row[:, None] + (hh * DV + jj - DN)[None, :],
-                         mask=m_ok[:, None] & (n_ok & (jj >= DN))[None, :], other=0.0)
+            k_col, v_col, is_k = _kv_up_columns(offs_n, H, DN, DV, DR)
+            gk = tl.load(gk_row[:, None] + k_col[None, :],
+                         mask=m_ok[:, None] & (n_ok & is_k)[None, :], other=0.0)
+            gv = tl.load(gv_row[:, None] + v_col[None, :],
+                         mask=m_ok[:, None] & (n_ok & ~is_k)[None, :], other=0.0)
             g = gk + gv                                                              # [BM, BN]
             w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_r[None, :],
                         mask=n_ok[:, None] & r_ok[None, :], other=0.0)              # [BN, BR]
@@ -216,12 +224,9 @@ if triton is not None:
         N = H * DKV
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        hh = offs_n // DKV
-        jj = offs_n % DKV
-        k_col = (hh * DK + jj)                                                        # [BN]
-        v_col = (hh * DV + jj - DN)
-        k_sel = n_ok & (jj < DN)
-        v_sel = n_ok & (jj >= DN)
+        k_col, v_col, is_k = _kv_up_columns(offs_n, H, DN, DV, DR)                   # [BN]
+        k_sel = n_ok & is_k
+        v_sel = n_ok & ~is_k
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         if HAS_NORM:
