@@ -173,13 +173,15 @@ def all_ops() -> dict[str, OpBench]:
 
 
 def dispatch_provider(op_name: str, entry: Callable[..., Any], name: str = "triton",
-                      arg_names: Iterable[str] | None = None) -> Provider:
+                      arg_names: Iterable[str] | None = None,
+                      prepare: Callable[[dict], dict] | None = None) -> Provider:
     """A provider that calls a ``mythos_kernels`` dispatching entry point with the Triton backend
     forced. It is available only on CUDA and only once the op really has a kernel: a probe call is
     made and the dispatch record must show ``(op_name, "triton")``. So a kernel landing in
     ``mythos_kernels`` shows up here with no change to the bench.
 
-    ``arg_names`` restricts and orders the inputs passed positionally (default: all, by keyword).
+    ``arg_names`` restricts and orders the inputs passed positionally (default: all, by keyword);
+    ``prepare`` as for :class:`Provider` (the probe call sees the prepared inputs).
     """
     names = tuple(arg_names) if arg_names is not None else None
 
@@ -204,7 +206,7 @@ def dispatch_provider(op_name: str, entry: Callable[..., Any], name: str = "trit
             return f"no Triton kernel for {op_name!r} yet (dispatch served the reference)"
         return None
 
-    return Provider(name, call, available=available, cuda_only=True)
+    return Provider(name, call, prepare=prepare, available=available, cuda_only=True)
 
 
 _COMPILED: dict[int, Callable] = {}
@@ -563,8 +565,8 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
                max_abs_err_vs_reference=err)
     row.update(metrics(nb, flops, med, ceil, dtype))
     row["device_ms"] = device_ms
-    row["device_pct_of_ceiling"] = (metrics(nb, flops, device_ms, ceil, dtype)["pct_of_ceiling"]
-                                    if device_ms else None)
+    row["device_pct_of_ceiling"] = (100.0 * row["floor_ms"] / device_ms
+                                    if device_ms and row["floor_ms"] else None)
     return row
 
 

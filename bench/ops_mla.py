@@ -7,7 +7,6 @@ split, the RoPE key expanded to every head and concatenated); ``triton`` the fus
 (forward and backward). Bytes: ``mla_decompress_bytes`` (latent + rope key read, K and V written);
 FLOPs: the kv_up GEMM. Shapes: the roofline table in ``bench/roofline_mla.md``.
 
-
 ``mla_decode``: one decode token per sequence attends over a cache of S positions and returns the
 per-head output before ``wo`` ([B, 1, H, dv]).
 

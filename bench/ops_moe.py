@@ -221,6 +221,4 @@ SHARED = register(OpBench(
 ))
 SHARED.add(Provider("reference", moe_shared_reference, graph=False))  # bincount().tolist()
 SHARED.add(dispatch_provider("moe_experts", moe_shared_dense, name="dense"))
-_folded = dispatch_provider("moe_experts", mk.moe_experts, name="folded")
-_folded.prepare = _fold_prepare
-SHARED.add(_folded)
+SHARED.add(dispatch_provider("moe_experts", mk.moe_experts, name="folded", prepare=_fold_prepare))

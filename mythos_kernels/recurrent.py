@@ -171,6 +171,7 @@ class HaltCheck:
     """
 
     def __init__(self, device: torch.device | str, lag: int | None = None):
+        # ``device`` stays in the signature for callers; the default lag no longer depends on it
         if lag is None:
             env = os.environ.get("MYTHOS_HALT_LAG", "0").strip() or "0"
             if env not in ("0", "1"):

@@ -31,12 +31,7 @@ import mythos  # noqa: E402
 import mythos.model as mm  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import default_device, device_slug, run_info  # noqa: E402
-from bench.model import CONFIGS  # noqa: E402
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from bench.model import CONFIGS, _sync  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
-"""GPU probe: per-call time vs GPU time vs host time of single calls, and the shared-expert layout.
+"""GPU probe: per-call time vs GPU time vs host time of single kernel calls.
 
 For the recurrent step (plain and fused with the next loop input) and the MLA absorbed decode:
 ``*_bench`` = ``triton.testing.do_bench`` per call (L2 flushed; includes host time the GPU waits
 for), ``*_graph`` = the call replayed from a CUDA graph (GPU time only), ``*_host_us`` = host time
 per call at a tiny shape (GPU work negligible); plus a cProfile of the Python path and the CUDA
-kernels of one MLA decode call. Then routed + shared experts: dense shared SwiGLUs vs folded into
-the grouped GEMM (the ``moe_shared`` bench op does this properly). Writes a JSON of the figures.
+kernels of one MLA decode call. Writes a JSON of the figures. (Its first run also compared dense
+and folded shared experts; the ``moe_shared`` bench op does that now.)
 
     python tools/host_overhead_probe.py OUT.json        (needs a CUDA GPU)
 
@@ -21,11 +21,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mythos_kernels as mk  # noqa: E402
+from bench.harness import time_cuda_graph  # noqa: E402
 from bench.ops_mla import _eager_prepare as mla_prep  # noqa: E402
 from bench.ops_mla import _inputs as mla_inputs  # noqa: E402
 from bench.ops_mla import _shape as mla_shape  # noqa: E402
@@ -38,17 +38,7 @@ R = {}
 
 
 def graph_ms(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(lambda: g.replay(), warmup=25, rep=200)
+    return time_cuda_graph([fn], rep_ms=200)
 
 
 def host_us(fn, n=300):
@@ -158,111 +148,5 @@ with torch.no_grad():
             torch.cuda.synchronize()
         print(f"MLA B={B} S=4096 kernels\n", p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
-# ---------------- shared experts: dense vs folded
-D = Fh = 2048
-k = 4
-E = 64
-ns = 2
-dt = torch.bfloat16
-
-
-def mk_shared():
-    g = [(torch.randn(k * Fh, D, device=dev) * D**-0.5).to(dt) for _ in range(ns)]
-    u = [(torch.randn(k * Fh, D, device=dev) * D**-0.5).to(dt) for _ in range(ns)]
-    d = [(torch.randn(D, k * Fh, device=dev) * (k * Fh) ** -0.5).to(dt) for _ in range(ns)]
-    return g, u, d
-
-
-G, U, Dw = mk_shared()
-w13s = torch.stack(
-    [
-        torch.cat([G[s][j * Fh : (j + 1) * Fh].t(), U[s][j * Fh : (j + 1) * Fh].t()], 1)
-        for s in range(ns)
-        for j in range(k)
-    ]
-).contiguous()
-w2s = torch.stack([Dw[s][:, j * Fh : (j + 1) * Fh].t() for s in range(ns) for j in range(k)]).contiguous()
-W13cat = torch.cat(
-    [torch.cat([G[s] for s in range(ns)]), torch.cat([U[s] for s in range(ns)])]
-).contiguous()  # [2*ns*kF, D]
-Wdcat = torch.cat([Dw[s] for s in range(ns)], 1).contiguous()  # [D, ns*kF]
-w13 = (torch.randn(E, D, 2 * Fh, device=dev) * D**-0.5).to(dt)
-w2 = (torch.randn(E, Fh, D, device=dev) * Fh**-0.5).to(dt)
-w13all = torch.cat([w13, w13s]).contiguous()
-w2all = torch.cat([w2, w2s]).contiguous()
-params = [w13, w2, w13all, w2all, W13cat, Wdcat] + G + U + Dw
-
-
-def dense(x):
-    out = None
-    for s in range(ns):
-        y = F.linear(F.silu(F.linear(x, G[s])) * F.linear(x, U[s]), Dw[s])
-        out = y if out is None else out + y
-    return out
-
-
-def dense_cat(x):
-    h = F.linear(x, W13cat)
-    H = h.shape[1] // 2
-    return F.linear(F.silu(h[:, :H]) * h[:, H:], Wdcat)
-
-
-for N in (1, 16, 64, 512, 4096, 16384):
-    x = torch.randn(N, D, device=dev, dtype=dt)
-    w, idx = mk.moe_route_reference(torch.randn(N, E, device=dev), torch.zeros(E, device=dev), k)
-    w = w.to(dt)
-    ones = torch.ones(N, ns * k, device=dev, dtype=dt)
-    sidx = (E + torch.arange(ns * k, device=dev)).expand(N, -1)
-    wall = torch.cat([w, ones], 1).contiguous()
-    iall = torch.cat([idx, sidx], 1).contiguous()
-
-    def routed_dense():
-        return mk.moe_experts_triton(x, w, idx, w13, w2) + dense(x)
-
-    def routed_densecat():
-        return mk.moe_experts_triton(x, w, idx, w13, w2) + dense_cat(x)
-
-    def folded():
-        return mk.moe_experts_triton(x, wall, iall, w13all, w2all)
-
-    with torch.no_grad():
-        ref = routed_dense().float()
-        errf = (folded().float() - ref).abs().max().item()
-        errc = (routed_densecat().float() - ref).abs().max().item()
-        kw = dict(
-            routed_only=do_bench(lambda: mk.moe_experts_triton(x, w, idx, w13, w2)),
-            dense_only=do_bench(lambda: dense(x)),
-            densecat_only=do_bench(lambda: dense_cat(x)),
-            routed_dense=do_bench(routed_dense),
-            routed_densecat=do_bench(routed_densecat),
-            folded=do_bench(folded),
-            err_folded=errf,
-            err_cat=errc,
-        )
-    if N >= 4096:
-        for p in params:
-            p.requires_grad_(True)
-        xg = x.clone().requires_grad_(True)
-        gy = torch.randn(N, D, device=dev, dtype=dt)
-
-        def rd(xx):
-            return mk.moe_experts_triton(xx, w, idx, w13, w2) + dense(xx)
-
-        def rdc(xx):
-            return mk.moe_experts_triton(xx, w, idx, w13, w2) + dense_cat(xx)
-
-        def fo(xx):
-            return mk.moe_experts_triton(xx, wall, iall, w13all, w2all)
-
-        for name, f in (("routed_dense", rd), ("routed_densecat", rdc), ("folded", fo)):
-
-            def run(f=f):
-                for p in params + [xg]:
-                    p.grad = None
-                f(xg).backward(gy)
-
-            kw[name + "_fb"] = do_bench(run)
-        for p in params:
-            p.requires_grad_(False)
-    line(f"shared N={N}", **kw)
-json.dump(R, open(sys.argv[1] if len(sys.argv) > 1 else "/tmp/probe.json", "w"), indent=1)
+with open(sys.argv[1] if len(sys.argv) > 1 else "host_overhead_probe.json", "w") as f:
+    json.dump(R, f, indent=1)
