@@ -36,6 +36,14 @@ class RMSNorm(nn.Module):
         return K.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state_dict keys) computed by ``K.dense``: on the CPU a
+    product of a few rows without autograd runs on both cores (see ``mythos_kernels.linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.dense(x, self.weight, self.bias)
+
+
 precompute_rope_freqs = K.precompute_rope_freqs
 apply_rope = K.apply_rope
 loop_index_embedding = K.loop_index_embedding
@@ -51,10 +59,10 @@ class GQAttention(nn.Module):
         self.head_dim = cfg.dim // cfg.n_heads
         self.groups = cfg.n_heads // cfg.n_kv_heads
         self.max_seq_len = cfg.max_seq_len
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask=None,
@@ -90,15 +98,15 @@ class MLAttention(nn.Module):
         self.v_dim = cfg.v_head_dim
         self.q_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.max_seq_len = cfg.max_seq_len
-        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_down = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank)
-        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
-        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
-        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.q_up_nope = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
+        self.q_up_rope = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
+        self.kv_down = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_up = nn.Linear(cfg.kv_lora_rank,
+        self.kv_up = Linear(cfg.kv_lora_rank,
                                cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 
     def _static_splits(self, c_kv: torch.Tensor) -> int:
@@ -164,9 +172,9 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, expert_dim: int):
         super().__init__()
-        self.gate = nn.Linear(dim, expert_dim, bias=False)
-        self.up = nn.Linear(dim, expert_dim, bias=False)
-        self.down = nn.Linear(expert_dim, dim, bias=False)
+        self.gate = Linear(dim, expert_dim, bias=False)
+        self.up = Linear(dim, expert_dim, bias=False)
+        self.down = Linear(expert_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -182,7 +190,7 @@ class MoEFFN(nn.Module):
         self.n_shared = cfg.n_shared_experts
         self.topk = cfg.n_experts_per_tok
         self.expert_dim = cfg.expert_dim
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.router = Linear(cfg.dim, cfg.n_experts, bias=False)
         self.register_buffer("router_bias", torch.zeros(cfg.n_experts))
         self.w13 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, 2 * cfg.expert_dim))
         self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.expert_dim, cfg.dim))
@@ -218,7 +226,7 @@ class LoRAAdapter(nn.Module):
 
     def __init__(self, dim: int, rank: int, max_loops: int):
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
+        self.down = Linear(dim, rank, bias=False)
         self.B = nn.Parameter(torch.randn(rank, dim) * 0.02)
         self.scale = nn.Embedding(max_loops, rank)
 
@@ -265,7 +273,7 @@ class ACTHalting(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.halt = nn.Linear(dim, 1)
+        self.halt = Linear(dim, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.halt(h)).squeeze(-1)

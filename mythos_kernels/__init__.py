@@ -14,7 +14,7 @@ from ._dispatch import (
 )
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from .attention import attention, attention_reference, causal_mask
-from .linear import lm_head, lm_head_reference
+from .linear import dense, lm_head, lm_head_reference
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
 from .moe import (
@@ -55,7 +55,8 @@ __all__ = [
     "reset_dispatch_counts", "set_backend", "triton_available", "use_backend",
     "KernelConfig", "register_kernel", "registered_kernels",
     "attention", "attention_reference", "causal_mask",
-    "lm_head", "lm_head_reference", "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
+    "dense", "lm_head", "lm_head_reference",
+    "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",
     "moe_align_triton", "moe_experts_bytes", "moe_experts_flops", "moe_experts_triton",

@@ -1,0 +1,167 @@
+"""The CPU inference paths (no autograd, few rows) against their plain references.
+
+``K.dense`` with at most ``SPLIT_ROWS`` rows multiplies the weight's two row halves in one bmm;
+``moe_experts`` with at most ``FEW_PAIRS`` (token, slot) pairs runs each pair directly, and with
+more runs two padded bmms unless routing is skewed. All are taken only on the CPU without
+autograd; everything else goes to ``F.linear`` / the sorted reference, which the fallback tests
+check too.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mythos_kernels as K
+
+L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+M = importlib.import_module("mythos_kernels.moe")
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 4), (8,)])
+@pytest.mark.parametrize("N,Kd", [(64, 17), (160, 512), (514, 33), (2048, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_split_path_matches_linear(lead, N, Kd, bias):
+    x = _rand(*lead, Kd)
+    w = _rand(N, Kd, scale=0.1)
+    b = _rand(N) if bias else None
+    assert L._split_rows_ok(x, w)          # these shapes take the split path
+    with torch.no_grad():
+        out = K.dense(x, w, b)
+    ref = F.linear(x, w, b)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["rows", "odd_out", "small_out", "noncontig", "bf16", "empty"])
+def test_dense_other_inputs_use_linear(case):
+    x, w = _rand(2, 40), _rand(130, 40, scale=0.1)
+    if case == "rows":
+        x = _rand(L.SPLIT_ROWS + 1, 40)
+    elif case == "odd_out":
+        w = _rand(129, 40)
+    elif case == "small_out":
+        w = _rand(L.SPLIT_MIN_OUT - 2, 40)
+    elif case == "noncontig":
+        w = _rand(40, 130).t()
+    elif case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "empty":
+        x = _rand(0, 40)
+    with torch.no_grad():
+        assert not L._split_rows_ok(x, w)
+        out = K.dense(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=0, atol=0)
+
+
+def test_dense_with_autograd_uses_linear_and_grads():
+    x = _rand(1, 5, 48).requires_grad_()
+    w = _rand(96, 48, scale=0.1).requires_grad_()
+    b = _rand(96).requires_grad_()
+    assert not L._split_rows_ok(x, w)
+    g = torch.randn(1, 5, 96)
+    got = torch.autograd.grad((K.dense(x, w, b) * g).sum(), [x, w, b])
+    want = torch.autograd.grad((F.linear(x, w, b) * g).sum(), [x, w, b])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+
+
+def test_dense_nan_stays_in_its_row():
+    """A NaN in one input row poisons that row's outputs only (the halves are separate bmm
+    batches: nothing is shared across rows)."""
+    x = _rand(3, 64)
+    x[1, 7] = float("nan")
+    with torch.no_grad():
+        out = K.dense(x, _rand(128, 64, scale=0.1))
+    assert out[1].isnan().all() and not out[0].isnan().any() and not out[2].isnan().any()
+
+
+def _route(N, E, k):
+    logits = torch.randn(N, E)
+    return M.moe_route_reference(logits, torch.randn(E) * 0.1, k)
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", [(1, 1, 5, 24, 8), (1, 4, 64, 48, 12), (3, 2, 7, 33, 9),
+                                        (8, 4, 16, 40, 20), (4, 3, 3, 16, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_few_pairs_matches_reference(N, k, E, D, Fh, dtype):
+    x = _rand(N, D, dtype=dtype)
+    w13 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2)
+    w2 = _rand(E, Fh, D, dtype=dtype, scale=0.2)
+    weights, idx = _route(N, E, k)
+    weights = weights.to(dtype)
+    with torch.no_grad():
+        assert M._cpu_inference(x, idx, w13, w2) and idx.numel() <= M.FEW_PAIRS
+        K.reset_dispatch_counts()
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert K.dispatch_counts()[("moe_experts", "reference")] == 1
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_moe_few_pairs_all_tokens_one_expert():
+    """Every token on the same experts (the others empty), idx as int32."""
+    N, k, E, D, Fh = 5, 2, 9, 20, 6
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.tensor([[4, 0]] * N, dtype=torch.int32)
+    weights = torch.rand(N, k)
+    with torch.no_grad():
+        out = M.moe_experts_few_pairs(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx.long(), w13, w2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", [(17, 2, 4, 24, 8), (40, 4, 16, 33, 9), (97, 3, 7, 16, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_padded_matches_reference(N, k, E, D, Fh, dtype):
+    x = _rand(N, D, dtype=dtype)
+    w13 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2)
+    w2 = _rand(E, Fh, D, dtype=dtype, scale=0.2)
+    # balanced routing in a random order (counts differ by at most one): padding stays small
+    idx = (torch.arange(N * k) % E)[torch.randperm(N * k)].view(N, k)
+    weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
+    with torch.no_grad():
+        assert M._cpu_inference(x, idx, w13, w2) and idx.numel() > M.FEW_PAIRS
+        out = M.moe_experts_padded(x, weights, idx, w13, w2)
+        assert out is not None                       # uniform-ish routing: little padding
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+        assert torch.equal(K.moe_experts(x, weights, idx, w13, w2), out)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_moe_padded_declines_skewed_routing():
+    """Every token on experts 0 and 1 of 64: padding all experts to that count would be 32x the
+    real rows, so the padded path declines (returns None) and moe_experts runs the sorted
+    reference, with the same result."""
+    N, k, E, D, Fh = 40, 2, 64, 16, 4
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.tensor([[1, 0]] * N)
+    weights = torch.rand(N, k)
+    with torch.no_grad():
+        assert M.moe_experts_padded(x, weights, idx, w13, w2) is None
+        out = K.moe_experts(x, weights, idx, w13, w2)
+    torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
+                               rtol=0, atol=0)
+
+
+def test_moe_autograd_takes_the_sorted_reference():
+    N, k, E, D, Fh = 3, 2, 6, 16, 4
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    weights, idx = _route(N, E, k)
+    x1 = x.clone().requires_grad_()
+    assert not M._cpu_inference(x1, idx, w13, w2)
+    (gx,) = torch.autograd.grad(K.moe_experts(x1, weights, idx, w13, w2).sum(), [x1])
+    x2 = x.clone().requires_grad_()
+    (rx,) = torch.autograd.grad(M.moe_experts_reference(x2, weights, idx, w13, w2).sum(), [x2])
+    torch.testing.assert_close(gx, rx)
