@@ -216,7 +216,14 @@ class MoEFFN(nn.Module):
         weights, idx = K.moe_route(logits, self.router_bias, self.topk)       # [N, k] each
         self._last_idx = idx.detach()
         out = K.moe_experts(flat, weights, idx, self.w13, self.w2)
-        for shared in self.shared_experts:
+        if not self.n_shared:
+            return out.view(B, T, D)
+        se = self.shared_experts
+        gates, ups, downs = ([e.gate.weight for e in se], [e.up.weight for e in se],
+                             [e.down.weight for e in se])
+        if K.packable(flat, *gates, *ups, *downs):   # CPU inference: two packed products
+            return (out + K.shared_swiglu_packed(flat, gates, ups, downs)).view(B, T, D)
+        for shared in se:
             out = out + shared(flat)
         return out.view(B, T, D)
 

@@ -36,20 +36,32 @@ VOCAB_BLOCK = 4096
 DECODE_ROWS = 64
 SPLIT_ROWS = 8       # at most this many rows: the split (two-core) matrix-vector product
 SPLIT_MIN_OUT = 64   # smaller weights: the bmm's own overhead outweighs the second core
-_TRANSPOSED: dict[int, tuple[int, int, torch.Tensor]] = {}
+_DERIVED: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+
+
+def derived(tag: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
+    """``build(*sources)`` (detached), cached per (tag, source tensors) and remade whenever a
+    source changes (its version counter, storage, shape or dtype). The entry is dropped with the
+    first source. Sources must not be inference tensors (they have no version counter)."""
+    key = (tag,) + tuple(id(t) for t in sources)
+    stamp = tuple(_stamp(t) for t in sources)
+    ent = _DERIVED.get(key)
+    if ent is None or ent[0] != stamp:
+        if ent is None:
+            weakref.finalize(sources[0], _DERIVED.pop, key, None)
+        with torch.no_grad():
+            ent = (stamp, build(*(t.detach() for t in sources)))
+        _DERIVED[key] = ent
+    return ent[1]
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:
-    """A contiguous [D, V] copy of ``weight``, cached per tensor until it changes."""
-    key = id(weight)
-    ent = _TRANSPOSED.get(key)
-    ver, ptr = weight._version, weight.data_ptr()
-    if ent is None or ent[0] != ver or ent[1] != ptr or ent[2].shape != weight.shape[::-1]:
-        if ent is None:
-            weakref.finalize(weight, _TRANSPOSED.pop, key, None)
-        ent = (ver, ptr, weight.detach().t().contiguous())
-        _TRANSPOSED[key] = ent
-    return ent[2]
+    """A contiguous [D, V] copy of ``weight``, cached until it changes."""
+    return derived("transposed", (weight,), lambda w: w.t().contiguous())
 
 
 def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -101,3 +113,42 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], N)
+
+
+def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, no
+    autograd, not tracing, and no inference tensors (they carry no version counter)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)
+            and not (torch.is_grad_enabled()
+                     and (x.requires_grad or any(w.requires_grad for w in weights)))
+            and not torch.compiler.is_compiling())
+
+
+def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[torch.Tensor],
+                         downs: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_s down_s(silu(gate_s(x)) * up_s(x))`` (the MoE's always-on shared experts, CPU
+    inference; see :func:`packable`) as two products over packed copies of the weights,
+    ``[gate_0; up_0; gate_1; up_1; ...]`` [2SH, D] and ``[down_0 | down_1 | ...]`` [D, SH],
+    cached and remade when any weight changes (one more copy of the shared-expert weights).
+    Two products instead of 3S: measured on the 2-core machine (mid config, interleaved A/B), a
+    decode step 1.1-1.5 ms faster (of ~23 ms) and a 512-token forward ~10 ms (of ~450 ms). The
+    experts' sum is taken inside the down product, so it rounds differently from adding each
+    expert's output in turn.
+
+    x: [..., D]; gates/ups: S weights [H, D]; downs: S weights [D, H] -> [..., D].
+    """
+    S = len(gates)
+    if not (S == len(ups) == len(downs) > 0):
+        raise ValueError(f"shared_swiglu_packed: {len(gates)} gates, {len(ups)} ups, "
+                         f"{len(downs)} downs")
+    H, D = gates[0].shape
+    if any(w.shape != (H, D) for w in gates + ups) or any(w.shape != (D, H) for w in downs):
+        raise ValueError("shared_swiglu_packed: every gate/up must be [H, D] and every down [D, H]")
+    w_gu = derived("shared_gu", tuple(gates) + tuple(ups),
+                   lambda *w: torch.cat([t for i in range(S) for t in (w[i], w[S + i])]))
+    w_d = derived("shared_down", tuple(downs), lambda *w: torch.cat(w, dim=1))
+    lead = x.shape[:-1]
+    gu = dense(x.reshape(-1, D), w_gu).view(-1, S, 2, H)
+    a = (F.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(-1, S * H)
+    return dense(a, w_d).view(*lead, D)

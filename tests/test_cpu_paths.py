@@ -165,3 +165,67 @@ def test_moe_autograd_takes_the_sorted_reference():
     x2 = x.clone().requires_grad_()
     (rx,) = torch.autograd.grad(M.moe_experts_reference(x2, weights, idx, w13, w2).sum(), [x2])
     torch.testing.assert_close(gx, rx)
+
+
+def _shared_ref(x, gates, ups, downs):
+    out = 0
+    for g, u, d in zip(gates, ups, downs):
+        out = out + F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+    return out
+
+
+@pytest.mark.parametrize("S,H,D", [(1, 12, 10), (2, 64, 48), (3, 33, 17)])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 3), (40,)])
+def test_shared_swiglu_packed_matches_experts(S, H, D, lead):
+    gates = [_rand(H, D, scale=0.2) for _ in range(S)]
+    ups = [_rand(H, D, scale=0.2) for _ in range(S)]
+    downs = [_rand(D, H, scale=0.2) for _ in range(S)]
+    x = _rand(*lead, D)
+    with torch.no_grad():
+        assert K.packable(x, *gates, *ups, *downs)
+        out = K.shared_swiglu_packed(x, gates, ups, downs)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _shared_ref(x, gates, ups, downs), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_swiglu_packed_follows_weight_changes():
+    """The packed copies are remade when a weight changes in place (optimizer step, load) or is
+    replaced; a stale pack would give the old experts' output."""
+    S, H, D = 2, 16, 8
+    lin = [torch.nn.Linear(D, H, bias=False) for _ in range(2 * S)]
+    downs = [torch.nn.Linear(H, D, bias=False) for _ in range(S)]
+    gates, ups = [m.weight for m in lin[:S]], [m.weight for m in lin[S:]]
+    dws = [m.weight for m in downs]
+    x = _rand(1, D)
+    with torch.no_grad():
+        first = K.shared_swiglu_packed(x, gates, ups, dws)
+        ups[1].mul_(-2.0)                                     # in place: version counter moves
+        dws[0].add_(0.5)
+        second = K.shared_swiglu_packed(x, gates, ups, dws)
+        torch.testing.assert_close(second, _shared_ref(x, gates, ups, dws), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(first, second)
+        gates = [g.clone() for g in gates]                    # new tensors: new cache entries
+        gates[0].zero_()
+        third = K.shared_swiglu_packed(x, gates, ups, dws)
+        torch.testing.assert_close(third, _shared_ref(x, gates, ups, dws), rtol=1e-5, atol=1e-6)
+
+
+def test_packable_declines():
+    w = _rand(8, 4)
+    x = _rand(1, 4)
+    assert K.packable(x, w)                                      # grad mode on, nothing needs it
+    assert not K.packable(x, w.requires_grad_())                 # autograd
+    with torch.no_grad():
+        assert K.packable(x, w)
+        assert not K.packable(x.bfloat16(), w.bfloat16())        # fp32 only
+        with torch.inference_mode():
+            wi = _rand(8, 4)
+        assert not K.packable(x, wi)                             # no version counter
+
+
+def test_shared_swiglu_packed_bad_inputs():
+    g, u, d = _rand(6, 4), _rand(6, 4), _rand(4, 6)
+    with pytest.raises(ValueError, match="gates"):
+        K.shared_swiglu_packed(_rand(1, 4), [g], [u, u], [d])
+    with pytest.raises(ValueError, match="every gate/up"):
+        K.shared_swiglu_packed(_rand(1, 4), [g], [_rand(5, 4)], [d])
