@@ -115,6 +115,22 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return y.view(*x.shape[:-1], N)
 
 
+def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` for x [M, K] and a weight stored as [K, N] (the routed experts' layout). With at
+    most ``SPLIT_ROWS`` rows on the CPU without autograd, the two halves of K run as one bmm (a
+    contiguous half of w per core) and the two partial products are added: on the 2-core
+    machine, 512 x 256 and 128 x 512 expert weights from memory 67 -> 40-48 us and 26 -> 20 us
+    per product. The split sum rounds differently from ``x @ w`` in the last bits."""
+    M, Kd = x.shape
+    if (x.device.type != "cpu" or Kd % 2 or not 0 < M <= SPLIT_ROWS or not w.is_contiguous()
+            or x.dtype != w.dtype or x.dtype != torch.float32
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or torch.compiler.is_compiling()):
+        return x @ w
+    halves = x.reshape(M, 2, Kd // 2).transpose(0, 1)                     # [2, M, K/2]
+    return torch.bmm(halves, w.view(2, Kd // 2, w.shape[1])).sum(0)
+
+
 def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, no
     autograd, not tracing, and no inference tensors (they carry no version counter)."""

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import choose, interpreter_active
+from .linear import vecmat
 
 
 def moe_route_reference(logits: torch.Tensor, router_bias: torch.Tensor, topk: int
@@ -122,8 +123,8 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
         rows = []
         for n in range(N):
             e = ids[n][j]
-            hg = x[n:n + 1] @ w13[e]                                           # [1, 2F]
-            rows.append((F.silu(hg[:, :Fh]) * hg[:, Fh:]) @ w2[e])            # [1, D]
+            hg = vecmat(x[n:n + 1], w13[e])                                     # [1, 2F]
+            rows.append(vecmat(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e]))        # [1, D]
         y = (torch.cat(rows) if N > 1 else rows[0]) * wts[:, j:j + 1]
         out = y if out is None else out + y
     return out

@@ -73,6 +73,32 @@ def test_dense_with_autograd_uses_linear_and_grads():
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("M,Kd,N", [(1, 512, 256), (1, 2, 3), (3, 128, 70), (8, 34, 9)])
+def test_vecmat_split_k_matches_matmul(M, Kd, N):
+    x, w = _rand(M, Kd), _rand(Kd, N, scale=0.1)
+    with torch.no_grad():
+        out = L.vecmat(x, w)
+    torch.testing.assert_close(out, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["odd_k", "rows", "noncontig", "grad"])
+def test_vecmat_other_inputs_use_matmul(case):
+    x, w = _rand(2, 40), _rand(40, 24)
+    if case == "odd_k":
+        x, w = _rand(2, 41), _rand(41, 24)
+    elif case == "rows":
+        x = _rand(L.SPLIT_ROWS + 1, 40)
+    elif case == "noncontig":
+        w = _rand(24, 40).t()
+    elif case == "grad":
+        w.requires_grad_()
+    out = L.vecmat(x, w)
+    torch.testing.assert_close(out, x @ w, rtol=0, atol=0)
+    if case == "grad":
+        (g,) = torch.autograd.grad(out.sum(), [w])
+        torch.testing.assert_close(g, x.t() @ torch.ones(x.shape[0], 24))
+
+
 def test_dense_nan_stays_in_its_row():
     """A NaN in one input row poisons that row's outputs only (the halves are separate bmm
     batches: nothing is shared across rows)."""
