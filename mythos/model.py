@@ -168,7 +168,8 @@ class MLAttention(nn.Module):
 
 
 class Expert(nn.Module):
-    """SwiGLU FFN: ``down(silu(gate(x)) * up(x))`` (dense prelude/coda FFN and shared experts)."""
+    """SwiGLU FFN: ``down(silu(gate(x)) * up(x))`` (dense prelude/coda FFN and shared experts).
+    CPU inference multiplies gate|up as one product over a cached packed copy."""
 
     def __init__(self, dim: int, expert_dim: int):
         super().__init__()
@@ -177,6 +178,9 @@ class Expert(nn.Module):
         self.down = Linear(expert_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if K.packable(x, self.gate.weight, self.up.weight, self.down.weight):  # CPU inference
+            return K.shared_swiglu_packed(x, [self.gate.weight], [self.up.weight],
+                                          [self.down.weight])
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
