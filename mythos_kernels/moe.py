@@ -12,13 +12,10 @@ Routed experts, with weights stacked ``w13 = [E, D, 2F]`` (gate | up) and ``w2 =
 
 The reference dispatches by sorting the (token, slot) pairs by expert, so each expert runs one
 matmul over its contiguous segment (one host sync for the segment sizes, not one per pair).
-CPU inference (no autograd) has two faster plain-torch forms of it, tested against it:
-:func:`moe_experts_few_pairs` for decode (each pair multiplied directly, no sort or scatter) and
-:func:`moe_experts_padded` for large balanced batches (two bmms over a zero-padded [E, cap, D]
-slab; declines when routing is skewed). Measured on the 2-core machine: a mid-config decode step
-1.4 ms faster with the few-pairs form; one 512-token MoE call 14.4 -> 9.1 ms with the padded
-form under evenly balanced routing (tools/cpu_linear_probe.py). Random-init models route most
-tokens to a few experts, so there the padded form declines and the reference runs.
+CPU inference (no autograd) runs :func:`moe_experts_cpu`, three faster plain-torch forms of it,
+each tested against it: per pair for decode, two padded bmms for balanced routing, and the sorted
+segments without the pair-order copies for skewed routing (random-init models send most tokens to
+a few experts).
 
 The Triton path (kernels in :mod:`mythos_kernels.moe_kernels`): a fused router kernel, a
 deterministic sync-free align (pairs stably sorted by expert, segments padded to the GEMM tile),
@@ -130,32 +127,50 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     return out
 
 
-PAD_WASTE = 1.5  # the padded path computes at most this many times the real pair rows
+PAD_WASTE = 1.5  # the padded form computes at most this many times the real pair rows
+
+
+def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_experts_reference` for CPU inference (no autograd), in the fastest of three
+    plain-torch forms (timings: the 2-core machine, mid config, one MoE call):
+
+    - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs`;
+    - balanced routing (padding every expert to the largest count costs at most ``PAD_WASTE``
+      times the real rows): :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
+      13.2-13.4 ms -> 8.8-10.1 ms);
+    - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
+      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms).
+
+    One host read (the expert counts), as in the reference."""
+    if idx.numel() <= FEW_PAIRS:
+        return moe_experts_few_pairs(x, weights, idx, w13, w2)
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=w13.shape[0])
+    order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
+    cap = int(counts.max())
+    if w13.shape[0] * cap <= PAD_WASTE * flat.numel():
+        return moe_experts_padded(x, weights, idx, w13, w2, counts, order, cap)
+    return moe_experts_sorted(x, weights, idx, w13, w2, counts.tolist(), order)
 
 
 def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
-    """:func:`moe_experts_reference` as two batched GEMMs (CPU inference, many pairs).
-
-    Each expert's rows go to a zero-padded slab [E, cap, D] (cap: the largest expert's row
-    count), so gate|up and down are one ``bmm`` each over all experts (MKL runs the experts of a
-    bmm one per core; 64 per-expert products of ~32 rows run at about half the rate), and each
-    pair reads its result straight back from its slot. Returns None, computing nothing, when the
-    padding would exceed ``PAD_WASTE`` times the real rows (skewed routing): the caller then runs
-    the sorted reference. One host read (the counts), as in the reference."""
+                       w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
+                       order: torch.Tensor, cap: int) -> torch.Tensor:
+    """Two batched GEMMs over a zero-padded slab [E, cap, D] holding each expert's rows (cap >=
+    the largest count; ``counts`` [E] and ``order``, the pairs stably sorted by expert, as
+    :func:`moe_experts_cpu` computes them). MKL runs a bmm's experts one per core, where 64
+    per-expert products of ~32 rows run at about half the rate; each pair reads its result back
+    from its slot and the slots are summed in slot order, as in the reference."""
     N, k = idx.shape
     E, D, Fh = w13.shape[0], x.shape[1], w2.shape[1]
     flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=E)
-    cap = int(counts.max())
-    if E * cap > PAD_WASTE * flat.numel():
-        return None
-    order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
     e_sorted = flat[order]
-    rank = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+    first = torch.cumsum(counts, 0) - counts                             # each expert's first pair
+    rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
     slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
     slab = x.new_zeros(E * cap, D)
-    for j, s in enumerate(slot.view(N, k).unbind(1)):
+    for s in slot.view(N, k).unbind(1):
         slab.index_copy_(0, s, x)
     hg = torch.bmm(slab.view(E, cap, D), w13)                            # [E, cap, 2F]
     y = torch.bmm(F.silu(hg[..., :Fh]) * hg[..., Fh:], w2)              # [E, cap, D]
@@ -164,6 +179,28 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     for j in range(1, k):
         out = out + y[:, j]
     return out
+
+
+def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                       w13: torch.Tensor, w2: torch.Tensor, counts: list[int],
+                       order: torch.Tensor) -> torch.Tensor:
+    """The reference's sorted segments, without its copies back to pair order: each expert's
+    down product is written in place into one buffer, scaled by its pairs' routing weights,
+    and added to the pairs' tokens with ``index_add_`` (each token's slots are then summed in
+    expert order, not slot order: the last bits may differ from the reference)."""
+    k = idx.shape[1]
+    Fh = w2.shape[1]
+    tok = order // k                                                     # token of each sorted pair
+    xs = x.index_select(0, tok)
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            hg = xs[start:start + c] @ w13[e]                                   # [c, 2F]
+            torch.mm(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e], out=ys[start:start + c])
+            start += c
+    ys.mul_(weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1))
+    return torch.zeros_like(x).index_add_(0, tok, ys)
 
 
 # ============================================================================================
@@ -565,11 +602,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: 
             return torch.ops.mythos.moe_experts(x, weights, idx, w13, w2)
         return moe_experts_triton(x, weights, idx, w13, w2)
     if _cpu_inference(x, idx, w13, w2):
-        if idx.numel() <= FEW_PAIRS:
-            return moe_experts_few_pairs(x, weights, idx, w13, w2)
-        out = moe_experts_padded(x, weights, idx, w13, w2)
-        if out is not None:
-            return out
+        return moe_experts_cpu(x, weights, idx, w13, w2)
     return moe_experts_reference(x, weights, idx, w13, w2)
 
 

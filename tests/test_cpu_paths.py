@@ -1,10 +1,10 @@
 """The CPU inference paths (no autograd, few rows) against their plain references.
 
 ``K.dense`` with at most ``SPLIT_ROWS`` rows multiplies the weight's two row halves in one bmm;
-``moe_experts`` with at most ``FEW_PAIRS`` (token, slot) pairs runs each pair directly, and with
-more runs two padded bmms unless routing is skewed. All are taken only on the CPU without
-autograd; everything else goes to ``F.linear`` / the sorted reference, which the fallback tests
-check too.
+``moe_experts`` runs ``moe_experts_cpu``: each pair directly for at most ``FEW_PAIRS`` (token,
+slot) pairs, two padded bmms for balanced routing, sorted segments without pair-order copies for
+skewed routing. All are taken only on the CPU without autograd; everything else goes to
+``F.linear`` / the sorted reference, which the fallback tests check too.
 """
 
 from __future__ import annotations
@@ -146,39 +146,59 @@ def test_moe_few_pairs_all_tokens_one_expert():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def _spy(monkeypatch, name):
+    """Record calls of moe.<name> (still running it)."""
+    calls = []
+    real = getattr(M, name)
+
+    def wrapped(*a, **k):
+        calls.append(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, name, wrapped)
+    return calls
+
+
 @pytest.mark.parametrize("N,k,E,D,Fh", [(17, 2, 4, 24, 8), (40, 4, 16, 33, 9), (97, 3, 7, 16, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_padded_matches_reference(N, k, E, D, Fh, dtype):
+def test_moe_balanced_routing_takes_padded_form(monkeypatch, N, k, E, D, Fh, dtype):
     x = _rand(N, D, dtype=dtype)
     w13 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2)
     w2 = _rand(E, Fh, D, dtype=dtype, scale=0.2)
     # balanced routing in a random order (counts differ by at most one): padding stays small
     idx = (torch.arange(N * k) % E)[torch.randperm(N * k)].view(N, k)
     weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
+    padded, sorted_ = _spy(monkeypatch, "moe_experts_padded"), _spy(monkeypatch, "moe_experts_sorted")
     with torch.no_grad():
         assert M._cpu_inference(x, idx, w13, w2) and idx.numel() > M.FEW_PAIRS
-        out = M.moe_experts_padded(x, weights, idx, w13, w2)
-        assert out is not None                       # uniform-ish routing: little padding
+        out = K.moe_experts(x, weights, idx, w13, w2)
         ref = M.moe_experts_reference(x, weights, idx, w13, w2)
-        assert torch.equal(K.moe_experts(x, weights, idx, w13, w2), out)
+    assert padded and not sorted_
     assert out.shape == ref.shape and out.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, ref, **tol)
 
 
-def test_moe_padded_declines_skewed_routing():
-    """Every token on experts 0 and 1 of 64: padding all experts to that count would be 32x the
-    real rows, so the padded path declines (returns None) and moe_experts runs the sorted
-    reference, with the same result."""
-    N, k, E, D, Fh = 40, 2, 64, 16, 4
-    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
-    idx = torch.tensor([[1, 0]] * N)
-    weights = torch.rand(N, k)
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_skewed_routing_takes_sorted_form(monkeypatch, idx_dtype, dtype):
+    """Most tokens on two experts of 64, many experts empty: padding every expert to the largest
+    count would be ~30x the real rows, so the sorted form runs."""
+    N, k, E, D, Fh = 41, 3, 64, 24, 10
+    x = _rand(N, D, dtype=dtype)
+    w13 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2)
+    w2 = _rand(E, Fh, D, dtype=dtype, scale=0.2)
+    idx = torch.stack([torch.ones(N, dtype=torch.long), torch.zeros(N, dtype=torch.long),
+                       torch.randint(2, E, (N,))], 1)
+    idx = idx[:, torch.randperm(k)].to(idx_dtype)
+    weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
+    padded, sorted_ = _spy(monkeypatch, "moe_experts_padded"), _spy(monkeypatch, "moe_experts_sorted")
     with torch.no_grad():
-        assert M.moe_experts_padded(x, weights, idx, w13, w2) is None
         out = K.moe_experts(x, weights, idx, w13, w2)
-    torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
-                               rtol=0, atol=0)
+        ref = M.moe_experts_reference(x, weights, idx.long(), w13, w2)
+    assert sorted_ and not padded
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
 
 
 def test_moe_autograd_takes_the_sorted_reference():

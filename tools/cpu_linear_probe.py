@@ -1,10 +1,10 @@
 """CPU probe behind ``mythos_kernels.linear.dense``: F.linear against the split matrix-vector
-product (the weight's two row halves in one bmm) for few rows, with weights not in cache.
+product (the weight's two row halves in one bmm) for few rows, with weights not in cache; and the
+MoE's CPU inference forms against the sorted reference.
 
 Each timing cycles through enough distinct weights (about 150 MB) that every product reads its
 weight from memory, as a decode step does; the variants alternate and the best of three rounds is
-kept. Also times the MoE CPU paths for one MoE call (sorted reference vs padded bmm, balanced
-routing, 512 tokens). Appends one JSON row to bench/results/cpu/linear_probe.jsonl.
+kept. Appends one JSON row to bench/results/cpu/linear_probe.jsonl.
 
     python tools/cpu_linear_probe.py
 """
@@ -54,24 +54,32 @@ def probe_linear(N: int, K: int, M: int) -> dict:
             "split_GBps": round(N * K * 4 / split / 1e3, 1)}
 
 
-def probe_moe(reps: int = 9) -> dict:
+def probe_moe(reps: int = 9) -> list[dict]:
+    """One MoE call of 512 tokens, top-4 of 64 experts: the sorted reference against
+    ``moe_experts_cpu`` under balanced routing (its padded form) and skewed routing (its sorted
+    form: three quarters of the pairs on four experts, as in a random-init model)."""
     M = importlib.import_module("mythos_kernels.moe")
     N, k, E, D, Fh = 512, 4, 64, 512, 128
     x = torch.randn(N, D)
     w13, w2 = torch.randn(E, D, 2 * Fh) * 0.02, torch.randn(E, Fh, D) * 0.02
-    idx = (torch.arange(N * k) % E)[torch.randperm(N * k)].view(N, k)   # balanced routing
     weights = torch.softmax(torch.randn(N, k), -1)
-    ts = {"sorted_reference_ms": [], "padded_bmm_ms": []}
-    with torch.no_grad():
-        for _ in range(reps):
-            for name, fn in (("sorted_reference_ms", M.moe_experts_reference),
-                             ("padded_bmm_ms", M.moe_experts_padded)):
-                t0 = time.perf_counter()
-                fn(x, weights, idx, w13, w2)
-                ts[name].append(time.perf_counter() - t0)
-    out = {k_: round(statistics.median(v) * 1e3, 2) for k_, v in ts.items()}
-    out.update(N=N, k=k, E=E, D=D, F=Fh)
-    return out
+    balanced = (torch.arange(N * k) % E)[torch.randperm(N * k)].view(N, k)
+    skewed = torch.where(torch.rand(N, k) < 0.75, torch.arange(k).expand(N, k),
+                         torch.randint(k, E, (N, k)))
+    rows = []
+    for routing, idx in (("balanced", balanced), ("skewed", skewed)):
+        ts = {"reference_ms": [], "cpu_ms": []}
+        with torch.no_grad():
+            for _ in range(reps):
+                for name, fn in (("reference_ms", M.moe_experts_reference),
+                                 ("cpu_ms", M.moe_experts_cpu)):
+                    t0 = time.perf_counter()
+                    fn(x, weights, idx, w13, w2)
+                    ts[name].append(time.perf_counter() - t0)
+        r = {k_: round(statistics.median(v) * 1e3, 2) for k_, v in ts.items()}
+        r.update(routing=routing, N=N, k=k, E=E, D=D, F=Fh)
+        rows.append(r)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -89,8 +97,9 @@ def main(argv=None) -> int:
                   f"({r['linear_GBps']:5.1f} GB/s)  split {r['split_us']:7.1f} us "
                   f"({r['split_GBps']:5.1f} GB/s)  {r['speedup']:.2f}x", flush=True)
     moe = probe_moe()
-    print(f"MoE call, 512 tokens top-4 of 64 (balanced): sorted reference "
-          f"{moe['sorted_reference_ms']} ms, padded bmm {moe['padded_bmm_ms']} ms")
+    for r in moe:
+        print(f"MoE call, 512 tokens top-4 of 64, {r['routing']} routing: sorted reference "
+              f"{r['reference_ms']} ms, moe_experts_cpu {r['cpu_ms']} ms")
     rec = {"linear": rows, "moe": moe}
     rec.update(run_info(torch.device("cpu")))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
