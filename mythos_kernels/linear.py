@@ -47,14 +47,16 @@ def _stamp(t: torch.Tensor) -> tuple:
 
 def derived(tag: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
     """``build(*sources)`` (detached), cached per (tag, source tensors) and remade whenever a
-    source changes (its version counter, storage, shape or dtype). The entry is dropped with the
-    first source. Sources must not be inference tensors (they have no version counter)."""
+    source changes (its version counter, storage, shape or dtype). The entry is dropped as soon
+    as any source is freed (so a new tensor that reuses a freed one's id never finds it). Sources
+    must not be inference tensors (they have no version counter)."""
     key = (tag,) + tuple(id(t) for t in sources)
     stamp = tuple(_stamp(t) for t in sources)
     ent = _DERIVED.get(key)
     if ent is None or ent[0] != stamp:
         if ent is None:
-            weakref.finalize(sources[0], _DERIVED.pop, key, None)
+            for t in sources:
+                weakref.finalize(t, _DERIVED.pop, key, None)
         with torch.no_grad():
             ent = (stamp, build(*(t.detach() for t in sources)))
         _DERIVED[key] = ent

@@ -275,3 +275,14 @@ def test_shared_swiglu_packed_bad_inputs():
         K.shared_swiglu_packed(_rand(1, 4), [g], [u, u], [d])
     with pytest.raises(ValueError, match="every gate/up"):
         K.shared_swiglu_packed(_rand(1, 4), [g], [_rand(5, 4)], [d])
+
+
+def test_derived_entry_dropped_when_any_source_is_freed():
+    a, b = _rand(4, 3), _rand(4, 3)
+    key = ("cat_test", id(a), id(b))
+    L.derived("cat_test", (a, b), lambda x, y: torch.cat([x, y]))
+    assert key in L._DERIVED
+    del b                                    # the second source: its id may be reused
+    import gc
+    gc.collect()
+    assert key not in L._DERIVED
