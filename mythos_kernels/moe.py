@@ -98,7 +98,7 @@ FEW_PAIRS = 32  # CPU, no autograd, at most this many (token, slot) pairs: the p
 
 def _cpu_inference(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
                    ) -> bool:
-    """CPU, no autograd, not tracing: the few-pairs / padded paths may serve the reference."""
+    """CPU, no autograd, not tracing: :func:`moe_experts_cpu` serves the reference backend."""
     return (x.device.type == "cpu" and idx.numel() > 0
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or w13.requires_grad or w2.requires_grad))
