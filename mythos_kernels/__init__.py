@@ -14,7 +14,15 @@ from ._dispatch import (
 )
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from .attention import attention, attention_reference, causal_mask
-from .linear import dense, lm_head, lm_head_reference, packable, shared_swiglu_packed
+from .linear import (
+                        clear_weight_copies,
+                        dense,
+                        lm_head,
+                        lm_head_reference,
+                        packable,
+                        shared_swiglu_packed,
+                        weight_copies_enabled,
+)
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
 from .moe import (
@@ -55,7 +63,8 @@ __all__ = [
     "reset_dispatch_counts", "set_backend", "triton_available", "use_backend",
     "KernelConfig", "register_kernel", "registered_kernels",
     "attention", "attention_reference", "causal_mask",
-    "dense", "lm_head", "lm_head_reference", "packable", "shared_swiglu_packed",
+    "clear_weight_copies", "dense", "lm_head", "lm_head_reference", "packable",
+    "shared_swiglu_packed", "weight_copies_enabled",
     "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",

@@ -27,6 +27,7 @@ different order, so logits may differ from ``F.linear`` in the last bits.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -39,6 +40,18 @@ DECODE_ROWS = 64
 SPLIT_ROWS = 8       # at most this many rows: the split (two-core) matrix-vector product
 SPLIT_MIN_OUT = 64   # smaller weights: the bmm's own overhead outweighs the second core
 _DERIVED: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+
+
+def weight_copies_enabled() -> bool:
+    """Whether CPU inference may keep derived copies of weights (the head's transposed copy, the
+    packed shared-expert and FFN weights): ``$MYTHOS_CPU_WEIGHT_COPIES``, default 1. Set it to 0
+    to trade their speed for memory (up to one more copy of those weights)."""
+    return os.environ.get("MYTHOS_CPU_WEIGHT_COPIES", "1") != "0"
+
+
+def clear_weight_copies() -> None:
+    """Free every cached derived weight now; each is remade on its next use (if enabled)."""
+    _DERIVED.clear()
 
 
 def _stamp(t: torch.Tensor) -> tuple:
@@ -78,6 +91,8 @@ def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.numel() <= DECODE_ROWS * x.shape[-1]:
         if x.dtype != weight.dtype or weight.is_inference():   # inference tensors: no version
             return F.linear(x, weight)
+        if not weight_copies_enabled():
+            return dense(x, weight)
         x2 = x.reshape(-1, x.shape[-1])
         return vecmat(x2, _transposed(weight)).view(*x.shape[:-1], V)
     x2 = x.reshape(-1, x.shape[-1])
@@ -139,7 +154,7 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, no
     autograd, not tracing, and no inference tensors (they carry no version counter)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight_copies_enabled()
             and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or any(w.requires_grad for w in weights)))

@@ -286,3 +286,54 @@ def test_derived_entry_dropped_when_any_source_is_freed():
     import gc
     gc.collect()
     assert key not in L._DERIVED
+
+
+def test_weight_copies_switch(monkeypatch):
+    """MYTHOS_CPU_WEIGHT_COPIES=0: no packed or transposed copies are made (the decode head
+    uses the no-copy split product), with the same results; clear_weight_copies frees them."""
+    D, H, V = 16, 24, 4096 + 130
+    gates, ups, downs = [_rand(H, D, scale=0.2)], [_rand(H, D, scale=0.2)], [_rand(D, H, scale=0.2)]
+    head = _rand(V, D, scale=0.2)
+    x = _rand(1, 1, D)
+    with torch.no_grad():
+        K.clear_weight_copies()
+        want = F.linear(x, head)
+        torch.testing.assert_close(K.lm_head(x, head), want, rtol=1e-5, atol=1e-5)
+        assert K.packable(x, *gates)
+        n_with = len(L._DERIVED)
+        assert n_with >= 1                                   # the head's transposed copy
+        K.clear_weight_copies()
+        assert len(L._DERIVED) == 0
+        monkeypatch.setenv("MYTHOS_CPU_WEIGHT_COPIES", "0")
+        assert not K.weight_copies_enabled() and not K.packable(x, *gates)
+        torch.testing.assert_close(K.lm_head(x, head), want, rtol=1e-5, atol=1e-5)
+        assert len(L._DERIVED) == 0                          # nothing cached
+
+
+def test_model_without_weight_copies_matches(monkeypatch):
+    """A small MLA model's prefill + cached decode logits are the same with and without the
+    CPU weight copies, and with them switched off none is made."""
+    import mythos
+    cfg = mythos.MythosConfig(vocab_size=5000, dim=64, n_heads=4, attn_type="mla", kv_lora_rank=16,
+                              q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                              v_head_dim=16, n_experts=8, n_experts_per_tok=2, expert_dim=16,
+                              n_shared_experts=2, prelude_layers=1, coda_layers=1,
+                              max_loop_iters=3, act_threshold=100.0, max_seq_len=32)
+    model = mythos.OpenMythos(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+
+    def run():
+        cache = {}
+        with torch.no_grad():
+            first = model(ids[:, :6], kv_cache=cache)
+            last = model(ids[:, 6:], kv_cache=cache, start_pos=6)
+        return torch.cat([first, last], 1)
+
+    K.clear_weight_copies()
+    with_copies = run()
+    assert len(L._DERIVED) > 0
+    K.clear_weight_copies()
+    monkeypatch.setenv("MYTHOS_CPU_WEIGHT_COPIES", "0")
+    without = run()
+    assert len(L._DERIVED) == 0
+    torch.testing.assert_close(without, with_copies, rtol=1e-5, atol=1e-5)
