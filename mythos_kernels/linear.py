@@ -152,9 +152,11 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, no
-    autograd, not tracing, and no inference tensors (they carry no version counter)."""
+    """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, at
+    most ``SPLIT_ROWS`` rows (decode: a 512-token forward measured no gain from packing, so it
+    keeps no copies), no autograd, not tracing, no inference tensors (no version counter)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight_copies_enabled()
+            and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
             and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or any(w.requires_grad for w in weights)))
@@ -167,8 +169,8 @@ def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[t
     inference; see :func:`packable`) as two products over packed copies of the weights,
     ``[gate_0; up_0; gate_1; up_1; ...]`` [2SH, D] and ``[down_0 | down_1 | ...]`` [D, SH],
     cached and remade when any weight changes (one more copy of the shared-expert weights).
-    Two products instead of 3S: measured on the 2-core machine (mid config, interleaved A/B), a
-    decode step 1.1-1.5 ms faster (of ~23 ms) and a 512-token forward ~10 ms (of ~450 ms). The
+    Two products instead of 3S: measured on the 2-core machine (mid config, interleaved A/B,
+    tools/cpu_ab.py), a decode step ~1-1.5 ms faster (of ~20-23 ms). The
     experts' sum is taken inside the down product, so it rounds differently from adding each
     expert's output in turn.
 

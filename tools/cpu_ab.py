@@ -1,0 +1,127 @@
+"""Interleaved A/B of the CPU inference switches on the mid config: each switch turns one CPU
+form off (its plain fallback runs instead) and the model is timed with it on and off in
+alternating order, in one process. Appends one JSON row per (switch, suite) to
+bench/results/cpu/ab.jsonl.
+
+    python tools/cpu_ab.py [--switches all] [--suites decode,forward]
+
+Switches (what "off" runs):
+  dense_split  K.dense -> F.linear for few rows (no two-core split)
+  vecmat_moe   routed experts' split-K products -> x @ w
+  vecmat_head  the decode head's split-K product -> x @ W^T copy
+  packed       packed shared-expert / FFN products -> one product per weight
+  moe_cpu      moe_experts_cpu (per pair / padded / sorted forms) -> the sorted reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mythos  # noqa: E402
+import mythos_kernels as K  # noqa: E402
+from bench.devinfo import run_info  # noqa: E402
+from bench.model import MID  # noqa: E402
+from mythos.cache import MythosCache  # noqa: E402
+
+_lin = importlib.import_module("mythos_kernels.linear")
+_moe = importlib.import_module("mythos_kernels.moe")
+
+SWITCHES = {
+    "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
+    "vecmat_moe": (_moe, "vecmat", lambda x, w: x @ w),
+    "vecmat_head": (_lin, "vecmat", lambda x, w: x @ w),
+    "packed": (K, "packable", lambda *a: False),
+    "moe_cpu": (_moe, "_cpu_inference", lambda *a: False),
+}
+
+
+class Switch:
+    def __init__(self, name: str):
+        self.mod, self.attr, self.off_fn = SWITCHES[name]
+        self.on_fn = getattr(self.mod, self.attr)
+
+    def set(self, on: bool) -> None:
+        setattr(self.mod, self.attr, self.on_fn if on else self.off_fn)
+
+
+def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool, list[float]]:
+    """Per-step times (head included) after a ``prompt``-token prefill, on and off alternating."""
+    ids = torch.randint(0, model.cfg.vocab_size, (1, prompt + steps))
+    caches = {v: MythosCache(prompt + steps) for v in (True, False)}
+    res: dict[bool, list[float]] = {True: [], False: []}
+    with torch.no_grad():
+        for v in (True, False):
+            sw.set(v)
+            model._logits(model._hidden(ids[:, :prompt], None, caches[v], 0)[:, -1])
+        for p in range(prompt, prompt + steps):
+            for v in ((True, False) if p % 2 else (False, True)):
+                sw.set(v)
+                t0 = time.perf_counter()
+                model._logits(model._hidden(ids[:, p:p + 1], None, caches[v], p)[:, -1])
+                res[v].append(time.perf_counter() - t0)
+    return res
+
+
+def ab_forward(model, sw: Switch, reps: int = 8) -> dict[bool, list[float]]:
+    """Forward B=2, T=256 times, on and off alternating."""
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 256))
+    res: dict[bool, list[float]] = {True: [], False: []}
+    with torch.no_grad():
+        model(ids)
+        for i in range(reps):
+            for v in ((True, False) if i % 2 else (False, True)):
+                sw.set(v)
+                t0 = time.perf_counter()
+                model(ids)
+                res[v].append(time.perf_counter() - t0)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--switches", default="all")
+    ap.add_argument("--suites", default="decode,forward")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "ab.jsonl"))
+    args = ap.parse_args(argv)
+    names = list(SWITCHES) if args.switches == "all" else args.switches.split(",")
+    bad = [n for n in names if n not in SWITCHES]
+    if bad:
+        ap.error(f"unknown switch(es) {bad}; known: {list(SWITCHES)}")
+    torch.manual_seed(0)
+    model = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()
+    info = run_info(torch.device("cpu"))
+    rows = []
+    for name in names:
+        sw = Switch(name)
+        for suite in args.suites.split(","):
+            res = (ab_decode if suite == "decode" else ab_forward)(model, sw)
+            sw.set(True)
+            on, off = statistics.median(res[True]) * 1e3, statistics.median(res[False]) * 1e3
+            row = {"switch": name, "suite": suite, "on_ms": round(on, 3), "off_ms": round(off, 3),
+                   "saves_ms": round(off - on, 3), "speedup": round(off / on, 4),
+                   "on_s": res[True], "off_s": res[False]}
+            row.update(info)
+            rows.append(row)
+            print(f"{name:12s} {suite:8s} on {on:8.2f} ms  off {off:8.2f} ms  "
+                  f"saves {off - on:6.2f} ms ({off / on:.3f}x)", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
