@@ -3,7 +3,10 @@ form off (its plain fallback runs instead) and the model is timed with it on and
 alternating order, in one process. Appends one JSON row per (switch, suite) to
 bench/results/cpu/ab.jsonl.
 
-    python tools/cpu_ab.py [--switches all] [--suites decode,forward]
+    python tools/cpu_ab.py [--switches all] [--suites decode,forward] [--steps 64] [--reps 8]
+
+A switch that does not apply to a suite (e.g. the few-row paths in a 512-token forward) measures
+this machine's noise floor for that suite.
 
 Switches (what "off" runs):
   dense_split  K.dense -> F.linear for few rows (no two-core split)
@@ -93,6 +96,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--switches", default="all")
     ap.add_argument("--suites", default="decode,forward")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps per variant")
+    ap.add_argument("--reps", type=int, default=8, help="forward repetitions per variant")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "ab.jsonl"))
     args = ap.parse_args(argv)
     names = list(SWITCHES) if args.switches == "all" else args.switches.split(",")
@@ -106,7 +111,8 @@ def main(argv=None) -> int:
     for name in names:
         sw = Switch(name)
         for suite in args.suites.split(","):
-            res = (ab_decode if suite == "decode" else ab_forward)(model, sw)
+            res = (ab_decode(model, sw, steps=args.steps) if suite == "decode"
+                   else ab_forward(model, sw, reps=args.reps))
             sw.set(True)
             on, off = statistics.median(res[True]) * 1e3, statistics.median(res[False]) * 1e3
             row = {"switch": name, "suite": suite, "on_ms": round(on, 3), "off_ms": round(off, 3),
