@@ -81,14 +81,15 @@ def mla_decode_attention_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_
     if not isinstance(seq_len, torch.Tensor):  # host length: slice, mask only causally
         S = int(seq_len)
         c, kr = c_kv[:, :S].float(), k_rope[:, :S].float()
-        s = (torch.matmul(q_lat.float().flatten(1, 2), c.transpose(1, 2))
-             + torch.matmul(q_rope.float().flatten(1, 2), kr.transpose(1, 2))) * scale
+        q, qr = q_lat.float().reshape(B, T * H, -1), q_rope.float().reshape(B, T * H, -1)
+        # (q . c + q_rope . k_rope) * scale, the rope product added into the latent one
+        s = torch.baddbmm(torch.bmm(qr, kr.transpose(1, 2)), q, c.transpose(1, 2)).mul_(scale)
         s = s.view(B, T, H, S)                                              # [B, T, H, S]
         if T > 1:
             keep = torch.arange(S, device=c.device) <= (S - T + torch.arange(
                 T, device=c.device))[:, None]                               # [T, S]
             s = s.masked_fill(~keep[None, :, None, :], float("-inf"))
-        out = torch.matmul(torch.softmax(s, dim=-1).flatten(1, 2), c).view(B, T, H, -1)
+        out = torch.bmm(torch.softmax(s, dim=-1).view(B, T * H, S), c).view(B, T, H, -1)
         out = out.to(q_lat.dtype)
         return out.squeeze(1) if squeeze else out
     Smax = c_kv.shape[1]
@@ -497,10 +498,30 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
     if q_nope.shape[-1] != nope_dim:
         raise ValueError(f"q_nope last dim {q_nope.shape[-1]} != nope_dim {nope_dim}")
     w_uk, w_uv = mla_absorb_weights(w_up, H, nope_dim, v_dim)               # [H, dn|dv, r]
+    if _cpu_inference(q_nope, q_rope, c_kv, w_up):
+        # the two absorptions as per-head bmms (einsum's permutes and checks cost more than the
+        # products at decode sizes)
+        q_lat = _per_head(q_nope, w_uk)                                        # [B, T, H, r]
+        out_lat = mla_decode_attention(q_lat, q_rope, c_kv, k_rope, seq_len, scale,
+                                       num_splits=num_splits)
+        return _per_head(out_lat, w_uv.transpose(1, 2))                        # [B, T, H, dv]
     q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))   # [B, T, H, r]
     out_lat = mla_decode_attention(q_lat, q_rope.to(q_lat.dtype), c_kv, k_rope, seq_len, scale,
                                    num_splits=num_splits)                    # [B, T, H, r]
     return torch.einsum("bthr,hvr->bthv", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
+
+
+def _cpu_inference(q_nope, q_rope, c_kv, w_up) -> bool:
+    """CPU, one dtype, no autograd, not tracing: :func:`mla_decode` absorbs with bmms."""
+    return (q_nope.device.type == "cpu" and q_nope.dtype == q_rope.dtype == c_kv.dtype == w_up.dtype
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, a], w [H, a, b] -> [B, T, H, b] with ``out[:, :, h] = x[:, :, h] @ w[h]``."""
+    B, T, H, a = x.shape
+    y = torch.bmm(x.permute(2, 0, 1, 3).reshape(H, B * T, a), w)             # [H, B*T, b]
+    return y.view(H, B, T, -1).permute(1, 2, 0, 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Switches (what "off" runs):
   vecmat_head  the decode head's split-K product -> x @ W^T copy
   packed       packed shared-expert / FFN products -> one product per weight
   moe_cpu      moe_experts_cpu (per pair / padded / sorted forms) -> the sorted reference
+  mla_cpu      absorbed MLA decode's per-head bmms -> einsums
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mythos.cache import MythosCache  # noqa: E402
 
 _lin = importlib.import_module("mythos_kernels.linear")
 _moe = importlib.import_module("mythos_kernels.moe")
+_mla = importlib.import_module("mythos_kernels.mla_decode")
 
 SWITCHES = {
     "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
@@ -46,6 +48,7 @@ SWITCHES = {
     "vecmat_head": (_lin, "vecmat", lambda x, w: x @ w),
     "packed": (K, "packable", lambda *a: False),
     "moe_cpu": (_moe, "_cpu_inference", lambda *a: False),
+    "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
 }
 
 
