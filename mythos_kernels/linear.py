@@ -125,14 +125,18 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     if not _split_rows_ok(x, weight):
         return F.linear(x, weight, bias)
     N, Kd = weight.shape
-    x2 = x.reshape(-1, Kd)
-    M = x2.shape[0]
-    halves = weight.view(2, N // 2, Kd).transpose(1, 2)              # [2, K, N/2], no copy
-    y = torch.bmm(x2.expand(2, M, Kd), halves)                        # [2, M, N/2]
-    y = y.view(M, N) if M == 1 else y.transpose(0, 1).reshape(M, N)
+    M = x.numel() // Kd
+    if not x.is_contiguous():
+        x = x.contiguous()
+    # one strided view each (this path is per-call overhead bound at decode sizes): the rows of
+    # x for both halves, and the weight's two row halves as [2, K, N/2] column blocks, no copy
+    xs = torch.as_strided(x, (2, M, Kd), (0, Kd, 1))
+    halves = torch.as_strided(weight, (2, Kd, N // 2), ((N // 2) * Kd, 1, Kd))
+    y = torch.bmm(xs, halves)                                         # [2, M, N/2]
+    y = y.view(*x.shape[:-1], N) if M == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], N)
     if bias is not None:
         y = y + bias
-    return y.view(*x.shape[:-1], N)
+    return y
 
 
 def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,18 @@ def test_dense_split_path_matches_linear(lead, N, Kd, bias):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["offset", "strided"])
+def test_dense_split_path_views_of_x(layout):
+    """x as a view: rows of a bigger tensor (storage offset), or a non-contiguous slice."""
+    big = _rand(5, 3, 70)
+    x = big[2:4, 1] if layout == "strided" else big[3, 1:]      # [2, 70] or [2, 70]
+    w = _rand(96, 70, scale=0.1)
+    assert L._split_rows_ok(x, w)
+    with torch.no_grad():
+        out = K.dense(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["rows", "odd_out", "small_out", "noncontig", "bf16", "empty"])
 def test_dense_other_inputs_use_linear(case):
     x, w = _rand(2, 40), _rand(130, 40, scale=0.1)
