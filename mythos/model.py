@@ -223,10 +223,11 @@ class MoEFFN(nn.Module):
         if not self.n_shared:
             return out.view(B, T, D)
         se = self.shared_experts
-        gates, ups, downs = ([e.gate.weight for e in se], [e.up.weight for e in se],
-                             [e.down.weight for e in se])
-        if K.packable(flat, *gates, *ups, *downs):   # CPU inference: two packed products
-            return (out + K.shared_swiglu_packed(flat, gates, ups, downs)).view(B, T, D)
+        if flat.is_cpu:
+            gates, ups, downs = ([e.gate.weight for e in se], [e.up.weight for e in se],
+                                 [e.down.weight for e in se])
+            if K.packable(flat, *gates, *ups, *downs):   # CPU inference: two packed products
+                return (out + K.shared_swiglu_packed(flat, gates, ups, downs)).view(B, T, D)
         for shared in se:
             out = out + shared(flat)
         return out.view(B, T, D)
