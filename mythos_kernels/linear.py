@@ -112,6 +112,7 @@ def _split_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense`` takes the split matrix-vector path (see the module docstring)."""
     N = weight.shape[0]
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
             and N % 2 == 0 and N >= SPLIT_MIN_OUT and weight.is_contiguous()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -145,6 +146,8 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     contiguous half of w per core) and the two partial products are added: on the 2-core
     machine, 512 x 256 and 128 x 512 expert weights from memory 67 -> 40-48 us and 26 -> 20 us
     per product. The split sum rounds differently from ``x @ w`` in the last bits."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
+        return x @ w                                       # torch's own shape error
     M, Kd = x.shape
     if (x.device.type != "cpu" or Kd % 2 or not 0 < M <= SPLIT_ROWS or not w.is_contiguous()
             or x.dtype != w.dtype or x.dtype != torch.float32
@@ -187,6 +190,8 @@ def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[t
     H, D = gates[0].shape
     if any(w.shape != (H, D) for w in gates + ups) or any(w.shape != (D, H) for w in downs):
         raise ValueError("shared_swiglu_packed: every gate/up must be [H, D] and every down [D, H]")
+    if x.shape[-1] != D:
+        raise ValueError(f"shared_swiglu_packed: x's last dim {x.shape[-1]} != the weights' D {D}")
     w_gu = derived("shared_gu", tuple(gates) + tuple(ups),
                    lambda *w: torch.cat([t for i in range(S) for t in (w[i], w[S + i])]))
     w_d = derived("shared_down", tuple(downs), lambda *w: torch.cat(w, dim=1))

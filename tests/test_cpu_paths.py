@@ -73,6 +73,17 @@ def test_dense_other_inputs_use_linear(case):
     torch.testing.assert_close(out, F.linear(x, w), rtol=0, atol=0)
 
 
+def test_dense_and_vecmat_shape_mismatch_raise():
+    """Mismatched inner dims take torch's own error (never a strided read of the wrong rows)."""
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            K.dense(_rand(1, 40), _rand(96, 41))
+        with pytest.raises(RuntimeError):
+            K.dense(_rand(1, 80), _rand(96, 40))         # 2x the inner dim: numel would fit
+        with pytest.raises(RuntimeError):
+            L.vecmat(_rand(1, 40), _rand(20, 16))
+
+
 def test_dense_with_autograd_uses_linear_and_grads():
     x = _rand(1, 5, 48).requires_grad_()
     w = _rand(96, 48, scale=0.1).requires_grad_()
@@ -289,6 +300,8 @@ def test_shared_swiglu_packed_bad_inputs():
         K.shared_swiglu_packed(_rand(1, 4), [g], [u, u], [d])
     with pytest.raises(ValueError, match="every gate/up"):
         K.shared_swiglu_packed(_rand(1, 4), [g], [_rand(5, 4)], [d])
+    with pytest.raises(ValueError, match="last dim 8"):
+        K.shared_swiglu_packed(_rand(1, 8), [g], [u], [d])   # would reshape into 2 rows
 
 
 def test_derived_entry_dropped_when_any_source_is_freed():
