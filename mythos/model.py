@@ -178,10 +178,21 @@ class Expert(nn.Module):
         self.down = Linear(expert_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if K.packable(x, self.gate.weight, self.up.weight, self.down.weight):  # CPU inference
-            return K.shared_swiglu_packed(x, [self.gate.weight], [self.up.weight],
-                                          [self.down.weight])
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        y = _packed_swiglu_sum(x, (self,))
+        return y if y is not None else self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _packed_swiglu_sum(x: torch.Tensor, experts) -> Optional[torch.Tensor]:
+    """``sum(e(x) for e in experts)`` over cached packed weights when ``K.packable`` allows (CPU
+    inference, decode-sized x); None, computing nothing, otherwise."""
+    if not experts or not x.is_cpu:
+        return None
+    gates = [e.gate.weight for e in experts]
+    ups = [e.up.weight for e in experts]
+    downs = [e.down.weight for e in experts]
+    if not K.packable(x, *gates, *ups, *downs):
+        return None
+    return K.shared_swiglu_packed(x, gates, ups, downs)
 
 
 class MoEFFN(nn.Module):
@@ -220,16 +231,11 @@ class MoEFFN(nn.Module):
         weights, idx = K.moe_route(logits, self.router_bias, self.topk)       # [N, k] each
         self._last_idx = idx.detach()
         out = K.moe_experts(flat, weights, idx, self.w13, self.w2)
-        if not self.n_shared:
-            return out.view(B, T, D)
-        se = self.shared_experts
-        if flat.is_cpu:
-            gates, ups, downs = ([e.gate.weight for e in se], [e.up.weight for e in se],
-                                 [e.down.weight for e in se])
-            if K.packable(flat, *gates, *ups, *downs):   # CPU inference: two packed products
-                return (out + K.shared_swiglu_packed(flat, gates, ups, downs)).view(B, T, D)
-        for shared in se:
-            out = out + shared(flat)
+        shared = _packed_swiglu_sum(flat, self.shared_experts)   # CPU inference: two products
+        if shared is not None:
+            return (out + shared).view(B, T, D)
+        for expert in self.shared_experts:
+            out = out + expert(flat)
         return out.view(B, T, D)
 
 

@@ -156,6 +156,20 @@ def _compiling() -> bool:
         return False
 
 
+def cpu_inference(*tensors: torch.Tensor) -> bool:
+    """Every tensor on the CPU, no autograd through any of them, not tracing: the plain-torch CPU
+    inference forms (``linear.dense`` / ``vecmat`` / packed weights, ``moe.moe_experts_cpu``,
+    ``mla_decode``'s bmm absorption) may serve instead of the general path."""
+    for t in tensors:
+        if t.device.type != "cpu":
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t.requires_grad:
+                return False
+    return not _compiling()
+
+
 def dispatch_counts() -> dict[tuple[str, str], int]:
     """A copy of the dispatch record: ``{(op, impl): number of calls}``."""
     with _lock:

@@ -33,7 +33,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose
+from ._dispatch import choose, cpu_inference
 
 VOCAB_BLOCK = 4096
 DECODE_ROWS = 64
@@ -84,9 +84,7 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., D], weight [V, D] -> [..., V]. Column-blocked on CPU without autograd."""
     V = weight.shape[0]
-    if (x.device.type != "cpu" or V <= VOCAB_BLOCK
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or torch.compiler.is_compiling()):
+    if V <= VOCAB_BLOCK or not cpu_inference(x, weight):
         return F.linear(x, weight)
     if x.numel() <= DECODE_ROWS * x.shape[-1]:
         if x.dtype != weight.dtype or weight.is_inference():   # inference tensors: no version
@@ -111,12 +109,11 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def _split_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense`` takes the split matrix-vector path (see the module docstring)."""
     N = weight.shape[0]
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    return (x.dtype == weight.dtype == torch.float32
             and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
             and N % 2 == 0 and N >= SPLIT_MIN_OUT and weight.is_contiguous()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling())
+            and cpu_inference(x, weight))
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,10 +146,8 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
         return x @ w                                       # torch's own shape error
     M, Kd = x.shape
-    if (x.device.type != "cpu" or Kd % 2 or not 0 < M <= SPLIT_ROWS or not w.is_contiguous()
-            or x.dtype != w.dtype or x.dtype != torch.float32
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            or torch.compiler.is_compiling()):
+    if (Kd % 2 or not 0 < M <= SPLIT_ROWS or not w.is_contiguous()
+            or not x.dtype == w.dtype == torch.float32 or not cpu_inference(x, w)):
         return x @ w
     halves = x.reshape(M, 2, Kd // 2).transpose(0, 1)                     # [2, M, K/2]
     return torch.bmm(halves, w.view(2, Kd // 2, w.shape[1])).sum(0)
@@ -162,12 +157,10 @@ def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, at
     most ``SPLIT_ROWS`` rows (decode: a 512-token forward measured no gain from packing, so it
     keeps no copies), no autograd, not tracing, no inference tensors (no version counter)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight_copies_enabled()
+    return (x.dtype == torch.float32 and weight_copies_enabled()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
             and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)
-            and not (torch.is_grad_enabled()
-                     and (x.requires_grad or any(w.requires_grad for w in weights)))
-            and not torch.compiler.is_compiling())
+            and cpu_inference(x, *weights))
 
 
 def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[torch.Tensor],

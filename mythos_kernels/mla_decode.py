@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ._dispatch import choose, interpreter_active
+from ._dispatch import choose, cpu_inference, interpreter_active
 from ._registry import KernelConfig, register_kernel
 from ._tl import next_pow2 as _p2
 
@@ -512,9 +512,9 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
 
 
 def _cpu_inference(q_nope, q_rope, c_kv, w_up) -> bool:
-    """CPU, one dtype, no autograd, not tracing: :func:`mla_decode` absorbs with bmms."""
-    return (q_nope.device.type == "cpu" and q_nope.dtype == q_rope.dtype == c_kv.dtype == w_up.dtype
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+    """One dtype and :func:`cpu_inference`: :func:`mla_decode` absorbs with bmms."""
+    return (q_nope.dtype == q_rope.dtype == c_kv.dtype == w_up.dtype
+            and cpu_inference(q_nope, q_rope, c_kv, w_up))
 
 
 def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, interpreter_active
+from ._dispatch import choose, cpu_inference, interpreter_active
 from .linear import vecmat
 
 
@@ -98,11 +98,9 @@ FEW_PAIRS = 32  # CPU, no autograd, at most this many (token, slot) pairs: the p
 
 def _cpu_inference(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
                    ) -> bool:
-    """CPU, no autograd, not tracing: :func:`moe_experts_cpu` serves the reference backend."""
-    return (x.device.type == "cpu" and idx.numel() > 0
-            and not (torch.is_grad_enabled()
-                     and (x.requires_grad or w13.requires_grad or w2.requires_grad))
-            and not torch.compiler.is_compiling())
+    """Pairs to route and :func:`cpu_inference`: :func:`moe_experts_cpu` serves the reference
+    backend."""
+    return idx.numel() > 0 and cpu_inference(x, w13, w2)
 
 
 def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,

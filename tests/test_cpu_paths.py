@@ -385,3 +385,13 @@ def test_mla_decode_cpu_absorption_matches_decompressed(B, T, H, S, dtype):
     assert out.shape == (B, T, H, dv) and out.dtype == dtype and not out.isnan().any()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(out, ref.to(dtype), **tol)
+
+
+def test_cpu_inference_predicate():
+    from mythos_kernels._dispatch import cpu_inference
+    a, w = _rand(2, 3), _rand(3, 3).requires_grad_()
+    assert cpu_inference(a) and cpu_inference()
+    assert not cpu_inference(a, w)                    # autograd through w
+    with torch.no_grad():
+        assert cpu_inference(a, w)                    # no autograd in no_grad mode
+    assert not cpu_inference(a, torch.empty(3, device="meta"))
