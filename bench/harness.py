@@ -272,6 +272,21 @@ def time_cpu(fn: Callable[[], Any], warmup_s: float = 0.05, budget_s: float = 0.
     return (*_quantiles(times), len(times))
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int,
+                     alternate: bool = False) -> dict[str, list[float]]:
+    """Wall-clock seconds of each call, the variants run in turn ``reps`` times in one process
+    (CPU side-by-side comparisons; no warm-up here). ``alternate`` reverses the order every other
+    round, so neither variant always runs first."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        for n in (names[::-1] if alternate and i % 2 == 0 else names):
+            t0 = time.perf_counter()
+            fns[n]()
+            out[n].append(time.perf_counter() - t0)
+    return out
+
+
 def time_cuda(fn: Callable[[], Any], warmup_ms: int = 25, rep_ms: int = 100
               ) -> tuple[float, float, float, int]:
     """CUDA-event ``(median, p20, p80, reps)`` in ms via ``triton.testing.do_bench``."""

@@ -312,3 +312,14 @@ def test_cast_keeps_complex_buffers():
 def test_env_does_not_force_interpreter():
     # the harness itself never sets TRITON_INTERPRET
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] in ("0", "1")
+
+
+def test_time_interleaved_order_and_counts():
+    from bench.harness import time_interleaved
+    seen = []
+    t = time_interleaved({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, 3)
+    assert seen == ["a", "b"] * 3 and all(len(v) == 3 and min(v) >= 0 for v in t.values())
+    seen.clear()
+    time_interleaved({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, 3,
+                     alternate=True)
+    assert seen == ["b", "a", "a", "b", "b", "a"]

@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
+from bench.harness import time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
@@ -82,16 +83,16 @@ def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool
 def ab_forward(model, sw: Switch, reps: int = 8) -> dict[bool, list[float]]:
     """Forward B=2, T=256 times, on and off alternating."""
     ids = torch.randint(0, model.cfg.vocab_size, (2, 256))
-    res: dict[bool, list[float]] = {True: [], False: []}
+
+    def run(on: bool):
+        sw.set(on)
+        model(ids)
+
     with torch.no_grad():
         model(ids)
-        for i in range(reps):
-            for v in ((True, False) if i % 2 else (False, True)):
-                sw.set(v)
-                t0 = time.perf_counter()
-                model(ids)
-                res[v].append(time.perf_counter() - t0)
-    return res
+        t = time_interleaved({"on": lambda: run(True), "off": lambda: run(False)}, reps,
+                             alternate=True)
+    return {True: t["on"], False: t["off"]}
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -22,6 +21,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
+from bench.harness import time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 
 
@@ -43,22 +43,17 @@ def main(argv=None) -> int:
     rows = []
     with torch.no_grad():
         a(ids), b(ids)
-        ta, tb = [], []
-        for _ in range(args.reps):
-            for m, ts in ((a, ta), (b, tb)):
-                t0 = time.perf_counter()
-                m(ids)
-                ts.append(time.perf_counter() - t0)
+        t = time_interleaved({"a": lambda: a(ids), "b": lambda: b(ids)}, args.reps)
+    ta, tb = t["a"], t["b"]
     rows.append({"suite": "forward", "shape": {"B": 2, "T": 256}, "open_mythos_s": ta,
                  "mythos_s": tb, "speedup_median": statistics.median(ta) / statistics.median(tb)})
     prompt = ids[:1, :64]
-    ga, gb = [], []
-    for _ in range(max(3, args.reps // 3)):
-        for m, ts in ((a, ga), (b, gb)):
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            m.generate(prompt, 32, n_loops=8)
-            ts.append(time.perf_counter() - t0)
+    def gen(m):
+        torch.manual_seed(0)
+        m.generate(prompt, 32, n_loops=8)
+
+    t = time_interleaved({"a": lambda: gen(a), "b": lambda: gen(b)}, max(3, args.reps // 3))
+    ga, gb = t["a"], t["b"]
     rows.append({"suite": "generate", "shape": {"B": 1, "prompt": 64, "new": 32},
                  "open_mythos_s": ga, "mythos_s": gb,
                  "open_mythos_tok_s": 32 / statistics.median(ga),

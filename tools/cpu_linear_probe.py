@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.devinfo import run_info  # noqa: E402
+from bench.harness import time_interleaved  # noqa: E402
 
 SHAPES = [(160, 512), (256, 512), (512, 512), (512, 682), (1364, 512), (2048, 512)]
 ROWS = [1, 4, 8, 16]
@@ -68,14 +69,10 @@ def probe_moe(reps: int = 9) -> list[dict]:
                          torch.randint(k, E, (N, k)))
     rows = []
     for routing, idx in (("balanced", balanced), ("skewed", skewed)):
-        ts = {"reference_ms": [], "cpu_ms": []}
         with torch.no_grad():
-            for _ in range(reps):
-                for name, fn in (("reference_ms", M.moe_experts_reference),
-                                 ("cpu_ms", M.moe_experts_cpu)):
-                    t0 = time.perf_counter()
-                    fn(x, weights, idx, w13, w2)
-                    ts[name].append(time.perf_counter() - t0)
+            ts = time_interleaved({
+                "reference_ms": lambda: M.moe_experts_reference(x, weights, idx, w13, w2),
+                "cpu_ms": lambda: M.moe_experts_cpu(x, weights, idx, w13, w2)}, reps)
         r = {k_: round(statistics.median(v) * 1e3, 2) for k_, v in ts.items()}
         r.update(routing=routing, N=N, k=k, E=E, D=D, F=Fh)
         rows.append(r)
