@@ -24,6 +24,7 @@ import torch
 from ._dispatch import choose, interpreter_active
 from ._registry import KernelConfig, register_kernel
 from ._tl import next_pow2 as _p2
+from .linear import dense
 from .rmsnorm import rms_norm_reference
 
 try:
@@ -48,7 +49,7 @@ def mla_decompress_reference(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: tor
     if norm_weight is not None:
         c_kv = rms_norm_reference(c_kv, norm_weight, eps)
     B, S, _ = c_kv.shape
-    kv = torch.nn.functional.linear(c_kv, w_up).view(B, S, n_heads, nope_dim + v_dim)
+    kv = dense(c_kv, w_up).view(B, S, n_heads, nope_dim + v_dim)       # F.linear (CPU: oneDNN)
     k_nope, v = kv.split([nope_dim, v_dim], dim=-1)
     k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, S, n_heads, k_rope.shape[-1])], dim=-1)
     return k, v

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import linear as _lin
 from ._dispatch import choose, cpu_inference, interpreter_active
 from .linear import vecmat
 
@@ -106,9 +107,14 @@ def _cpu_inference(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: to
 def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                           w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """:func:`moe_experts_reference` for a handful of (token, slot) pairs (CPU decode, no
-    autograd): each pair multiplies its token by its expert's weights directly, with no sort,
-    gather or scatter (those cost more than the pair's own two matrix-vector products). One host
-    read of idx; slots are weighted and summed in slot order, as the reference does."""
+    autograd), with no sort, gather or scatter of the routed rows (those cost more than the
+    pairs' own matrix-vector products). One host read of idx.
+
+    fp32 with contiguous expert stacks (the model's layout): :func:`_pairs_two_by_two`. Otherwise
+    each pair multiplies its token by its expert's weights (:func:`vecmat`) and the slots are
+    weighted and summed in slot order, as the reference does."""
+    if _pairable(x, idx, w13, w2):
+        return _pairs_two_by_two(x, weights, idx, w13, w2)
     N, k = idx.shape
     Fh = w2.shape[1]
     ids = idx.tolist()
@@ -125,6 +131,52 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     return out
 
 
+def _pairable(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether :func:`moe_experts_few_pairs` takes :func:`_pairs_two_by_two`."""
+    return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
+            and w2.is_contiguous() and idx.numel() > 1)
+
+
+def _expert_pair(w: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
+    """Experts e0 <= e1 of a contiguous stack w [E, R, C] as one [2, R, C] view, no copy (the
+    batch stride is the distance between them; 0 when e0 == e1)."""
+    R, C = w.shape[1], w.shape[2]
+    return torch.as_strided(w, (2, R, C), ((e1 - e0) * R * C, C, 1),
+                            w.storage_offset() + e0 * R * C)
+
+
+def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                      w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The pairs sorted by expert and multiplied two at a time: one bmm over a strided view of
+    two experts' weights (:func:`_expert_pair`) runs one expert per core, in 2 bmms per two pairs
+    where the split-K form took 4 bmms and 4 sums (an odd last pair uses :func:`vecmat`); SwiGLU
+    and the routing weights are applied to all pairs at once. Each token's slots are summed in
+    expert order (the last bits may differ from the reference's slot order)."""
+    N, k = idx.shape
+    D, Fh = x.shape[1], w2.shape[1]
+    P = N * k
+    flat = idx.reshape(-1).tolist()
+    order = sorted(range(P), key=flat.__getitem__)                           # pairs by expert
+    es = [flat[p] for p in order]
+    order_t = torch.tensor(order, device=x.device)
+    tok = order_t // k
+    xs = x.expand(P, D) if N == 1 else x.index_select(0, tok)               # [P, D] sorted rows
+    hg = x.new_empty(P, 2 * Fh)
+    y = x.new_empty(P, D)
+    for src, dst, w in ((xs, hg, w13), (None, y, w2)):
+        if src is None:
+            src = F.silu(hg[:, :Fh]) * hg[:, Fh:]                               # [P, F]
+        for i in range(0, P - 1, 2):
+            torch.bmm(src[i:i + 2].unsqueeze(1), _expert_pair(w, es[i], es[i + 1]),
+                      out=dst[i:i + 2].unsqueeze(1))
+        if P % 2:
+            dst[P - 1:] = vecmat(src[P - 1:], w[es[P - 1]])
+    y.mul_(weights.reshape(-1).index_select(0, order_t).to(x.dtype).unsqueeze(1))
+    if N == 1:
+        return y.sum(0, keepdim=True)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
 PAD_WASTE = 1.5  # the padded form computes at most this many times the real pair rows
 
 
@@ -133,12 +185,13 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     """:func:`moe_experts_reference` for CPU inference (no autograd), in the fastest of three
     plain-torch forms (timings: the 2-core machine, mid config, one MoE call):
 
-    - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs`;
+    - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs` (two pairs per bmm);
     - balanced routing (padding every expert to the largest count costs at most ``PAD_WASTE``
       times the real rows): :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
       13.2-13.4 ms -> 8.8-10.1 ms);
     - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
-      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms).
+      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), products
+      through oneDNN (about 9 ms).
 
     One host read (the expert counts), as in the reference."""
     if idx.numel() <= FEW_PAIRS:
@@ -185,17 +238,24 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     """The reference's sorted segments, without its copies back to pair order: each expert's
     down product is written in place into one buffer, scaled by its pairs' routing weights,
     and added to the pairs' tokens with ``index_add_`` (each token's slots are then summed in
-    expert order, not slot order: the last bits may differ from the reference)."""
+    expert order, not slot order: the last bits may differ from the reference). The products
+    go through oneDNN where ``dense`` would (see ``mythos_kernels.linear``)."""
     k = idx.shape[1]
     Fh = w2.shape[1]
     tok = order // k                                                     # token of each sorted pair
     xs = x.index_select(0, tok)
     ys = torch.empty_like(xs)
+    dnn = _lin._onednn_ok(xs, w13[0].t())
     start = 0
     for e, c in enumerate(counts):
         if c:
-            hg = xs[start:start + c] @ w13[e]                                   # [c, 2F]
-            torch.mm(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e], out=ys[start:start + c])
+            seg = slice(start, start + c)
+            if dnn:
+                hg = _lin.onednn_linear(xs[seg], w13[e].t())                    # [c, 2F]
+                ys[seg] = _lin.onednn_linear(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e].t())
+            else:
+                hg = xs[seg] @ w13[e]
+                torch.mm(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e], out=ys[seg])
             start += c
     ys.mul_(weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1))
     return torch.zeros_like(x).index_add_(0, tok, ys)

@@ -1,9 +1,10 @@
 """The CPU inference paths (no autograd, few rows) against their plain references.
 
-``K.dense`` with at most ``SPLIT_ROWS`` rows multiplies the weight's two row halves in one bmm;
-``moe_experts`` runs ``moe_experts_cpu``: each pair directly for at most ``FEW_PAIRS`` (token,
-slot) pairs, two padded bmms for balanced routing, sorted segments without pair-order copies for
-skewed routing. All are taken only on the CPU without autograd; everything else goes to
+``K.dense`` with at most ``SPLIT_ROWS`` rows multiplies the weight's two row halves in one bmm,
+with more rows it calls oneDNN's linear; ``moe_experts`` runs ``moe_experts_cpu``: two pairs per
+bmm (strided views of two experts) for at most ``FEW_PAIRS`` (token, slot) pairs, two padded bmms
+for balanced routing, sorted segments without pair-order copies (oneDNN products) for skewed
+routing; ``rms_norm`` is ``F.rms_norm`` in fp32/fp64 (bitwise open-mythos's formula). All are taken only on the CPU without autograd; everything else goes to
 ``F.linear`` / the sorted reference, which the fallback tests check too.
 """
 
@@ -52,12 +53,10 @@ def test_dense_split_path_views_of_x(layout):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["rows", "odd_out", "small_out", "noncontig", "bf16", "empty"])
+@pytest.mark.parametrize("case", ["odd_out", "small_out", "noncontig", "bf16", "empty"])
 def test_dense_other_inputs_use_linear(case):
     x, w = _rand(2, 40), _rand(130, 40, scale=0.1)
-    if case == "rows":
-        x = _rand(L.SPLIT_ROWS + 1, 40)
-    elif case == "odd_out":
+    if case == "odd_out":
         w = _rand(129, 40)
     elif case == "small_out":
         w = _rand(L.SPLIT_MIN_OUT - 2, 40)
@@ -68,9 +67,123 @@ def test_dense_other_inputs_use_linear(case):
     elif case == "empty":
         x = _rand(0, 40)
     with torch.no_grad():
-        assert not L._split_rows_ok(x, w)
+        assert not L._split_rows_ok(x, w) and not L._onednn_ok(x, w)
         out = K.dense(x, w)
     torch.testing.assert_close(out, F.linear(x, w), rtol=0, atol=0)
+
+
+def _spy_fn(monkeypatch, mod, name):
+    """Record calls of mod.<name> (still running it)."""
+    calls = []
+    real = getattr(mod, name)
+
+    def wrapped(*a, **k):
+        calls.append(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("lead", [(9,), (3, 7), (2, 256), (1, 33)])
+@pytest.mark.parametrize("N,Kd", [(1, 40), (130, 40), (769, 128), (64, 513)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_onednn_path_matches_linear(monkeypatch, lead, N, Kd, bias):
+    """More than SPLIT_ROWS rows on the CPU without autograd: oneDNN's linear (where this torch
+    has it), within fp32 rounding of F.linear."""
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    x, w = _rand(*lead, Kd), _rand(N, Kd, scale=0.1)
+    b = _rand(N) if bias else None
+    calls = _spy_fn(monkeypatch, L, "onednn_linear")
+    with torch.no_grad():
+        assert L._onednn_ok(x, w) and not L._split_rows_ok(x, w)
+        out = K.dense(x, w, b)
+    assert calls
+    ref = F.linear(x, w, b)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["x_strided", "w_transposed_view"])
+def test_dense_onednn_strided_inputs(layout):
+    """Views: a non-contiguous x; a weight that is the transpose of a [K, N] slice (the routed
+    experts' layout, which the sorted MoE form passes)."""
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    x, w = _rand(40, 37), _rand(50, 37, scale=0.1)
+    if layout == "x_strided":
+        x = _rand(37, 80)[:, ::2].t()                      # [40, 37], strides (2, 80)
+    else:
+        w = _rand(3, 37, 50, scale=0.1)[1].t()             # [50, 37], strides (1, 50)
+    with torch.no_grad():
+        assert L._onednn_ok(x, w)
+        out = L.onednn_linear(x, w)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["env_off", "autograd", "bf16", "few_rows", "unavailable"])
+def test_dense_onednn_declines(monkeypatch, case):
+    x, w = _rand(20, 48), _rand(96, 48, scale=0.1)
+    if case == "env_off":
+        monkeypatch.setenv("MYTHOS_CPU_ONEDNN", "0")
+    elif case == "autograd":
+        x.requires_grad_()
+    elif case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "few_rows":
+        x = x[:L.SPLIT_ROWS]
+    else:
+        monkeypatch.setattr(L, "_ONEDNN", [False])
+    calls = _spy_fn(monkeypatch, L, "onednn_linear")
+    with torch.no_grad() if case != "autograd" else torch.enable_grad():
+        assert not L._onednn_ok(x, w)
+        out = K.dense(x, w)
+    assert not calls
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_probe_failure_means_unavailable(monkeypatch):
+    """A torch whose oneDNN op raises (or is missing) is probed once as unusable: F.linear."""
+    def broken(*a, **k):
+        raise RuntimeError("no oneDNN here")
+
+    class FakeOps:
+        _linear_pointwise = staticmethod(broken)
+
+    monkeypatch.setattr(L, "_ONEDNN", [])
+    monkeypatch.setattr(torch.ops, "mkldnn", FakeOps(), raising=False)
+    assert L.onednn_available() is False
+    with torch.no_grad():
+        x, w = _rand(20, 48), _rand(96, 48)
+        torch.testing.assert_close(K.dense(x, w), F.linear(x, w), rtol=0, atol=0)
+
+
+def test_dense_onednn_nan_stays_in_its_row():
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    x = _rand(30, 64)
+    x[11, 5] = float("nan")
+    with torch.no_grad():
+        out = K.dense(x, _rand(100, 64, scale=0.1))
+    assert out[11].isnan().all()
+    assert not out[:11].isnan().any() and not out[12:].isnan().any()
+
+
+@pytest.mark.parametrize("rows", [65, 300])
+def test_lm_head_many_rows_onednn(monkeypatch, rows):
+    """A forward's head (more than DECODE_ROWS rows, vocab > VOCAB_BLOCK): one oneDNN product."""
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    x, w = _rand(1, rows, 32), _rand(L.VOCAB_BLOCK + 77, 32, scale=0.1)
+    calls = _spy_fn(monkeypatch, L, "onednn_linear")
+    with torch.no_grad():
+        out = K.lm_head(x, w)
+    assert calls
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("MYTHOS_CPU_ONEDNN", "0")         # the column-blocked MKL form
+    with torch.no_grad():
+        torch.testing.assert_close(K.lm_head(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_dense_and_vecmat_shape_mismatch_raise():
@@ -395,3 +508,134 @@ def test_cpu_inference_predicate():
     with torch.no_grad():
         assert cpu_inference(a, w)                    # no autograd in no_grad mode
     assert not cpu_inference(a, torch.empty(3, device="meta"))
+
+
+# ----- RMSNorm: F.rms_norm on the CPU in fp32/fp64 (open-mythos's exact values) ---------------
+
+def _rms_formula(x, w, eps):
+    return x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt() * w
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 7, 129), (2, 256, 512), (5, 1), (1, 17, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
+def test_rms_norm_fused_is_bitwise_open_mythos(shape, dtype, scale):
+    R = importlib.import_module("mythos_kernels.rmsnorm")
+    x, w = _rand(*shape, dtype=dtype, scale=scale), _rand(shape[-1], dtype=dtype)
+    assert R._fused_ok(x, w)
+    assert torch.equal(K.rms_norm(x, w, 1e-6), _rms_formula(x, w, 1e-6))
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() > 1 else x
+    assert torch.equal(K.rms_norm(xt, w, 1e-5), _rms_formula(xt, w, 1e-5))
+
+
+def test_rms_norm_fused_gradients_equal_the_formula():
+    x = _rand(3, 9, 130).requires_grad_()
+    w = _rand(130).requires_grad_()
+    g = torch.randn(3, 9, 130)
+    got = torch.autograd.grad((K.rms_norm(x, w, 1e-6) * g).sum(), [x, w])
+    want = torch.autograd.grad((_rms_formula(x, w, 1e-6) * g).sum(), [x, w])
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp16", "mixed", "nan"])
+def test_rms_norm_half_and_mixed_keep_the_formula(case):
+    """Half types (F.rms_norm would upcast: not open-mythos's rounding) and mixed dtypes take the
+    formula itself; a NaN stays in its row."""
+    R = importlib.import_module("mythos_kernels.rmsnorm")
+    x, w = _rand(4, 6, 96), _rand(96)
+    if case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "fp16":
+        x, w = x.half(), w.half()
+    elif case == "mixed":
+        w = w.double()
+    else:
+        x[1, 2, 3] = float("nan")
+    out = K.rms_norm(x, w, 1e-6)
+    if case == "nan":
+        assert R._fused_ok(x, w)
+        assert out[1, 2].isnan().all() and not out[1, :2].isnan().any() and not out[0].isnan().any()
+        return
+    assert not R._fused_ok(x, w)
+    assert torch.equal(out, _rms_formula(x, w, 1e-6))
+
+
+# ----- MoE: decode pairs two at a time; the sorted form through oneDNN -------------------------
+
+@pytest.mark.parametrize("N,k", [(1, 4), (1, 3), (1, 2), (2, 3), (5, 4), (8, 4)])
+def test_moe_pairs_two_by_two_matches_reference(monkeypatch, N, k):
+    """fp32 contiguous stacks take the paired form: odd pair counts, repeated experts across
+    tokens, every expert id from 0 to E-1 (the views' offsets reach both ends of the stack)."""
+    E, D, Fh = 9, 40, 12
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    idx[0, 0], idx[-1, -1] = 0, E - 1
+    weights = torch.softmax(torch.randn(N, k), -1)
+    calls = _spy(monkeypatch, "_pairs_two_by_two")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert calls
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["one_pair", "noncontig", "offset_stack", "bf16"])
+def test_moe_few_pairs_other_layouts(monkeypatch, case):
+    """One pair, a non-contiguous stack, bf16: the per-pair form; a stack that is a view at a
+    storage offset: the paired form with the offset honoured."""
+    E, D, Fh = 6, 24, 8
+    N, k = (1, 1) if case == "one_pair" else (2, 3)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    x = _rand(N, D, dtype=dtype)
+    w13, w2 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2), _rand(E, Fh, D, dtype=dtype, scale=0.2)
+    if case == "noncontig":
+        w13 = _rand(E, 2 * Fh, D, scale=0.2).transpose(1, 2)
+    elif case == "offset_stack":
+        w13 = _rand(E + 2, D, 2 * Fh, scale=0.2)[2:]
+        w2 = _rand(E + 1, Fh, D, scale=0.2)[1:]
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
+    calls = _spy(monkeypatch, "_pairs_two_by_two")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert bool(calls) == (case == "offset_stack")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_moe_pairs_nan_stays_in_its_token():
+    N, k, E, D, Fh = 4, 2, 5, 16, 6
+    x = _rand(N, D)
+    x[2, 3] = float("nan")
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.tensor([[0, 1], [1, 2], [0, 1], [3, 4]])
+    with torch.no_grad():
+        out = K.moe_experts(x, torch.full((N, k), 0.5), idx, w13, w2)
+    assert out[2].isnan().all()
+    assert not out[[0, 1, 3]].isnan().any()
+
+
+def test_moe_sorted_form_uses_onednn(monkeypatch):
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    N, k, E, D, Fh = 45, 2, 16, 24, 10
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.randint(1, E, (N,))], 1)
+    weights = torch.softmax(torch.randn(N, k), -1)
+    sorted_ = _spy(monkeypatch, "moe_experts_sorted")
+    dnn = _spy_fn(monkeypatch, L, "onednn_linear")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+    assert sorted_ and dnn
+    torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
+                               rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("MYTHOS_CPU_ONEDNN", "0")
+    dnn.clear()
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+    assert not dnn
+    torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
+                               rtol=1e-5, atol=1e-6)

@@ -15,6 +15,9 @@ Switches (what "off" runs):
   packed       packed shared-expert / FFN products -> one product per weight
   moe_cpu      moe_experts_cpu (per pair / padded / sorted forms) -> the sorted reference
   mla_cpu      absorbed MLA decode's per-head bmms -> einsums
+  moe_pairs    routed experts two at a time (strided expert-pair bmm) -> per pair split-K
+  onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
+  rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from mythos.cache import MythosCache  # noqa: E402
 _lin = importlib.import_module("mythos_kernels.linear")
 _moe = importlib.import_module("mythos_kernels.moe")
 _mla = importlib.import_module("mythos_kernels.mla_decode")
+_rms = importlib.import_module("mythos_kernels.rmsnorm")
 
 SWITCHES = {
     "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
@@ -50,6 +54,9 @@ SWITCHES = {
     "packed": (K, "packable", lambda *a: False),
     "moe_cpu": (_moe, "_cpu_inference", lambda *a: False),
     "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
+    "moe_pairs": (_moe, "_pairable", lambda *a: False),
+    "onednn": (_lin, "_onednn_ok", lambda *a: False),
+    "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
 }
 
 
