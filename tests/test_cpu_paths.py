@@ -3,9 +3,10 @@
 ``K.dense`` with at most ``SPLIT_ROWS`` rows multiplies the weight's two row halves in one bmm,
 with more rows it calls oneDNN's linear; ``moe_experts`` runs ``moe_experts_cpu``: two pairs per
 bmm (strided views of two experts) for at most ``FEW_PAIRS`` (token, slot) pairs, two padded bmms
-for balanced routing, sorted segments without pair-order copies (oneDNN products) for skewed
-routing; ``rms_norm`` is ``F.rms_norm`` in fp32/fp64 (bitwise open-mythos's formula). All are taken only on the CPU without autograd; everything else goes to
-``F.linear`` / the sorted reference, which the fallback tests check too.
+for balanced routing, sorted segments without pair-order copies (split products for small
+segments, oneDNN for large) for skewed routing; ``rms_norm`` is ``F.rms_norm`` in fp32/fp64
+(bitwise open-mythos's formula). All are taken only on the CPU without autograd; everything else
+goes to ``F.linear`` / the sorted reference, which the fallback tests check too.
 """
 
 from __future__ import annotations
@@ -619,9 +620,10 @@ def test_moe_pairs_nan_stays_in_its_token():
 
 
 def test_moe_sorted_form_uses_onednn(monkeypatch):
+    """Segments of at least SMALL_SEGMENT rows (here expert 0's) go through oneDNN."""
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
-    N, k, E, D, Fh = 45, 2, 16, 24, 10
+    N, k, E, D, Fh = M.SMALL_SEGMENT + 3, 2, 16, 24, 10
     x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
     idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.randint(1, E, (N,))], 1)
     weights = torch.softmax(torch.randn(N, k), -1)
@@ -639,3 +641,23 @@ def test_moe_sorted_form_uses_onednn(monkeypatch):
     assert not dnn
     torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("D,dtype,split", [(24, torch.float32, True), (33, torch.float32, False),
+                                           (24, torch.bfloat16, False)])
+def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
+    """Segments under SMALL_SEGMENT rows: the two-core split products (fp32, even D); an odd D
+    or bf16 keeps the plain products. Empty experts in between."""
+    N, k, E, Fh = 50, 2, 12, 7
+    x = _rand(N, D, dtype=dtype)
+    w13, w2 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2), _rand(E, Fh, D, dtype=dtype, scale=0.2)
+    idx = torch.stack([torch.randint(0, 3, (N,)), torch.randint(6, E, (N,))], 1)   # 3-5 empty
+    weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
+    calls = _spy(monkeypatch, "_segment_split")
+    sorted_ = _spy(monkeypatch, "moe_experts_sorted")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert sorted_ and bool(calls) == split
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)

@@ -16,6 +16,7 @@ Switches (what "off" runs):
   moe_cpu      moe_experts_cpu (per pair / padded / sorted forms) -> the sorted reference
   mla_cpu      absorbed MLA decode's per-head bmms -> einsums
   moe_pairs    routed experts two at a time (strided expert-pair bmm) -> per pair split-K
+  moe_split    sorted MoE form: small segments as two-core split products -> oneDNN / mm
   onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
 """
@@ -55,6 +56,7 @@ SWITCHES = {
     "moe_cpu": (_moe, "_cpu_inference", lambda *a: False),
     "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
     "moe_pairs": (_moe, "_pairable", lambda *a: False),
+    "moe_split": (_moe, "_split_segments_ok", lambda *a: False),
     "onednn": (_lin, "_onednn_ok", lambda *a: False),
     "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
 }
