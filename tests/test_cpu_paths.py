@@ -285,15 +285,7 @@ def test_moe_few_pairs_all_tokens_one_expert():
 
 def _spy(monkeypatch, name):
     """Record calls of moe.<name> (still running it)."""
-    calls = []
-    real = getattr(M, name)
-
-    def wrapped(*a, **k):
-        calls.append(name)
-        return real(*a, **k)
-
-    monkeypatch.setattr(M, name, wrapped)
-    return calls
+    return _spy_fn(monkeypatch, M, name)
 
 
 @pytest.mark.parametrize("N,k,E,D,Fh", [(17, 2, 4, 24, 8), (40, 4, 16, 33, 9), (97, 3, 7, 16, 5)])
