@@ -265,9 +265,12 @@ class TransformerBlock(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default", positions=None):
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key,
-                                          positions))
-        return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
+        drop = self.resid_drop
+        drop = drop if drop.training and drop.p > 0 else None    # eval: identity, skip the call
+        a = self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key, positions)
+        x = x + (a if drop is None else drop(a))
+        f = self.ffn(self.ffn_norm(x))
+        return x + (f if drop is None else drop(f))
 
 
 class LTIInjection(nn.Module):

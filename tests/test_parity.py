@@ -143,3 +143,27 @@ def test_training_gradients_match_with_triton_kernels(om, attn):
     for k, p in a.named_parameters():
         if p.grad is not None and p.grad.abs().sum() > 0:
             assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_residual_dropout_train_vs_eval(om, attn, monkeypatch):
+    """With dropout > 0: training mode drops residual branches (two calls differ, the dropout
+    module runs), eval skips it and equals open-mythos."""
+    kw = tiny_kwargs(attn, dropout=0.3, act_threshold=1e4)
+    a, b = make_pair(om, seed=11, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 9))
+    calls = []
+    real = torch.nn.Dropout.forward
+    monkeypatch.setattr(torch.nn.Dropout, "forward",
+                        lambda self, x: (calls.append(1), real(self, x))[1])
+    with torch.no_grad():
+        assert_close("eval logits", a.eval()(ids), b.eval()(ids), 1e-5)
+        n_eval = len(calls)
+        b.train()
+        torch.manual_seed(0)
+        y1 = b(ids)
+        torch.manual_seed(1)
+        y2 = b(ids)
+    assert len(calls) > n_eval          # the residual dropout ran in training
+    assert not torch.allclose(y1, y2)
+    assert torch.isfinite(y1).all()
