@@ -21,9 +21,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
     On the CPU in fp32/fp64 this is ``F.rms_norm``, which gives bitwise the same values and
     gradients as open-mythos's ``x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt() * weight``
-    (tests/test_cpu_paths.py checks it) and runs 3x faster on 512 rows of 512 on the 2-core
-    machine (759 -> 242 us: torch's inner-dim ``mean`` is slow there). Half types upcast inside
-    ``F.rms_norm`` (not open-mythos's rounding) and CUDA may fuse it, so they keep the formula."""
+    (tests/test_cpu_paths.py checks it) in one call: ~10.5 us against ~13 us per decode-sized row
+    on the 2-core machine; in the model the difference is within that machine's noise (interleaved
+    A/B, ``tools/cpu_ab.py --switches rmsnorm``: -1.3 to +2.5 ms of a ~365 ms forward, +-0.3 ms of
+    a decode step). Half types upcast inside ``F.rms_norm`` (not open-mythos's rounding) and CUDA
+    may fuse it, so they keep the formula."""
     if _fused_ok(x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
