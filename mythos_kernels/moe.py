@@ -190,8 +190,8 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
       times the real rows): :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
       13.2-13.4 ms -> 8.8-10.1 ms);
     - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
-      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), products
-      through oneDNN (about 9 ms).
+      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), small
+      segments split over the two cores and large ones through oneDNN (about 9 ms).
 
     One host read (the expert counts), as in the reference."""
     if idx.numel() <= FEW_PAIRS:
@@ -246,9 +246,11 @@ def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out:
                    ) -> None:
     """One expert's SwiGLU over a few rows, each product as one bmm over two column halves of the
     weight (one per core; no copy of the weight): the gate and up halves of ``w13e`` [D, 2F],
-    then the two column halves of ``w2e`` [F, D]; writes [c, D] into ``out``. The weights come
-    from memory and MKL runs a few-row product on one core: measured (2-core machine, cold
-    weights, 512 x 256 and 128 x 512) 164 -> 138 us at 8 rows, 180 -> 150 at 32."""
+    then the two column halves of ``w2e`` [F, D]; writes [c, D] into ``out``. Few-row products
+    are compute-bound here (the same time with the weights in cache or not, ~100 GFLOP/s at 25
+    rows) and MKL or oneDNN parallelize them poorly: measured (2-core machine, 512 x 256 and
+    128 x 512 weights) 164 -> 138 us per expert at 8 rows, 180 -> 150 at 32 against ``mm``;
+    oneDNN took 182 / 275 us there. At 128 rows and more oneDNN is as fast or faster."""
     c, D = xs.shape
     Fh = w2e.shape[0]
     gu = torch.bmm(xs.expand(2, c, D),
@@ -266,9 +268,8 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     down product is written in place into one buffer, scaled by its pairs' routing weights,
     and added to the pairs' tokens with ``index_add_`` (each token's slots are then summed in
     expert order, not slot order: the last bits may differ from the reference). Segments of
-    fewer than ``SMALL_SEGMENT`` rows (bound by reading the expert's weights) use
-    :func:`_segment_split`; larger ones go through oneDNN where ``dense`` would (see
-    ``mythos_kernels.linear``), else ``torch.mm``."""
+    fewer than ``SMALL_SEGMENT`` rows use :func:`_segment_split`; larger ones go through oneDNN
+    where ``dense`` would (see ``mythos_kernels.linear``), else ``torch.mm``."""
     k = idx.shape[1]
     Fh = w2.shape[1]
     tok = order // k                                                     # token of each sorted pair
@@ -350,6 +351,13 @@ def _check_expert_inputs(x, weights, idx, w13, w2) -> None:
                          f"{w2.dtype}")
     if not weights.is_floating_point():
         raise ValueError("moe_experts: weights must be floating point")
+    if idx.is_cpu and idx.numel() and not torch.compiler.is_compiling():
+        # CPU only: a free host read there (on a GPU it would sync every call); the expert
+        # stacks are indexed (and viewed with as_strided) by these ids
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >= E:
+            raise ValueError(f"moe_experts: expert ids must lie in [0, {E}), got values in "
+                             f"[{lo}, {hi}]")
 
 
 def _unsupported(a: torch.Tensor, b: torch.Tensor, n_experts: int) -> str | None:

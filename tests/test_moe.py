@@ -302,6 +302,14 @@ def test_bad_inputs_raise_value_error():
         K.moe_experts(x, w[:, :1], idx, w13, w2)
     with pytest.raises(ValueError, match="dtypes differ"):
         K.moe_experts(x, w, idx, w13.double(), w2)
+    for bad in (3, -1):                               # expert ids outside [0, E), every path
+        for grad in (False, True):
+            i2 = idx.clone()
+            i2[2, 1] = bad
+            with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="expert ids"):
+                K.moe_experts(x.clone().requires_grad_(grad), w, i2, w13, w2)
+        with torch.no_grad(), pytest.raises(ValueError, match="expert ids"):   # 1 token: pairs
+            K.moe_experts(x[:1], w[:1], torch.tensor([[0, bad]]), w13, w2)
     with pytest.raises(ValueError, match="topk"):
         K.moe_route(torch.randn(4, 3), torch.zeros(3), 4)
     with pytest.raises(ValueError, match="router_bias"):
