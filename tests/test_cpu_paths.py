@@ -91,9 +91,11 @@ def _spy_fn(monkeypatch, mod, name):
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_onednn_path_matches_linear(monkeypatch, lead, N, Kd, bias):
     """More than SPLIT_ROWS rows on the CPU without autograd: oneDNN's linear (where this torch
-    has it), within fp32 rounding of F.linear."""
+    has it), within fp32 rounding of F.linear (the weight-size floor lowered so that small odd
+    shapes take it)."""
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     x, w = _rand(*lead, Kd), _rand(N, Kd, scale=0.1)
     b = _rand(N) if bias else None
     calls = _spy_fn(monkeypatch, L, "onednn_linear")
@@ -107,11 +109,12 @@ def test_dense_onednn_path_matches_linear(monkeypatch, lead, N, Kd, bias):
 
 
 @pytest.mark.parametrize("layout", ["x_strided", "w_transposed_view"])
-def test_dense_onednn_strided_inputs(layout):
+def test_dense_onednn_strided_inputs(monkeypatch, layout):
     """Views: a non-contiguous x; a weight that is the transpose of a [K, N] slice (the routed
     experts' layout, which the sorted MoE form passes)."""
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     x, w = _rand(40, 37), _rand(50, 37, scale=0.1)
     if layout == "x_strided":
         x = _rand(37, 80)[:, ::2].t()                      # [40, 37], strides (2, 80)
@@ -123,9 +126,12 @@ def test_dense_onednn_strided_inputs(layout):
     torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["env_off", "autograd", "bf16", "few_rows", "unavailable"])
+@pytest.mark.parametrize("case", ["env_off", "autograd", "bf16", "few_rows", "unavailable",
+                                  "small_weight"])
 def test_dense_onednn_declines(monkeypatch, case):
     x, w = _rand(20, 48), _rand(96, 48, scale=0.1)
+    if case != "small_weight":
+        monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     if case == "env_off":
         monkeypatch.setenv("MYTHOS_CPU_ONEDNN", "0")
     elif case == "autograd":
@@ -160,9 +166,10 @@ def test_onednn_probe_failure_means_unavailable(monkeypatch):
         torch.testing.assert_close(K.dense(x, w), F.linear(x, w), rtol=0, atol=0)
 
 
-def test_dense_onednn_nan_stays_in_its_row():
+def test_dense_onednn_nan_stays_in_its_row(monkeypatch):
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     x = _rand(30, 64)
     x[11, 5] = float("nan")
     with torch.no_grad():
@@ -173,10 +180,12 @@ def test_dense_onednn_nan_stays_in_its_row():
 
 @pytest.mark.parametrize("rows", [65, 300])
 def test_lm_head_many_rows_onednn(monkeypatch, rows):
-    """A forward's head (more than DECODE_ROWS rows, vocab > VOCAB_BLOCK): one oneDNN product."""
+    """A forward's head (more than DECODE_ROWS rows, vocab > VOCAB_BLOCK, a weight above the
+    size floor): one oneDNN product."""
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
-    x, w = _rand(1, rows, 32), _rand(L.VOCAB_BLOCK + 77, 32, scale=0.1)
+    x, w = _rand(1, rows, 40), _rand(L.VOCAB_BLOCK + 77, 40, scale=0.1)
+    assert w.numel() >= L.ONEDNN_MIN_WEIGHT
     calls = _spy_fn(monkeypatch, L, "onednn_linear")
     with torch.no_grad():
         out = K.lm_head(x, w)
@@ -615,6 +624,7 @@ def test_moe_sorted_form_uses_onednn(monkeypatch):
     """Segments of at least SMALL_SEGMENT rows (here expert 0's) go through oneDNN."""
     if not L.onednn_available():
         pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     N, k, E, D, Fh = M.SMALL_SEGMENT + 3, 2, 16, 24, 10
     x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
     idx = torch.stack([torch.zeros(N, dtype=torch.long), torch.randint(1, E, (N,))], 1)
