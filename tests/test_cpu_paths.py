@@ -648,8 +648,10 @@ def test_moe_sorted_form_uses_onednn(monkeypatch):
 @pytest.mark.parametrize("D,dtype,split", [(24, torch.float32, True), (33, torch.float32, False),
                                            (24, torch.bfloat16, False)])
 def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
-    """Segments under SMALL_SEGMENT rows: the two-core split products (fp32, even D); an odd D
-    or bf16 keeps the plain products. Empty experts in between."""
+    """Segments under SMALL_SEGMENT rows: the two-core split products (fp32, even D; the expert
+    size floor lowered for these small shapes); an odd D or bf16 keeps the plain products.
+    Empty experts in between."""
+    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
     N, k, E, Fh = 50, 2, 12, 7
     x = _rand(N, D, dtype=dtype)
     w13, w2 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2), _rand(E, Fh, D, dtype=dtype, scale=0.2)
@@ -663,3 +665,18 @@ def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
     assert sorted_ and bool(calls) == split
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, ref, **tol)
+
+
+def test_moe_sorted_small_experts_keep_mm(monkeypatch):
+    """Experts under SPLIT_MIN_EXPERT elements: plain products (the split costs more there)."""
+    N, k, E, D, Fh = 50, 2, 12, 24, 7
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    assert D * 2 * Fh < M.SPLIT_MIN_EXPERT
+    idx = torch.stack([torch.randint(0, 3, (N,)), torch.randint(6, E, (N,))], 1)
+    weights = torch.softmax(torch.randn(N, k), -1)
+    calls = _spy(monkeypatch, "_segment_split")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+    assert not calls
+    torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
+                               rtol=1e-5, atol=1e-6)
