@@ -1,0 +1,108 @@
+"""mythos vs open-mythos 0.5.0 on the CPU across configurations besides the mid one (tiny, small,
+GQA, a few large experts, wide): forward B=2, T=64 and a decode step (B=1) at context 64, medians,
+in one process. Prints one line per config with the forward's relative error; appends one JSON
+row per config to bench/results/cpu/config_sweep.jsonl.
+
+    python tools/cpu_config_sweep.py [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mythos  # noqa: E402
+from bench._openmythos import load_open_mythos  # noqa: E402
+from bench.devinfo import run_info  # noqa: E402
+from bench.model import MID  # noqa: E402
+
+CONFIGS = {
+    "tiny-gqa": dict(vocab_size=300, dim=64, n_heads=4, n_kv_heads=2, attn_type="gqa",
+                     n_experts=8, n_experts_per_tok=2, expert_dim=32, n_shared_experts=1,
+                     max_loop_iters=4, max_seq_len=256),
+    "small-mla": dict(vocab_size=1000, dim=256, n_heads=4, max_seq_len=512, max_loop_iters=4,
+                      kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                      v_head_dim=32, n_experts=16, n_experts_per_tok=2, expert_dim=64,
+                      n_shared_experts=1),
+    "mid-gqa": dict(MID, attn_type="gqa", n_kv_heads=2),
+    "mid-8-experts": dict(MID, n_experts=8, n_experts_per_tok=2, expert_dim=512,
+                          n_shared_experts=1),
+    "wide-768": dict(MID, dim=768, n_heads=12, vocab_size=8000, n_experts=16, expert_dim=256),
+}
+
+
+def _median_s(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _decode_step_s(model, ids: torch.Tensor, steps: int = 8, reps: int = 3) -> float:
+    """Median per-step time of ``steps`` one-token steps after a prefill of ``ids`` (B=1)."""
+    ts = []
+    for _ in range(reps):
+        cache: dict = {}
+        model(ids, kv_cache=cache)
+        tok = ids[:, -1:]
+        t0 = time.perf_counter()
+        for p in range(ids.shape[1], ids.shape[1] + steps):
+            model(tok, kv_cache=cache, start_pos=p)
+        ts.append((time.perf_counter() - t0) / steps)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
+                                                  "config_sweep.jsonl"))
+    args = ap.parse_args(argv)
+    om, _why = load_open_mythos()
+    if om is None:
+        print("open-mythos 0.5.0 is not installed: pip install --no-deps open-mythos==0.5.0")
+        return 1
+    info = run_info(torch.device("cpu"))
+    rows = []
+    for name, kw in CONFIGS.items():
+        torch.manual_seed(0)
+        a = om.OpenMythos(om.MythosConfig(**kw)).eval()
+        b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+        b.load_state_dict(a.state_dict())
+        ids = torch.randint(0, kw["vocab_size"], (2, 64))
+        with torch.no_grad():
+            fa, fb = _median_s(lambda: a(ids), args.reps), _median_s(lambda: b(ids), args.reps)
+            da, db = _decode_step_s(a, ids[:1]), _decode_step_s(b, ids[:1])
+            ra, rb = a(ids), b(ids)
+            err = ((ra - rb).norm() / ra.norm()).item()
+        row = {"config": name, "forward_B2_T64": {"open_mythos_s": fa, "mythos_s": fb,
+                                                  "speedup": fa / fb},
+               "decode_step_B1_ctx64": {"open_mythos_s": da, "mythos_s": db, "speedup": da / db},
+               "rel_err": err}
+        row.update(info)
+        rows.append(row)
+        print(f"{name:14s} forward [2, 64] open-mythos {fa * 1e3:7.1f} ms  mythos {fb * 1e3:7.1f} "
+              f"ms ({fa / fb:.2f}x) | decode step {da * 1e3:6.1f} / {db * 1e3:6.1f} ms "
+              f"({da / db:.2f}x) | rel err {err:.1e}", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
