@@ -134,7 +134,8 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
 def _pairable(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether :func:`moe_experts_few_pairs` takes :func:`_pairs_two_by_two`."""
     return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
-            and w2.is_contiguous() and idx.numel() > 1)
+            and w2.is_contiguous() and idx.numel() > 1
+            and w13.shape[1] * w13.shape[2] >= _lin.SPLIT_MIN_WEIGHT)
 
 
 def _expert_pair(w: torch.Tensor, e0: int, e1: int) -> torch.Tensor:

@@ -45,6 +45,21 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture(params=["size-floors", "every-cpu-form"])
+def cpu_forms(request, monkeypatch):
+    """Run a model test twice: with the CPU inference forms' real weight-size floors (tiny test
+    models then take the plain products), and with the floors at 1 so that every CPU form (split
+    products, packing, expert pairs, split segments, oneDNN) serves the tiny model too."""
+    if request.param == "every-cpu-form":
+        import importlib
+        lin = importlib.import_module("mythos_kernels.linear")
+        moe = importlib.import_module("mythos_kernels.moe")
+        monkeypatch.setattr(lin, "SPLIT_MIN_WEIGHT", 1)
+        monkeypatch.setattr(lin, "ONEDNN_MIN_WEIGHT", 1)
+        monkeypatch.setattr(moe, "SPLIT_MIN_EXPERT", 1)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def om():
     """The open_mythos 0.5.0 module (tests that need it skip when it is not installed)."""

@@ -23,6 +23,15 @@ L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is 
 M = importlib.import_module("mythos_kernels.moe")
 
 
+@pytest.fixture(autouse=True)
+def _no_size_floors(monkeypatch):
+    """These tests use small odd shapes: lower the forms' weight-size floors so that those shapes
+    take the forms under test (``test_*_size_floor*`` restore them)."""
+    monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
+    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+
+
 def _rand(*shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape) * scale).to(dtype)
 
@@ -669,6 +678,7 @@ def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
 
 def test_moe_sorted_small_experts_keep_mm(monkeypatch):
     """Experts under SPLIT_MIN_EXPERT elements: plain products (the split costs more there)."""
+    monkeypatch.undo()                                       # the real floors
     N, k, E, D, Fh = 50, 2, 12, 24, 7
     x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
     assert D * 2 * Fh < M.SPLIT_MIN_EXPERT
@@ -680,3 +690,26 @@ def test_moe_sorted_small_experts_keep_mm(monkeypatch):
     assert not calls
     torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_size_floors_send_small_weights_to_plain_products(monkeypatch):
+    """With the real floors: weights under SPLIT_MIN_WEIGHT take F.linear / x @ w, no packing,
+    no expert pairs; weights under ONEDNN_MIN_WEIGHT skip oneDNN; experts under
+    SPLIT_MIN_EXPERT skip the split segments. Results still match."""
+    monkeypatch.undo()
+    assert L.SPLIT_MIN_WEIGHT > 1 and L.ONEDNN_MIN_WEIGHT > 1 and M.SPLIT_MIN_EXPERT > 1
+    small = _rand(64, 64, scale=0.1)                                  # 4096 elements
+    big = _rand(256, 128, scale=0.1)                                  # 32768 elements
+    x1 = _rand(1, 64)
+    with torch.no_grad():
+        assert not L._split_rows_ok(x1, small) and L._split_rows_ok(_rand(1, 128), big)
+        assert not L.packable(x1, small) and L.packable(_rand(1, 128), big)
+        assert not L._onednn_ok(_rand(40, 64), small)
+        assert L._onednn_ok(_rand(40, 512), _rand(256, 512))
+        torch.testing.assert_close(K.dense(x1, small), F.linear(x1, small), rtol=0, atol=0)
+        w = _rand(64, 48)
+        torch.testing.assert_close(L.vecmat(x1, w), x1 @ w, rtol=0, atol=0)
+        E, D, Fh = 5, 16, 6
+        w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+        assert not M._pairable(_rand(1, D), torch.tensor([[0, 1]]), w13, w2)
+        assert not M._split_segments_ok(_rand(3, D), w13, w2)

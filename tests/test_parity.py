@@ -25,7 +25,7 @@ CASES = [
 @pytest.mark.parametrize("attn,over", CASES)
 @pytest.mark.parametrize("threshold", [0.99, 1e4], ids=["act-exit", "all-loops"])
 @pytest.mark.parametrize("loops", ["below", "at", "above"])
-def test_logits_match(om, attn, over, threshold, loops):
+def test_logits_match(om, attn, over, threshold, loops, cpu_forms):
     kw = tiny_kwargs(attn, act_threshold=threshold, **over)
     n_loops = {"below": 2, "at": None, "above": kw["max_loop_iters"] + 3}[loops]
     a, b = make_pair(om, seed=hash((attn, loops)) % 1000, **kw)
@@ -37,7 +37,7 @@ def test_logits_match(om, attn, over, threshold, loops):
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
 @pytest.mark.parametrize("threshold", [0.99, 1e4])
-def test_prefill_then_decode_with_cache(om, attn, threshold):
+def test_prefill_then_decode_with_cache(om, attn, threshold, cpu_forms):
     kw = tiny_kwargs(attn, act_threshold=threshold)
     a, b = make_pair(om, seed=3, **kw)
     ids = torch.randint(0, kw["vocab_size"], (2, 12))
@@ -52,7 +52,7 @@ def test_prefill_then_decode_with_cache(om, attn, threshold):
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
-def test_generate_top1_identical(om, attn):
+def test_generate_top1_identical(om, attn, cpu_forms):
     kw = tiny_kwargs(attn)
     a, b = make_pair(om, seed=5, **kw)
     prompt = torch.randint(0, kw["vocab_size"], (2, 5))
