@@ -1,7 +1,7 @@
 """mythos vs open-mythos 0.5.0 on the CPU across configurations besides the mid one (tiny, small,
-GQA, a few large experts, wide): forward B=2, T=64 and a decode step (B=1) at context 64, medians,
-in one process. Prints one line per config with the forward's relative error; appends one JSON
-row per config to bench/results/cpu/config_sweep.jsonl.
+GQA, a few large experts, wide): forward B=2, T=64 and a decode step (B=1) at context 64 to 256,
+medians of interleaved repetitions in one process. Prints one line per config with the forward's
+relative error; appends one JSON row per config to bench/results/cpu/config_sweep.jsonl.
 
     python tools/cpu_config_sweep.py [--reps 7]
 """
@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -23,6 +22,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
+from bench.harness import time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 
 CONFIGS = {
@@ -40,28 +40,27 @@ CONFIGS = {
 }
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+class _Decoder:
+    """One-token decode steps over a growing cache (B=1), restarted from a prefill of ``ids``
+    before the cache would pass ``max_seq_len``; each call runs ``steps`` steps."""
 
+    def __init__(self, model, ids: torch.Tensor, steps: int = 4):
+        self.model, self.ids, self.steps = model, ids, steps
+        self.limit = model.cfg.max_seq_len if hasattr(model, "cfg") else 256
+        self._restart()
 
-def _decode_step_s(model, ids: torch.Tensor, steps: int = 8, reps: int = 3) -> float:
-    """Median per-step time of ``steps`` one-token steps after a prefill of ``ids`` (B=1)."""
-    ts = []
-    for _ in range(reps):
-        cache: dict = {}
-        model(ids, kv_cache=cache)
-        tok = ids[:, -1:]
-        t0 = time.perf_counter()
-        for p in range(ids.shape[1], ids.shape[1] + steps):
-            model(tok, kv_cache=cache, start_pos=p)
-        ts.append((time.perf_counter() - t0) / steps)
-    return statistics.median(ts)
+    def _restart(self) -> None:
+        self.cache: dict = {}
+        self.model(self.ids, kv_cache=self.cache)
+        self.pos = self.ids.shape[1]
+
+    def __call__(self) -> None:
+        if self.pos + self.steps > min(self.limit, 4 * self.ids.shape[1]):
+            self._restart()
+        tok = self.ids[:, -1:]
+        for _ in range(self.steps):
+            self.model(tok, kv_cache=self.cache, start_pos=self.pos)
+            self.pos += 1
 
 
 def main(argv=None) -> int:
@@ -84,8 +83,14 @@ def main(argv=None) -> int:
         b.load_state_dict(a.state_dict())
         ids = torch.randint(0, kw["vocab_size"], (2, 64))
         with torch.no_grad():
-            fa, fb = _median_s(lambda: a(ids), args.reps), _median_s(lambda: b(ids), args.reps)
-            da, db = _decode_step_s(a, ids[:1]), _decode_step_s(b, ids[:1])
+            a(ids), b(ids)
+            t = time_interleaved({"a": lambda: a(ids), "b": lambda: b(ids)}, args.reps,
+                                 alternate=True)
+            fa, fb = statistics.median(t["a"]), statistics.median(t["b"])
+            dec_a, dec_b = _Decoder(a, ids[:1]), _Decoder(b, ids[:1])
+            t = time_interleaved({"a": dec_a, "b": dec_b}, 4 * args.reps, alternate=True)
+            da = statistics.median(t["a"]) / dec_a.steps
+            db = statistics.median(t["b"]) / dec_b.steps
             ra, rb = a(ids), b(ids)
             err = ((ra - rb).norm() / ra.norm()).item()
         row = {"config": name, "forward_B2_T64": {"open_mythos_s": fa, "mythos_s": fb,
