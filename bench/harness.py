@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -270,6 +271,16 @@ def time_cpu(fn: Callable[[], Any], warmup_s: float = 0.05, budget_s: float = 0.
         times.append(dt * 1e3)
         spent += dt
     return (*_quantiles(times), len(times))
+
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append ``rows`` to the JSON-lines file ``path`` (its folder created if needed)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=str) + "\n")
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int,

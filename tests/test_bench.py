@@ -323,3 +323,14 @@ def test_time_interleaved_order_and_counts():
     time_interleaved({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, 3,
                      alternate=True)
     assert seen == ["b", "a", "a", "b", "b", "a"]
+
+
+def test_append_jsonl(tmp_path):
+    import json
+
+    from bench.harness import append_jsonl
+    path = str(tmp_path / "new" / "rows.jsonl")
+    append_jsonl(path, [{"a": 1}, {"b": torch.float32}])     # folder made; non-JSON via str
+    append_jsonl(path, [{"c": [1.5]}])
+    rows = [json.loads(line) for line in open(path)]
+    assert rows == [{"a": 1}, {"b": "torch.float32"}, {"c": [1.5]}]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
@@ -135,10 +134,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name:12s} {suite:8s} on {on:8.2f} ms  off {off:8.2f} ms  "
                   f"saves {off - on:6.2f} ms ({off / on:.3f}x)", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

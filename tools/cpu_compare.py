@@ -8,7 +8,6 @@ bench/results/cpu/compare.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 
 
@@ -60,11 +59,9 @@ def main(argv=None) -> int:
                  "mythos_tok_s": 32 / statistics.median(gb),
                  "speedup_median": statistics.median(ga) / statistics.median(gb)})
     info = run_info(torch.device("cpu"))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            r.update(info)
-            f.write(json.dumps(r) + "\n")
+    for r in rows:
+        r.update(info)
+    append_jsonl(args.out, rows)
     for r in rows:
         print(f"{r['suite']:9s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"
               f"  mythos {statistics.median(r['mythos_s']):.3f}s  speedup {r['speedup_median']:.2f}x")

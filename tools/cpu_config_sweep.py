@@ -9,7 +9,6 @@ relative error; appends one JSON row per config to bench/results/cpu/config_swee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,7 +21,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 
 CONFIGS = {
@@ -102,10 +101,7 @@ def main(argv=None) -> int:
         print(f"{name:14s} forward [2, 64] open-mythos {fa * 1e3:7.1f} ms  mythos {fb * 1e3:7.1f} "
               f"ms ({fa / fb:.2f}x) | decode step {da * 1e3:6.1f} / {db * 1e3:6.1f} ms "
               f"({da / db:.2f}x) | rel err {err:.1e}", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    append_jsonl(args.out, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 
 SHAPES = [(160, 512), (256, 512), (512, 512), (512, 682), (1364, 512), (2048, 512)]
 ROWS = [1, 4, 8, 16]
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
               f"{r['reference_ms']} ms, moe_experts_cpu {r['cpu_ms']} ms")
     rec = {"linear": rows, "moe": moe}
     rec.update(run_info(torch.device("cpu")))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_jsonl(args.out, [rec])
     return 0
 
 

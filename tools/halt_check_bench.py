@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ import mythos  # noqa: E402
 import mythos.model as mm  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import default_device, device_slug, run_info  # noqa: E402
+from bench.harness import append_jsonl  # noqa: E402
 from bench.model import CONFIGS, _sync  # noqa: E402
 
 
@@ -96,9 +96,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{case:<24} B={B} T={T:<5} lag0 {med[0]:8.2f} ms  lag1 {med[1]:8.2f} ms  "
                   f"ratio {med[0] / med[1]:.3f}  logits identical: {same}", flush=True)
-    with open(out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
+    append_jsonl(out, rows)
     print(f"appended {len(rows)} rows to {out}")
     return 0
 
