@@ -29,7 +29,8 @@ Products of more rows (prefill, a forward) on the CPU without autograd run throu
 instead of MKL's sgemm, which on this project's AMD machine does not reach the AVX-512 rate:
 measured 1.1-1.3x on every GEMM shape of the mid config (e.g. 512 x 512 x 4096: 175 -> 210
 GFLOP/s; the 32000-column head 122 -> 100 ms at 512 rows) for weights of at least 2^17
-elements (smaller ones run slower through it). Its sums are blocked differently
+elements or products of at least 2^24 multiply-adds (smaller ones run slower through it). Its
+sums are blocked differently
 (relative error vs fp64 4e-7 against MKL's 2.4e-7). ``$MYTHOS_CPU_ONEDNN=0`` turns it off; torch
 builds without the op (checked once, against ``F.linear``) use ``F.linear``.
 """
@@ -56,10 +57,12 @@ _DERIVED: dict[tuple, tuple[tuple, torch.Tensor]] = {}
 
 
 _ONEDNN: list[bool] = []   # [available], probed on first use
-# smaller weights: oneDNN's per-call cost outweighs its rate (measured F.linear / oneDNN time on
-# the 2-core machine: 256 x 64 weights 0.45-0.94, 256 x 256 0.81-1.10, 512 x 512 1.13-1.22, at
-# 16-512 rows)
+# oneDNN for weights of at least ONEDNN_MIN_WEIGHT elements, or products of at least
+# ONEDNN_MIN_MACS multiply-adds; below both its per-call cost outweighs its rate (measured
+# F.linear / oneDNN time on the 2-core machine: 512 x 512 weights 1.13-1.22 at 16-512 rows;
+# 256 x 256 0.81-0.90 at 16-128 rows, 1.00-1.10 at 256-512; 256 x 64 0.45-0.94 everywhere)
 ONEDNN_MIN_WEIGHT = 1 << 17
+ONEDNN_MIN_MACS = 1 << 24
 
 
 def onednn_available() -> bool:
@@ -83,10 +86,12 @@ def onednn_available() -> bool:
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense``/``lm_head`` multiply through oneDNN: CPU fp32 inference with more than
     ``SPLIT_ROWS`` rows (fewer: the split matrix-vector path), a weight of at least
-    ``ONEDNN_MIN_WEIGHT`` elements, ``$MYTHOS_CPU_ONEDNN`` not 0."""
+    ``ONEDNN_MIN_WEIGHT`` elements or a product of at least ``ONEDNN_MIN_MACS`` multiply-adds,
+    ``$MYTHOS_CPU_ONEDNN`` not 0."""
     return (x.dtype == weight.dtype == torch.float32 and weight.dim() == 2 and x.dim() >= 2
             and x.shape[-1] == weight.shape[1] and x.numel() > SPLIT_ROWS * x.shape[-1]
-            and weight.numel() >= ONEDNN_MIN_WEIGHT
+            and (weight.numel() >= ONEDNN_MIN_WEIGHT
+                 or x.numel() // x.shape[-1] * weight.numel() >= ONEDNN_MIN_MACS)
             and os.environ.get("MYTHOS_CPU_ONEDNN", "1") != "0"
             and cpu_inference(x, weight) and onednn_available())
 

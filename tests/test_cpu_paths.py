@@ -705,7 +705,9 @@ def test_size_floors_send_small_weights_to_plain_products(monkeypatch):
         assert not L._split_rows_ok(x1, small) and L._split_rows_ok(_rand(1, 128), big)
         assert not L.packable(x1, small) and L.packable(_rand(1, 128), big)
         assert not L._onednn_ok(_rand(40, 64), small)
-        assert L._onednn_ok(_rand(40, 512), _rand(256, 512))
+        assert L._onednn_ok(_rand(40, 512), _rand(256, 512))             # weight >= 2^17
+        assert not L._onednn_ok(_rand(128, 256), _rand(256, 256))        # 2^23 MACs
+        assert L._onednn_ok(_rand(512, 256), _rand(256, 256))           # 2^24 MACs
         torch.testing.assert_close(K.dense(x1, small), F.linear(x1, small), rtol=0, atol=0)
         w = _rand(64, 48)
         torch.testing.assert_close(L.vecmat(x1, w), x1 @ w, rtol=0, atol=0)
