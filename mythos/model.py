@@ -105,7 +105,7 @@ class MLAttention(nn.Module):
         self.kv_down = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
         self.kv_up = Linear(cfg.kv_lora_rank,
-                               cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+                            cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 

@@ -15,13 +15,13 @@ from ._dispatch import (
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from .attention import attention, attention_reference, causal_mask
 from .linear import (
-                        clear_weight_copies,
-                        dense,
-                        lm_head,
-                        lm_head_reference,
-                        packable,
-                        shared_swiglu_packed,
-                        weight_copies_enabled,
+    clear_weight_copies,
+    dense,
+    lm_head,
+    lm_head_reference,
+    packable,
+    shared_swiglu_packed,
+    weight_copies_enabled,
 )
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference

@@ -30,9 +30,9 @@ instead of MKL's sgemm, which on this project's AMD machine does not reach the A
 measured 1.1-1.3x on every GEMM shape of the mid config (e.g. 512 x 512 x 4096: 175 -> 210
 GFLOP/s; the 32000-column head 122 -> 100 ms at 512 rows) for weights of at least 2^17
 elements or products of at least 2^24 multiply-adds (smaller ones run slower through it). Its
-sums are blocked differently
-(relative error vs fp64 4e-7 against MKL's 2.4e-7). ``$MYTHOS_CPU_ONEDNN=0`` turns it off; torch
-builds without the op (checked once, against ``F.linear``) use ``F.linear``.
+sums are blocked differently (relative error vs fp64 4e-7 against MKL's 2.4e-7).
+``$MYTHOS_CPU_ONEDNN=0`` turns it off; torch builds without the op (checked once, against
+``F.linear``) use ``F.linear``.
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether a CPU inference path may use cached packed copies of ``weights``: CPU, fp32, at
     most ``SPLIT_ROWS`` rows (decode: a 512-token forward measured no gain from packing, so it
-    keeps no copies), no autograd, not tracing, no inference tensors (no version counter)."""
+    keeps no copies), at least ``SPLIT_MIN_WEIGHT`` elements in all, no autograd, not tracing,
+    no inference tensors (no version counter)."""
     return (x.dtype == torch.float32 and weight_copies_enabled()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
             and sum(w.numel() for w in weights) >= SPLIT_MIN_WEIGHT

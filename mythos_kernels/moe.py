@@ -131,11 +131,16 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     return out
 
 
+def _fp32_stacks(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, min_expert: int) -> bool:
+    """fp32 throughout, contiguous expert stacks (strided views of single experts index them),
+    experts of at least ``min_expert`` elements (D x 2F): the CPU expert-view forms' condition."""
+    return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
+            and w2.is_contiguous() and w13.shape[1] * w13.shape[2] >= min_expert)
+
+
 def _pairable(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether :func:`moe_experts_few_pairs` takes :func:`_pairs_two_by_two`."""
-    return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
-            and w2.is_contiguous() and idx.numel() > 1
-            and w13.shape[1] * w13.shape[2] >= _lin.SPLIT_MIN_WEIGHT)
+    return idx.numel() > 1 and _fp32_stacks(x, w13, w2, _lin.SPLIT_MIN_WEIGHT)
 
 
 def _expert_pair(w: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
@@ -243,9 +248,7 @@ def _split_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> 
     """Whether :func:`moe_experts_sorted` multiplies small segments with
     :func:`_segment_split` (fp32, contiguous stacks, an even model dim, experts of at least
     ``SPLIT_MIN_EXPERT`` elements)."""
-    return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
-            and w2.is_contiguous() and w2.shape[2] % 2 == 0
-            and w13.shape[1] * w13.shape[2] >= SPLIT_MIN_EXPERT)
+    return w2.shape[2] % 2 == 0 and _fp32_stacks(x, w13, w2, SPLIT_MIN_EXPERT)
 
 
 def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out: torch.Tensor
