@@ -228,11 +228,13 @@ def packable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     most ``SPLIT_ROWS`` rows (decode: a 512-token forward measured no gain from packing, so it
     keeps no copies), at least ``SPLIT_MIN_WEIGHT`` elements in all, no autograd, not tracing,
     no inference tensors (no version counter)."""
-    return (x.dtype == torch.float32 and weight_copies_enabled()
+    # cpu_inference first: it is False under torch.compile, where is_inference() would break
+    # the graph
+    return (x.dtype == torch.float32 and cpu_inference(x, *weights)
+            and weight_copies_enabled()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
             and sum(w.numel() for w in weights) >= SPLIT_MIN_WEIGHT
-            and all(w.dtype == torch.float32 and not w.is_inference() for w in weights)
-            and cpu_inference(x, *weights))
+            and all(w.dtype == torch.float32 and not w.is_inference() for w in weights))
 
 
 def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[torch.Tensor],
