@@ -1,0 +1,123 @@
+"""Probe for issue 2's generate target: would a compiled CPU decode step beat the eager one?
+
+Mid config, B=1, a 64-token prompt prefilled into a preallocated cache, then per-token decode
+steps timed four ways, in one process:
+
+- ``eager``: generate()'s CPU step (append to the cache, attend over the valid prefix);
+- ``eager_static``: the static-shape step (write by position tensor, attend over the whole
+  cache with a mask), the step a CUDA graph captures;
+- ``compiled``: that static step through ``torch.compile`` (inductor, C++ codegen);
+- ``compiled_frozen``: the same with ``torch._inductor.config.freezing`` (weights as constants,
+  prepacked for oneDNN).
+
+The reference MoE reads its expert counts on the host, which breaks the graph; for the compiled
+variants this probe swaps in a gather form (each token's k experts' weights gathered, two bmms),
+so the whole step is one graph. Appends one JSON row to bench/results/cpu/compile_probe.jsonl.
+
+    python tools/cpu_compile_probe.py [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import mythos  # noqa: E402
+import mythos_kernels as K  # noqa: E402
+from bench.devinfo import run_info  # noqa: E402
+from bench.harness import append_jsonl  # noqa: E402
+from bench.model import MID  # noqa: E402
+from mythos.cache import MythosCache  # noqa: E402
+
+
+def _gather_moe(eager_moe):
+    """``moe_experts`` for tracing: every (token, slot) pair's expert weights gathered, no host
+    read; eager calls keep the library's own path."""
+    def moe(x, weights, idx, w13, w2):
+        if not torch.compiler.is_compiling():
+            return eager_moe(x, weights, idx, w13, w2)
+        N, k = idx.shape
+        Fh = w2.shape[1]
+        flat = idx.reshape(-1)
+        hg = torch.bmm(x.repeat_interleave(k, 0).unsqueeze(1), w13.index_select(0, flat))
+        a = F.silu(hg[..., :Fh]) * hg[..., Fh:]
+        y = torch.bmm(a, w2.index_select(0, flat)).view(N, k, -1)
+        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
+    return moe
+
+
+def _median_ms(fn, steps: int) -> tuple[float, list[float]]:
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3, [round(t * 1e3, 2) for t in ts]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
+                                                  "compile_probe.jsonl"))
+    args = ap.parse_args(argv)
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()
+    prompt, n_loops = 64, 8
+    ids = torch.randint(0, MID["vocab_size"], (1, prompt))
+    K.moe_experts = _gather_moe(K.moe_experts)
+    row = {"suite": "cpu_compile_probe", "config": "mid", "B": 1, "prompt": prompt,
+           "n_loops": n_loops, "steps": args.steps}
+    with torch.no_grad():
+        # eager, generate()'s CPU step: appends, so it gets its own cache
+        cache = MythosCache(prompt + args.steps + 8)
+        m._hidden(ids, n_loops, cache, 0)
+        pos = [prompt]
+        tok = ids[:, -1:]
+
+        def eager():
+            m._logits(m._hidden(tok, n_loops, cache, pos[0])[:, -1])
+            pos[0] += 1
+        eager()
+        row["eager_ms"], row["eager_all_ms"] = _median_ms(eager, args.steps)
+
+        # static step (idempotent: same token, same position)
+        scache = MythosCache(prompt + 8)
+        m._hidden(ids, n_loops, scache, 0)
+        plain = dict(scache)   # a plain dict of the same layer caches: traceable lookups
+        p = torch.full((1,), prompt, dtype=torch.long)
+
+        def static():
+            return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
+        ref = static()
+        row["eager_static_ms"], row["eager_static_all_ms"] = _median_ms(static, args.steps)
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        for name, freeze in (("compiled", False), ("compiled_frozen", True)):
+            torch._dynamo.reset()
+            inductor_config.freezing = freeze
+            step = torch.compile(static, dynamic=False)
+            t0 = time.perf_counter()
+            out = step()
+            row[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
+            row[f"{name}_rel_err"] = float((out - ref).norm() / ref.norm())
+            row[f"{name}_ms"], row[f"{name}_all_ms"] = _median_ms(step, args.steps)
+        inductor_config.freezing = False
+    row.update(run_info("cpu"))
+    append_jsonl(args.out, [row])
+    print({k: v for k, v in row.items() if not k.endswith("all_ms")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
