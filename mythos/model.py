@@ -133,8 +133,12 @@ class MLAttention(nn.Module):
         q_nope = self.q_up_nope(c_q).view(B, T, H, self.qk_nope_dim)
         q_rope = K.apply_rope(self.q_up_rope(c_q).view(B, T, H, self.qk_rope_dim), freqs_cis)
         kv_raw = self.kv_down(x)
-        k_rope = K.apply_rope(kv_raw[..., self.kv_lora_rank:].unsqueeze(2), freqs_cis)
-        k_rope = k_rope.squeeze(2)                                             # [B, T, dr]
+        # RoPE over min(2, H) broadcast copies of the one shared key, taking the first: torch's
+        # complex product then runs the loop it runs over open-mythos's per-head copies and gives
+        # its last bits (over a single copy it rounds differently, ~1 ulp of fp32)
+        k_rope = kv_raw[..., self.kv_lora_rank:].unsqueeze(2)
+        k_rope = K.apply_rope(k_rope.expand(B, T, min(2, H), self.qk_rope_dim), freqs_cis)
+        k_rope = k_rope[:, :, 0]                                               # [B, T, dr]
         if kv_cache is None:  # training / no cache: RMSNorm fused into the decompression
             k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, self.kv_up.weight,
                                     H, self.qk_nope_dim, self.v_dim,
@@ -323,8 +327,9 @@ class RecurrentBlock(nn.Module):
         n_loops = n_loops or self.cfg.max_loop_iters
         B, T, D = h.shape
         thr = self.cfg.act_threshold
-        cum_p = torch.zeros(B, T, device=h.device, dtype=torch.float32)
-        h_out = torch.zeros(B, T, D, device=h.device, dtype=torch.float32)
+        acc = K.acc_dtype(h.dtype)                 # ACT state: fp32 (fp64 for an fp64 model)
+        cum_p = torch.zeros(B, T, device=h.device, dtype=acc)
+        h_out = torch.zeros(B, T, D, device=h.device, dtype=acc)
         inj, halt, norm = self.injection, self.act.halt, self.norm
         x = K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
         halted = K.HaltCheck(h.device, lag=self.halt_lag)  # see HaltCheck: lag 0 by default
@@ -362,6 +367,23 @@ class OpenMythos(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # weight tying
         self._init_weights()
+
+    def _apply(self, fn, recurse=True):
+        """``Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...), keeping the RoPE phasors
+        complex64: ``model.to(torch.bfloat16)`` would cast the complex buffers to the real dtype,
+        dropping the imaginary part with only a warning (RoPE silently reduced to a scaling by
+        cos; open-mythos has that defect). They are recomputed on their new device instead."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Casting complex values to real")
+            super()._apply(fn, recurse)
+        cfg = self.cfg
+        for name, dim in (("freqs_cis", cfg.dim // cfg.n_heads),
+                          ("freqs_cis_mla", cfg.qk_rope_head_dim)):
+            buf = getattr(self, name)
+            if not buf.is_complex():
+                setattr(self, name, precompute_rope_freqs(dim, cfg.max_seq_len, cfg.rope_theta)
+                        .to(buf.device))
+        return self
 
     def _init_weights(self) -> None:
         for m in self.modules():

@@ -39,6 +39,7 @@ from .moe import (
 )
 from .recurrent import (
                         HaltCheck,
+                        acc_dtype,
                         all_halted,
                         get_A,
                         loop_embedding_vector,
@@ -70,7 +71,7 @@ __all__ = [
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",
     "moe_align_triton", "moe_experts_bytes", "moe_experts_flops", "moe_experts_triton",
     "moe_route_triton",
-    "get_A", "loop_embedding_vector", "loop_index_embedding", "loop_input", "loop_input_reference",
+    "acc_dtype", "get_A", "loop_embedding_vector", "loop_index_embedding", "loop_input", "loop_input_reference",
     "lti_act_step", "lti_act_step_reference", "HaltCheck", "all_halted", "loop_input_triton",
     "lti_act_step_and_next_input", "lti_act_step_and_next_input_reference",
     "lti_act_step_and_next_input_triton", "lti_act_step_bytes", "lti_act_step_flops",

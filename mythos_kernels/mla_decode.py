@@ -59,16 +59,22 @@ def _lengths(seq_len: int | torch.Tensor, B: int, device: torch.device) -> torch
     return torch.full((B,), int(seq_len), device=device, dtype=torch.int64)
 
 
+def _math(x: torch.Tensor) -> torch.Tensor:
+    """The references' math dtype: fp32, or fp64 for fp64 inputs (an fp64 model stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _valid_prefix(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """x [B, Smax, d] in fp32 with rows at positions >= lens[b] zeroed (never read garbage)."""
+    """x [B, Smax, d] in fp32 (fp64 stays) with rows at positions >= lens[b] zeroed (never read
+    garbage)."""
     pos = torch.arange(x.shape[1], device=x.device)
-    return torch.where((pos[None, :] < lens[:, None])[..., None], x.float(), 0.0)
+    return torch.where((pos[None, :] < lens[:, None])[..., None], _math(x), 0.0)
 
 
 def mla_decode_attention_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
                                    k_rope: torch.Tensor, seq_len: int | torch.Tensor,
                                    scale: float) -> torch.Tensor:
-    """Latent attention in plain torch (fp32 math).
+    """Latent attention in plain torch (fp32 math; fp64 for fp64 inputs).
 
     q_lat: [B, H, r] or [B, T, H, r]; q_rope: same with dr; c_kv: [B, Smax, r] (normalized latent);
     k_rope: [B, Smax, dr]; seq_len: valid length S (int, or int tensor 0-d / [B]);
@@ -80,8 +86,8 @@ def mla_decode_attention_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_
     B, T, H, _ = q_lat.shape
     if not isinstance(seq_len, torch.Tensor):  # host length: slice, mask only causally
         S = int(seq_len)
-        c, kr = c_kv[:, :S].float(), k_rope[:, :S].float()
-        q, qr = q_lat.float().reshape(B, T * H, -1), q_rope.float().reshape(B, T * H, -1)
+        c, kr = _math(c_kv[:, :S]), _math(k_rope[:, :S])
+        q, qr = _math(q_lat).reshape(B, T * H, -1), _math(q_rope).reshape(B, T * H, -1)
         # (q . c + q_rope . k_rope) * scale, the rope product added into the latent one
         s = torch.baddbmm(torch.bmm(qr, kr.transpose(1, 2)), q, c.transpose(1, 2)).mul_(scale)
         s = s.view(B, T, H, S)                                              # [B, T, H, S]
@@ -95,8 +101,8 @@ def mla_decode_attention_reference(q_lat: torch.Tensor, q_rope: torch.Tensor, c_
     Smax = c_kv.shape[1]
     lens = _lengths(seq_len, B, c_kv.device)                                # [B]
     c, kr = _valid_prefix(c_kv, lens), _valid_prefix(k_rope, lens)          # zeros past S
-    s = (torch.einsum("bthr,bsr->bths", q_lat.float(), c)
-         + torch.einsum("bthd,bsd->bths", q_rope.float(), kr)) * scale      # [B, T, H, Smax]
+    s = (torch.einsum("bthr,bsr->bths", _math(q_lat), c)
+         + torch.einsum("bthd,bsd->bths", _math(q_rope), kr)) * scale      # [B, T, H, Smax]
     pos = torch.arange(Smax, device=c_kv.device)
     limit = lens[:, None] - T + torch.arange(T, device=c_kv.device)[None, :]  # [B, T] last key
     allowed = pos[None, None, :] <= limit[:, :, None]                       # [B, T, Smax]
@@ -118,10 +124,10 @@ def mla_decode_reference(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch
     Smax = c_kv.shape[1]
     lens = _lengths(seq_len, B, c_kv.device)
     c, kr = _valid_prefix(c_kv, lens), _valid_prefix(k_rope, lens)
-    kv = torch.nn.functional.linear(c, w_up.float()).view(B, Smax, H, nope_dim + v_dim)
+    kv = torch.nn.functional.linear(c, _math(w_up)).view(B, Smax, H, nope_dim + v_dim)
     k = torch.cat([kv[..., :nope_dim], kr[:, :, None, :].expand(B, Smax, H, kr.shape[-1])], dim=-1)
     v = kv[..., nope_dim:]
-    q = torch.cat([q_nope, q_rope], dim=-1).float()
+    q = _math(torch.cat([q_nope, q_rope], dim=-1))
     s = torch.einsum("bthd,bshd->bths", q, k) * scale
     limit = lens[:, None] - T + torch.arange(T, device=c_kv.device)[None, :]
     allowed = torch.arange(Smax, device=c_kv.device)[None, None, :] <= limit[:, :, None]

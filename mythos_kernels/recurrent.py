@@ -16,7 +16,8 @@ Per loop iteration t (open-mythos 0.5.0 ``RecurrentBlock.forward``)::
 
 ``halted`` of open-mythos is ``cum_p >= threshold``: cum_p never decreases, so the running OR of
 that test equals the test on the current cum_p, and only cum_p needs carrying. ACT state (cum_p,
-h_out) is fp32 whatever the activation dtype.
+h_out) is fp32 whatever the activation dtype, fp64 for fp64 activations (reference only: the
+Triton kernels take fp32/bf16/fp16).
 
 Triton path (one pass over each row, fp32 math, h' rounded to the activation dtype once and that
 rounded value used downstream, as the reference does):
@@ -55,7 +56,8 @@ except ImportError:  # pragma: no cover - triton missing
     tl = None
 
 _EMB_CACHE: dict = {}
-_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # fp64: reference
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_D = 4096  # widest row the Triton kernels take (whole row in registers, no spills)
 
 
@@ -107,18 +109,18 @@ def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
 
     Args:
         h, e, out: [B, T, D] hidden state, injected input, block output (LoRA delta included).
-        h_out:     [B, T, D] fp32 ACT-weighted output accumulated so far.
+        h_out:     [B, T, D] ACT-weighted output accumulated so far (``acc_dtype(h.dtype)``).
         cum_p:     [B, T] fp32 cumulative halting probability.
         log_A [D], log_dt [1], B [D]: LTI parameters; w_halt [1, D] or [D], b_halt [1]: halting head.
         threshold: ACT threshold.
 
     Returns:
-        (h' [B, T, D] in h's dtype, h_out' fp32, cum_p' fp32)
+        (h' [B, T, D] in h's dtype, h_out', cum_p' in ``acc_dtype(h.dtype)``)
     """
     A = get_A(log_A, log_dt)
     h_new = A * h + B * e + out
     p = torch.sigmoid(torch.nn.functional.linear(h_new, w_halt.reshape(1, -1), b_halt)).squeeze(-1)
-    still = (cum_p < threshold).float()
+    still = (cum_p < threshold).to(cum_p.dtype)
     remainder = (1.0 - cum_p).clamp(min=0)
     weight = torch.where(cum_p + p >= threshold, remainder, p) * still
     h_out = h_out + weight.unsqueeze(-1) * h_new
@@ -614,7 +616,7 @@ def _check_vec(name: str, t: torch.Tensor, n: int) -> None:
 
 def _check_rows(h: torch.Tensor, e: torch.Tensor, norm_w: torch.Tensor | None) -> None:
     if not isinstance(h, torch.Tensor) or h.dim() < 1 or h.dtype not in _ACT_DTYPES:
-        raise ValueError(f"h must be a float32/bfloat16/float16 tensor [..., D], got "
+        raise ValueError(f"h must be a float32/bfloat16/float16/float64 tensor [..., D], got "
                          f"{getattr(h, 'dtype', type(h).__name__)}")
     if not isinstance(e, torch.Tensor) or e.shape != h.shape or e.dtype != h.dtype:
         raise ValueError(f"e must match h: shape {tuple(h.shape)} dtype {h.dtype}, got "
@@ -623,19 +625,24 @@ def _check_rows(h: torch.Tensor, e: torch.Tensor, norm_w: torch.Tensor | None) -
         _check_vec("norm_weight", norm_w, h.shape[-1])
 
 
+def acc_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """The ACT state's dtype (h_out, cum_p) for activations of ``act_dtype``: fp32, or fp64 for
+    fp64 (open-mythos accumulates in the activation dtype; fp64 models then match it exactly)."""
+    return torch.float64 if act_dtype == torch.float64 else torch.float32
+
+
 def _check_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold) -> None:
     _check_rows(h, e, None)
     D = h.shape[-1]
     if not isinstance(out, torch.Tensor) or out.shape != h.shape or out.dtype != h.dtype:
         raise ValueError(f"out must match h: shape {tuple(h.shape)} dtype {h.dtype}, got "
                          f"{tuple(getattr(out, 'shape', ()))} {getattr(out, 'dtype', None)}")
-    if not isinstance(h_out, torch.Tensor) or h_out.shape != h.shape \
-            or h_out.dtype != torch.float32:
-        raise ValueError(f"h_out must be float32 with shape {tuple(h.shape)}, got "
+    acc = acc_dtype(h.dtype)
+    if not isinstance(h_out, torch.Tensor) or h_out.shape != h.shape or h_out.dtype != acc:
+        raise ValueError(f"h_out must be {acc} with shape {tuple(h.shape)}, got "
                          f"{tuple(getattr(h_out, 'shape', ()))} {getattr(h_out, 'dtype', None)}")
-    if not isinstance(cum_p, torch.Tensor) or cum_p.shape != h.shape[:-1] \
-            or cum_p.dtype != torch.float32:
-        raise ValueError(f"cum_p must be float32 with shape {tuple(h.shape[:-1])}, got "
+    if not isinstance(cum_p, torch.Tensor) or cum_p.shape != h.shape[:-1] or cum_p.dtype != acc:
+        raise ValueError(f"cum_p must be {acc} with shape {tuple(h.shape[:-1])}, got "
                          f"{tuple(getattr(cum_p, 'shape', ()))} {getattr(cum_p, 'dtype', None)}")
     _check_vec("log_A", log_A, D)
     _check_vec("log_dt", log_dt, 1)
@@ -649,7 +656,9 @@ def _check_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thres
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")
 
 
-def _unsupported(D: int) -> str | None:
+def _unsupported(D: int, dtype: torch.dtype) -> str | None:
+    if dtype not in _KERNEL_DTYPES:
+        return f"{dtype} activations have no Triton kernel (the reference serves them)"
     if D > MAX_D:
         return f"D={D} exceeds the kernel's MAX_D={MAX_D} (whole row in registers)"
     return None
@@ -669,7 +678,7 @@ def loop_input(h: torch.Tensor, e: torch.Tensor, loop_t: int, norm_weight: torch
     Dispatches ("loop_input") to the Triton kernel or :func:`loop_input_reference`.
     """
     _check_rows(h, e, norm_weight)
-    impl = choose("loop_input", h, e, norm_weight, supported=_unsupported(h.shape[-1]))
+    impl = choose("loop_input", h, e, norm_weight, supported=_unsupported(h.shape[-1], h.dtype))
     if impl == "triton":
         return loop_input_triton(h, e, loop_t, norm_weight, eps, loop_dim)
     return loop_input_reference(h, e, loop_t, norm_weight, eps, loop_dim)
@@ -692,8 +701,9 @@ def lti_act_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thre
     """One LTI update + ACT accumulation, optionally fused with the next iteration's input.
 
     Args:
-        h, e, out: [B, T, D] (fp32/bf16/fp16, one dtype) hidden state, injection, block output.
-        h_out:     [B, T, D] fp32 ACT accumulator; cum_p: [B, T] fp32.
+        h, e, out: [B, T, D] (fp32/bf16/fp16, or fp64 on the reference; one dtype) hidden
+                   state, injection, block output.
+        h_out:     [B, T, D] ACT accumulator; cum_p: [B, T]; both fp32 (fp64 for fp64 h).
         log_A [D], log_dt [1], B [D], w_halt [1, D], b_halt [1]: parameters (any float dtype).
         threshold: ACT threshold.
         next_loop: None, or ``(t_next, norm_weight, eps, loop_dim)`` to also return
@@ -718,7 +728,7 @@ def lti_act_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thre
         raise ValueError(f"delta must match h: shape {tuple(h.shape)} dtype {h.dtype}, got "
                          f"{tuple(getattr(delta, 'shape', ()))} {getattr(delta, 'dtype', None)}")
     impl = choose("lti_act_step", h, e, out, h_out, cum_p, delta,
-                  supported=_unsupported(h.shape[-1]))
+                  supported=_unsupported(h.shape[-1], h.dtype))
     if impl == "triton":
         return lti_act_step_triton(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt,
                                    threshold, next_loop, delta)

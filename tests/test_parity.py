@@ -167,3 +167,60 @@ def test_residual_dropout_train_vs_eval(om, attn, monkeypatch):
     assert len(calls) > n_eval          # the residual dropout ran in training
     assert not torch.allclose(y1, y2)
     assert torch.isfinite(y1).all()
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("threshold", [0.99, 1e4], ids=["act-exit", "all-loops"])
+def test_float64_models_match(om, attn, threshold):
+    """Both models in fp64 (``.double()``, as for gradient checks): mythos keeps the ACT state and
+    the latent-attention references in fp64 too, so logits, cached decode, sampled tokens and
+    gradients agree to fp64 rounding. Both compute RoPE in fp32 (open-mythos's rule); the MLA
+    gradient sums each head's RoPE gradient after that fp32 step (open-mythos before), hence
+    its looser bound."""
+    kw = tiny_kwargs(attn, act_threshold=threshold)
+    a, b = make_pair(om, seed=11, **kw)
+    a, b = a.double(), b.double()
+    ids = torch.randint(0, kw["vocab_size"], (2, 12))
+    with torch.no_grad():
+        for n_loops in (1, None, kw["max_loop_iters"] + 2):
+            assert_close("logits", a(ids, n_loops=n_loops), b(ids, n_loops=n_loops), 1e-12)
+        ca, cb = {}, {}
+        assert_close("prefill", a(ids[:, :8], kv_cache=ca), b(ids[:, :8], kv_cache=cb), 1e-12)
+        for i in range(8, 12):
+            assert_close(f"decode {i}", a(ids[:, i:i + 1], kv_cache=ca, start_pos=i),
+                         b(ids[:, i:i + 1], kv_cache=cb, start_pos=i), 1e-12)
+    torch.manual_seed(0)
+    ga = a.generate(ids[:, :5], max_new_tokens=6, n_loops=3, top_k=5)
+    torch.manual_seed(0)
+    assert torch.equal(ga, b.generate(ids[:, :5], max_new_tokens=6, n_loops=3, top_k=5))
+    a.train(), b.train()
+    a(ids, n_loops=3).logsumexp(-1).mean().backward()
+    b(ids, n_loops=3).logsumexp(-1).mean().backward()
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    for k, p in a.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert_close(f"grad {k}", p.grad, gb[k], 1e-12 if attn == "gqa" else 1e-7)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_dtype_casts_keep_rope_complex(attn):
+    """``model.to(torch.bfloat16)`` casts complex buffers to the real dtype in torch (open-mythos
+    then computes RoPE with cos only); mythos keeps its phasors complex64 through every cast,
+    so a half-precision model stays within half-precision error of the fp32 one."""
+    import copy
+    import warnings
+
+    kw = tiny_kwargs(attn)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    ids = torch.randint(0, kw["vocab_size"], (2, 20))
+    with torch.no_grad():
+        ref = m(ids)
+        for cast in (lambda x: x.to(torch.bfloat16), lambda x: x.to(torch.float16),
+                     lambda x: x.bfloat16(), lambda x: x.to("cpu", torch.float64)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")          # no "discards the imaginary part"
+                m2 = cast(copy.deepcopy(m))
+            for name in ("freqs_cis", "freqs_cis_mla"):
+                assert torch.equal(getattr(m2, name), getattr(m, name)), name
+            assert_close("cast model logits", ref.double(), m2(ids).double(), 3e-2)

@@ -634,3 +634,21 @@ def test_compiles_without_spills(kernel, cfg, tmp_path):
         usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True,
                                text=True, check=True).stdout
         assert "STACK:0 " in usage, f"sm_{arch} {cfg}: {usage}"
+
+
+def test_float64_runs_on_the_reference_only():
+    """fp64 activations (an fp64 model) step on the reference with fp64 ACT state, matching a
+    plain fp64 evaluation of the formula; forcing Triton raises, naming the dtype."""
+    S, P = _state((2, 3, 16), torch.float64, "mixed", 0.99, _params(16, "cpu"), "cpu")
+    S = dict(S, h_out=S["h_out"].double(), cum_p=S["cum_p"].double())
+    P = {k: (v.double() if torch.is_tensor(v) else v) for k, v in P.items()}
+    with K.use_backend("auto"):
+        h2, ho, cp = R.lti_act_step(*_args(S, P, 0.99))
+    assert h2.dtype == ho.dtype == cp.dtype == torch.float64
+    A = torch.exp(-torch.exp((P["log_dt"] + P["log_A"]).clamp(-20, 20)))
+    h_ref = A * S["h"] + P["B"] * S["e"] + S["out"]
+    assert_close("fp64 h'", h_ref, h2, 1e-15)
+    with K.use_backend("triton"), pytest.raises(K.BackendUnavailable, match="float64"):
+        R.lti_act_step(*_args(S, P, 0.99))
+    with K.use_backend("triton"), pytest.raises(K.BackendUnavailable, match="float64"):
+        R.loop_input(S["h"], S["e"], 0, P["norm_w"], EPS, 8)
