@@ -12,7 +12,8 @@ mythos stacks them for grouped GEMMs::
     {prefix}w2  [E, F, D]  = down.weight.T
 
 :func:`moe_load_hook` converts on ``load_state_dict`` (strict loading keeps working) and
-:func:`to_open_mythos_state_dict` converts back. Every other key is identical.
+:func:`to_open_mythos_state_dict` converts back. Every other key is identical; a RoPE phasor
+buffer that a dtype cast made real is restored (:func:`rope_load_hook`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def moe_load_hook(module, state_dict, prefix, local_metadata, strict, missing_ke
     for k in [k for k in state_dict if k.startswith(prefix + "routed_experts.")]:
         unexpected_keys.append(k)
         state_dict.pop(k)
+
+
+def rope_load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                   unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook of OpenMythos: a RoPE phasor buffer saved without its imaginary
+    part (open-mythos cast with ``model.to(torch.bfloat16)`` before saving; torch then turns the
+    complex buffer real) is replaced by the phasors for the model's config: copying it into the
+    complex buffer would silently zero the sine half of every rotation."""
+    for name in ("freqs_cis", "freqs_cis_mla"):
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and not t.is_complex():
+            state_dict[prefix + name] = getattr(module, name).detach().clone()
 
 
 def to_open_mythos_state_dict(state_dict_or_model) -> "OrderedDict[str, torch.Tensor]":

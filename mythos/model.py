@@ -367,6 +367,8 @@ class OpenMythos(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # weight tying
         self._init_weights()
+        from .checkpoint import rope_load_hook
+        self._register_load_state_dict_pre_hook(rope_load_hook, with_module=True)
 
     def _apply(self, fn, recurse=True):
         """``Module._apply`` (behind ``.to``, ``.cuda``, ``.half``, ...), keeping the RoPE phasors

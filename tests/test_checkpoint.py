@@ -64,3 +64,23 @@ def test_spectral_radius_below_one():
         m.recurrent.injection.log_dt.fill_(-1.0)
     A = m.recurrent.injection.get_A()
     assert A.shape == (60,) and (A > 0).all() and (A < 1).all()
+
+
+def test_checkpoint_with_real_rope_buffers_loads_correct_phasors(om):
+    """open-mythos cast with ``.to(torch.bfloat16)`` saves its RoPE phasors as real numbers (the
+    cast dropped their imaginary part); loading such a checkpoint keeps mythos's correct complex
+    phasors instead of copying the real values in (which would zero every sine)."""
+    import warnings
+
+    kw = tiny_kwargs("mla")
+    torch.manual_seed(0)
+    a = om.OpenMythos(om.MythosConfig(**kw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch: "Casting complex values to real discards ..."
+        sd = a.to(torch.bfloat16).state_dict()
+    assert not sd["freqs_cis"].is_complex()
+    b = mythos.OpenMythos(mythos.MythosConfig(**kw)).to(torch.bfloat16)
+    b.load_state_dict(sd)
+    ref = mythos.OpenMythos(mythos.MythosConfig(**kw))
+    for name in ("freqs_cis", "freqs_cis_mla"):
+        assert torch.equal(getattr(b, name), getattr(ref, name)), name
