@@ -12,7 +12,8 @@ steps timed four ways, in one process:
 
 The reference MoE reads its expert counts on the host, which breaks the graph; for the compiled
 variants this probe swaps in a gather form (each token's k experts' weights gathered, two bmms),
-so the whole step is one graph. Appends one JSON row to bench/results/cpu/compile_probe.jsonl.
+so the whole step is one graph. The four run interleaved, one call each per round.
+Appends one JSON row to bench/results/cpu/compile_probe.jsonl.
 
     python tools/cpu_compile_probe.py [--steps 20]
 """
@@ -55,15 +56,6 @@ def _gather_moe(eager_moe):
     return moe
 
 
-def _median_ms(fn, steps: int) -> tuple[float, list[float]]:
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, [round(t * 1e3, 2) for t in ts]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=20)
@@ -80,8 +72,8 @@ def main(argv=None) -> int:
     row = {"suite": "cpu_compile_probe", "config": "mid", "B": 1, "prompt": prompt,
            "n_loops": n_loops, "steps": args.steps}
     with torch.no_grad():
-        # eager, generate()'s CPU step: appends, so it gets its own cache
-        cache = MythosCache(prompt + args.steps + 8)
+        # eager, generate()'s CPU step: appends, so it gets a cache with room for every call
+        cache = MythosCache(prompt + 4 * args.steps + 8)
         m._hidden(ids, n_loops, cache, 0)
         pos = [prompt]
         tok = ids[:, -1:]
@@ -89,10 +81,9 @@ def main(argv=None) -> int:
         def eager():
             m._logits(m._hidden(tok, n_loops, cache, pos[0])[:, -1])
             pos[0] += 1
-        eager()
-        row["eager_ms"], row["eager_all_ms"] = _median_ms(eager, args.steps)
 
-        # static step (idempotent: same token, same position)
+        # static step (idempotent: same token, same position); two functions with their own
+        # code objects, so Dynamo keeps one compiled graph for each
         scache = MythosCache(prompt + 8)
         m._hidden(ids, n_loops, scache, 0)
         plain = dict(scache)   # a plain dict of the same layer caches: traceable lookups
@@ -100,19 +91,35 @@ def main(argv=None) -> int:
 
         def static():
             return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
+
+        def static_frozen():
+            return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
+
         ref = static()
-        row["eager_static_ms"], row["eager_static_all_ms"] = _median_ms(static, args.steps)
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        for name, freeze in (("compiled", False), ("compiled_frozen", True)):
-            torch._dynamo.reset()
+        fns = {"eager": eager, "eager_static": static}
+        for name, fn, freeze in (("compiled", static, False),
+                                 ("compiled_frozen", static_frozen, True)):
             inductor_config.freezing = freeze
-            step = torch.compile(static, dynamic=False)
+            step = torch.compile(fn, dynamic=False)
             t0 = time.perf_counter()
             out = step()
             row[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
             row[f"{name}_rel_err"] = float((out - ref).norm() / ref.norm())
-            row[f"{name}_ms"], row[f"{name}_all_ms"] = _median_ms(step, args.steps)
+            fns[name] = step
         inductor_config.freezing = False
+        for fn in fns.values():
+            fn()
+        # interleaved: each round runs every variant once (this VM drifts between phases)
+        times: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(args.steps):
+            for n, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[n].append(time.perf_counter() - t0)
+        for n, ts in times.items():
+            row[f"{n}_ms"] = statistics.median(ts) * 1e3
+            row[f"{n}_all_ms"] = [round(t * 1e3, 2) for t in ts]
     row.update(run_info("cpu"))
     append_jsonl(args.out, [row])
     print({k: v for k, v in row.items() if not k.endswith("all_ms")})
