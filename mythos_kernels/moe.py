@@ -710,7 +710,34 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: 
         return moe_experts_triton(x, weights, idx, w13, w2)
     if _cpu_inference(x, idx, w13, w2):
         return moe_experts_cpu(x, weights, idx, w13, w2)
+    if _gather_under_compile(x, weights, idx, w13, w2):
+        return moe_experts_gathered(x, weights, idx, w13, w2)
     return moe_experts_reference(x, weights, idx, w13, w2)
+
+
+def _gather_under_compile(x, weights, idx, w13, w2) -> bool:
+    """Tracing under torch.compile without autograd, with no more (token, slot) pairs than
+    experts (decode): :func:`moe_experts_gathered` instead of the reference, whose host read of
+    the expert counts would break the graph."""
+    return (torch.compiler.is_compiling() and not _needs_grad(x, weights, w13, w2)
+            and 0 < idx.numel() <= w13.shape[0])
+
+
+def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                         w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_experts_reference` with no host read (traceable, e.g. a compiled decode
+    step): every (token, slot) pair's expert weights gathered, one batched product per
+    projection, the slots weighted and summed. Reads and copies N*k experts' weights, so it
+    serves only while that is at most the whole stack (``N * k <= E``, see
+    :func:`moe_experts`). x [N, D], weights/idx [N, k] -> [N, D]."""
+    N, k = idx.shape
+    Fh = w2.shape[1]
+    flat = idx.reshape(-1)
+    hg = torch.bmm(x.repeat_interleave(k, dim=0).unsqueeze(1),
+                   w13.index_select(0, flat))                                  # [N*k, 1, 2F]
+    a = F.silu(hg[..., :Fh]) * hg[..., Fh:]
+    y = torch.bmm(a, w2.index_select(0, flat)).view(N, k, -1)                   # [N, k, D]
+    return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 
 
 # Inference under torch.compile: the Triton paths as opaque torch.library ops (fake impls give

@@ -75,3 +75,52 @@ def test_static_decode_step_is_one_graph(attn):
         ref = step()
         out = torch.compile(step, backend="eager", fullgraph=True)()
     assert_close("compiled decode step", ref, out, 1e-5)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_cpu_static_decode_step_is_one_graph(attn):
+    """On the CPU, on the references, generate()'s static decode step traces as one graph
+    (fullgraph): the MoE takes its traceable gather form for decode-sized batches."""
+    from mythos.cache import MythosCache
+    from mythos.model import _decode_step
+
+    torch._dynamo.reset()
+    kw = tiny_kwargs(attn, act_threshold=0.99)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    ids = torch.randint(0, kw["vocab_size"], (2, 6))
+    with torch.no_grad(), mythos.use_backend("reference"):
+        cache = MythosCache(12)
+        m._hidden(ids, 3, cache, 0)
+        layers = dict(cache)
+        tok = ids[:, -1:].clone()
+        pos = torch.full((1,), 6, dtype=torch.long)
+        ref = _decode_step(m, tok, 3, layers, pos)
+        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
+    assert_close("compiled decode step", ref, out, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_generate_compiled_matches_eager(attn):
+    """generate(compiled=True) (the decode step through inductor) gives the eager tokens, greedy
+    and sampled with the same seed, and a second call reuses the compiled step."""
+    torch.manual_seed(0)
+    kw = tiny_kwargs(attn)
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    p = torch.randint(0, kw["vocab_size"], (2, 5))
+    assert torch.equal(m.generate(p, 7, n_loops=3, top_k=1, compiled=True),
+                       m.generate(p, 7, n_loops=3, top_k=1))
+    torch.manual_seed(1)
+    a = m.generate(p, 7, n_loops=3, top_k=10, compiled=True)
+    torch.manual_seed(1)
+    assert torch.equal(a, m.generate(p, 7, n_loops=3, top_k=10))
+
+
+def test_generate_compiled_bad_combinations():
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa"))).eval()
+    p = torch.randint(0, 97, (1, 3))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        m.generate(p, 2, compiled=True, cuda_graph=True)
+    with pytest.raises(ValueError, match="static"):
+        m.generate(p, 2, compiled=True, static=False)

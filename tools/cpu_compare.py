@@ -2,7 +2,11 @@
 0.5.0 in one process, interleaved repetitions, medians. Appends one JSON row per suite to
 bench/results/cpu/compare.jsonl.
 
-    python tools/cpu_compare.py [--reps 9]
+    python tools/cpu_compare.py [--reps 9] [--compiled]
+
+``--compiled`` adds a suite with mythos's ``generate(..., compiled=True)`` (the decode step through
+torch.compile; its first call, which compiles, is a warm-up outside the timing), interleaved
+with open-mythos's generate and mythos's eager one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bench.model import MID  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "compare.jsonl"))
     args = ap.parse_args(argv)
     om, _why = load_open_mythos()
@@ -58,12 +63,27 @@ def main(argv=None) -> int:
                  "open_mythos_tok_s": 32 / statistics.median(ga),
                  "mythos_tok_s": 32 / statistics.median(gb),
                  "speedup_median": statistics.median(ga) / statistics.median(gb)})
+    if args.compiled:
+        def gen_c():
+            torch.manual_seed(0)
+            return b.generate(prompt, 32, n_loops=8, compiled=True)
+
+        gen_c()                                                # compiles (not timed)
+        t = time_interleaved({"a": lambda: gen(a), "b": gen_c, "e": lambda: gen(b)},
+                             max(3, args.reps // 3))
+        ga, gb, ge = t["a"], t["b"], t["e"]
+        rows.append({"suite": "generate_compiled", "shape": {"B": 1, "prompt": 64, "new": 32},
+                     "open_mythos_s": ga, "mythos_s": gb, "mythos_eager_s": ge,
+                     "open_mythos_tok_s": 32 / statistics.median(ga),
+                     "mythos_tok_s": 32 / statistics.median(gb),
+                     "mythos_eager_tok_s": 32 / statistics.median(ge),
+                     "speedup_median": statistics.median(ga) / statistics.median(gb)})
     info = run_info(torch.device("cpu"))
     for r in rows:
         r.update(info)
     append_jsonl(args.out, rows)
     for r in rows:
-        print(f"{r['suite']:9s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"
+        print(f"{r['suite']:17s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"
               f"  mythos {statistics.median(r['mythos_s']):.3f}s  speedup {r['speedup_median']:.2f}x")
     return 0
 
