@@ -110,7 +110,7 @@ def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
     Args:
         h, e, out: [B, T, D] hidden state, injected input, block output (LoRA delta included).
         h_out:     [B, T, D] ACT-weighted output accumulated so far (``acc_dtype(h.dtype)``).
-        cum_p:     [B, T] fp32 cumulative halting probability.
+        cum_p:     [B, T] cumulative halting probability (the same dtype).
         log_A [D], log_dt [1], B [D]: LTI parameters; w_halt [1, D] or [D], b_halt [1]: halting head.
         threshold: ACT threshold.
 
