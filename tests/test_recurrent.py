@@ -232,14 +232,23 @@ def test_step_with_lora_delta(poison, dtype, fused):
         assert_close(name, r, g.float(), TOL[dtype])
     ref_fn = R.lti_act_step_and_next_input_reference if fused else R.lti_act_step_reference
     ref = _grads(ref_fn, _ref_inputs(summed, P), P, thr, fused, cots)
-    got = _grads(R.lti_act_step, S, P, thr, fused, cots, delta=delta)
+    with K.use_backend("triton"):   # the kernel's backward, also under the CPU interpreter
+        got = _grads(R.lti_act_step, S, P, thr, fused, cots, delta=delta)
     assert_close("grad delta", ref["out"], got["delta"].float(), GTOL[dtype])
     for name in ref:
         if name in _SUMS:
             _close_abs_floor(f"grad {name}", ref[name], got[name].float(), GTOL[dtype],
                              _sum_floor(name, ref))
         else:
-            assert_close(f"grad {name}", ref[name], got[name].float(), GTOL[dtype])
+            assert_close(f"grad {name}", ref[name], got[name].float(), _delta_gtol(name, dtype))
+
+
+def _delta_gtol(name: str, dtype: torch.dtype) -> float:
+    """grad w_halt (a sum over the 6 rows of dz * h', the kernel's h' rounded to bf16, the fp32
+    reference's not) partly cancels here: measured for this test in bf16 (Triton kernel under
+    the interpreter, 100 seeds) median 6.3e-3, 95th percentile 1.5e-2, max 2.3e-2 relative
+    against 2e-2, every other gradient at most 5.3e-3. So 5e-2 for it in bf16."""
+    return 5e-2 if name == "w_halt" and dtype == torch.bfloat16 else GTOL[dtype]
 
 
 # Gradients that are sums of many O(1) terms (dcum_p = ... - sum_D(gh_out * h'),
