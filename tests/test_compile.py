@@ -57,6 +57,7 @@ def test_static_decode_step_is_one_graph(attn):
     on the Triton path: no graph break anywhere in a token's forward, as issue 6 asks of a
     torch.compile-friendly generate; and it gives the eager logits."""
     from mythos.cache import MythosCache
+    from mythos.model import _decode_step
 
     torch._dynamo.reset()
     kw = tiny_kwargs(attn, act_threshold=0.99)
@@ -66,14 +67,11 @@ def test_static_decode_step_is_one_graph(attn):
     with torch.no_grad(), mythos.use_backend("triton"):
         cache = MythosCache(12)
         m._hidden(ids, 3, cache, 0)
+        layers = dict(cache)        # as generate(compiled=True) passes the layer caches
         tok = ids[:, -1:].clone()
         pos = torch.full((1,), 6, dtype=torch.long, device="cuda")
-
-        def step():
-            return m._logits(m._hidden(tok, 3, cache, 0, pos)[:, -1])
-
-        ref = step()
-        out = torch.compile(step, backend="eager", fullgraph=True)()
+        ref = _decode_step(m, tok, 3, layers, pos)
+        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
     assert_close("compiled decode step", ref, out, 1e-5)
 
 
