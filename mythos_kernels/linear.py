@@ -172,6 +172,14 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return lm_head_reference(x, weight)
 
 
+def two_threads() -> bool:
+    """Whether torch runs at least two intra-op threads: the split (one half per core) forms
+    need them. With one thread the halves run in turn and only add calls (measured, mid config
+    decode step at ``torch.set_num_threads(1)``: the split dense products cost 0.8 ms of 31).
+    More than two threads keep the two-way split (measured only on the 2-core machine)."""
+    return torch.get_num_threads() >= 2
+
+
 def _split_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense`` takes the split matrix-vector path (see the module docstring)."""
     N = weight.shape[0]
@@ -180,7 +188,7 @@ def _split_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and N % 2 == 0 and N >= SPLIT_MIN_OUT and weight.numel() >= SPLIT_MIN_WEIGHT
             and weight.is_contiguous()
             and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
-            and cpu_inference(x, weight))
+            and cpu_inference(x, weight) and two_threads())   # after: not traced by compile
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,7 +225,8 @@ def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     M, Kd = x.shape
     if (Kd % 2 or not 0 < M <= SPLIT_ROWS or w.numel() < SPLIT_MIN_WEIGHT
             or not w.is_contiguous()
-            or not x.dtype == w.dtype == torch.float32 or not cpu_inference(x, w)):
+            or not x.dtype == w.dtype == torch.float32 or not cpu_inference(x, w)
+            or not two_threads()):
         return x @ w
     halves = x.reshape(M, 2, Kd // 2).transpose(0, 1)                     # [2, M, K/2]
     return torch.bmm(halves, w.view(2, Kd // 2, w.shape[1])).sum(0)

@@ -247,8 +247,9 @@ SPLIT_MIN_EXPERT = 1 << 17
 def _split_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether :func:`moe_experts_sorted` multiplies small segments with
     :func:`_segment_split` (fp32, contiguous stacks, an even model dim, experts of at least
-    ``SPLIT_MIN_EXPERT`` elements)."""
-    return w2.shape[2] % 2 == 0 and _fp32_stacks(x, w13, w2, SPLIT_MIN_EXPERT)
+    ``SPLIT_MIN_EXPERT`` elements), with at least two threads to split over."""
+    return (w2.shape[2] % 2 == 0 and _lin.two_threads()
+            and _fp32_stacks(x, w13, w2, SPLIT_MIN_EXPERT))
 
 
 def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out: torch.Tensor

@@ -30,6 +30,7 @@ def _no_size_floors(monkeypatch):
     monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
     monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
     monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+    monkeypatch.setattr(L, "two_threads", lambda: True)   # the split forms, whatever the machine
 
 
 def _rand(*shape, dtype=torch.float32, scale=1.0):
@@ -715,3 +716,35 @@ def test_size_floors_send_small_weights_to_plain_products(monkeypatch):
         w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
         assert not M._pairable(_rand(1, D), torch.tensor([[0, 1]]), w13, w2)
         assert not M._split_segments_ok(_rand(3, D), w13, w2)
+
+
+def test_one_thread_takes_no_split_forms(monkeypatch):
+    """With one intra-op thread the two-way split products only add calls: dense, vecmat and the
+    MoE's small segments take their plain products (same numbers as F.linear / mm)."""
+    monkeypatch.undo()
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not L.two_threads()
+        monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
+        monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+        seg = _spy_fn(monkeypatch, M, "_segment_split")
+        x, w = _rand(3, 40), _rand(66, 40)
+        with torch.no_grad():
+            assert not L._split_rows_ok(x, w)
+            assert torch.equal(K.dense(x, w), F.linear(x, w))
+            wt = _rand(40, 66)
+            assert torch.equal(L.vecmat(x, wt), x @ wt)
+            E, D, Fh = 5, 24, 10
+            xs, w13, w2 = _rand(40, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+            idx = torch.randint(0, E, (40, 2))
+            wts = torch.rand(40, 2)
+            ref = M.moe_experts_reference(xs, wts, idx, w13, w2)
+            counts = torch.bincount(idx.reshape(-1), minlength=E)
+            order = torch.argsort(idx.reshape(-1), stable=True)
+            out = M.moe_experts_sorted(xs, wts, idx, w13, w2, counts.tolist(), order)
+        assert not seg
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    finally:
+        torch.set_num_threads(prev)
+    assert L.two_threads() == (prev >= 2)

@@ -111,7 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=64, help="decode steps per variant")
     ap.add_argument("--reps", type=int, default=8, help="forward repetitions per variant")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "ab.jsonl"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     names = list(SWITCHES) if args.switches == "all" else args.switches.split(",")
     bad = [n for n in names if n not in SWITCHES]
     if bad:
