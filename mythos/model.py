@@ -487,7 +487,7 @@ class OpenMythos(nn.Module):
                 it needs a C++ compiler). The first call per model and shape compiles (tens of
                 seconds); later calls reuse it. Same tokens as the eager step within fp32
                 rounding. Measured on the 2-core CPU (mid config, B=1): 16-19 ms per step
-                against 21-22 ms eager (``tools/cpu_compile_probe.py``). On the references a
+                against 19-22 ms eager (``tools/cpu_compile_probe.py``). On the references a
                 batch with more (token, slot) pairs than experts splits the graph at the MoE
                 (its reference reads expert counts on the host): still correct, less gain.
         """

@@ -10,9 +10,10 @@ steps timed four ways, in one process:
 - ``compiled_frozen``: the same with ``torch._inductor.config.freezing`` (weights as constants,
   prepacked for oneDNN).
 
-The reference MoE reads its expert counts on the host, which breaks the graph; for the compiled
-variants this probe swaps in a gather form (each token's k experts' weights gathered, two bmms),
-so the whole step is one graph. The four run interleaved, one call each per round.
+Under compile the reference MoE takes its traceable gather form for decode-sized batches
+(``mythos_kernels.moe.moe_experts_gathered``; the sorted form reads expert counts on the host),
+so the whole step is one graph: the step ``generate(..., compiled=True)`` runs, plus a frozen
+variant. The four run interleaved, one call each per round.
 Appends one JSON row to bench/results/cpu/compile_probe.jsonl.
 
     python tools/cpu_compile_probe.py [--steps 20]
@@ -27,33 +28,15 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mythos  # noqa: E402
-import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
-
-
-def _gather_moe(eager_moe):
-    """``moe_experts`` for tracing: every (token, slot) pair's expert weights gathered, no host
-    read; eager calls keep the library's own path."""
-    def moe(x, weights, idx, w13, w2):
-        if not torch.compiler.is_compiling():
-            return eager_moe(x, weights, idx, w13, w2)
-        N, k = idx.shape
-        Fh = w2.shape[1]
-        flat = idx.reshape(-1)
-        hg = torch.bmm(x.repeat_interleave(k, 0).unsqueeze(1), w13.index_select(0, flat))
-        a = F.silu(hg[..., :Fh]) * hg[..., Fh:]
-        y = torch.bmm(a, w2.index_select(0, flat)).view(N, k, -1)
-        return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
-    return moe
 
 
 def main(argv=None) -> int:
@@ -68,7 +51,6 @@ def main(argv=None) -> int:
     m = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()
     prompt, n_loops = 64, 8
     ids = torch.randint(0, MID["vocab_size"], (1, prompt))
-    K.moe_experts = _gather_moe(K.moe_experts)
     row = {"suite": "cpu_compile_probe", "config": "mid", "B": 1, "prompt": prompt,
            "n_loops": n_loops, "steps": args.steps}
     with torch.no_grad():
