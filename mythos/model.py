@@ -11,6 +11,7 @@ grouped GEMMs, converted by a load hook (``mythos.checkpoint``).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -355,11 +356,8 @@ class OpenMythos(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.register_buffer("freqs_cis", precompute_rope_freqs(cfg.dim // cfg.n_heads,
-                                                                cfg.max_seq_len, cfg.rope_theta))
-        self.register_buffer("freqs_cis_mla", precompute_rope_freqs(cfg.qk_rope_head_dim,
-                                                                    cfg.max_seq_len,
-                                                                    cfg.rope_theta))
+        for name, table in self._rope_tables().items():
+            self.register_buffer(name, table)
         self.prelude = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.prelude_layers)])
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.coda_layers)])
@@ -378,14 +376,19 @@ class OpenMythos(nn.Module):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Casting complex values to real")
             super()._apply(fn, recurse)
-        cfg = self.cfg
-        for name, dim in (("freqs_cis", cfg.dim // cfg.n_heads),
-                          ("freqs_cis_mla", cfg.qk_rope_head_dim)):
+        for name, table in self._rope_tables().items():
             buf = getattr(self, name)
             if not buf.is_complex():
-                setattr(self, name, precompute_rope_freqs(dim, cfg.max_seq_len, cfg.rope_theta)
-                        .to(buf.device))
+                setattr(self, name, table.to(buf.device))
         return self
+
+    def _rope_tables(self) -> dict[str, torch.Tensor]:
+        """The RoPE phasor buffers (complex64, on the CPU) for this config: GQA's over the head
+        dim, MLA's over the rope dim."""
+        cfg = self.cfg
+        return {name: precompute_rope_freqs(dim, cfg.max_seq_len, cfg.rope_theta)
+                for name, dim in (("freqs_cis", cfg.dim // cfg.n_heads),
+                                  ("freqs_cis_mla", cfg.qk_rope_head_dim))}
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -588,13 +591,9 @@ def _decode_step(model: OpenMythos, tok: torch.Tensor, n_loops: Optional[int], l
     return model._logits(model._hidden(tok, n_loops, layers, 0, pos)[:, -1])
 
 
-_COMPILED_STEP: list = []
-
-
+@functools.cache
 def _compiled_decode_step():
-    if not _COMPILED_STEP:
-        _COMPILED_STEP.append(torch.compile(_decode_step, dynamic=False))
-    return _COMPILED_STEP[0]
+    return torch.compile(_decode_step, dynamic=False)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -37,6 +37,12 @@ from ._dispatch import choose, cpu_inference, interpreter_active
 from .linear import vecmat
 
 
+def _swiglu(hg: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a gate|up product [..., 2F] (the w13 layout) -> [..., F]."""
+    Fh = hg.shape[-1] // 2
+    return F.silu(hg[..., :Fh]) * hg[..., Fh:]
+
+
 def moe_route_reference(logits: torch.Tensor, router_bias: torch.Tensor, topk: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [N, E] (unbiased router output), router_bias: [E] ->
@@ -67,7 +73,6 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     """
     N, k = idx.shape
     D = x.shape[-1]
-    Fh = w2.shape[1]
     if N == 0:
         return x.new_zeros(0, D)
     flat = idx.reshape(-1)                                               # [N*k], pair n*k + j
@@ -83,7 +88,7 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     for e, c in enumerate(counts):
         if c:
             hg = xs[start:start + c] @ w13s[e]                               # [c, 2F]
-            segs.append((F.silu(hg[:, :Fh]) * hg[:, Fh:]) @ w2s[e])         # [c, D]
+            segs.append((_swiglu(hg)) @ w2s[e])         # [c, D]
             start += c
     ys = torch.cat(segs) if len(segs) > 1 else segs[0]
     y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, D)     # back to pair order
@@ -116,7 +121,6 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     if _pairable(x, idx, w13, w2):
         return _pairs_two_by_two(x, weights, idx, w13, w2)
     N, k = idx.shape
-    Fh = w2.shape[1]
     ids = idx.tolist()
     wts = weights.to(x.dtype)
     out = None
@@ -125,7 +129,7 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
         for n in range(N):
             e = ids[n][j]
             hg = vecmat(x[n:n + 1], w13[e])                                     # [1, 2F]
-            rows.append(vecmat(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e]))        # [1, D]
+            rows.append(vecmat(_swiglu(hg), w2[e]))        # [1, D]
         y = (torch.cat(rows) if N > 1 else rows[0]) * wts[:, j:j + 1]
         out = y if out is None else out + y
     return out
@@ -171,7 +175,7 @@ def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     y = x.new_empty(P, D)
     for src, dst, w in ((xs, hg, w13), (None, y, w2)):
         if src is None:
-            src = F.silu(hg[:, :Fh]) * hg[:, Fh:]                               # [P, F]
+            src = _swiglu(hg)                               # [P, F]
         for i in range(0, P - 1, 2):
             torch.bmm(src[i:i + 2].unsqueeze(1), _expert_pair(w, es[i], es[i + 1]),
                       out=dst[i:i + 2].unsqueeze(1))
@@ -220,7 +224,7 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     per-expert products of ~32 rows run at about half the rate; each pair reads its result back
     from its slot and the slots are summed in slot order, as in the reference."""
     N, k = idx.shape
-    E, D, Fh = w13.shape[0], x.shape[1], w2.shape[1]
+    E, D = w13.shape[0], x.shape[1]
     flat = idx.reshape(-1)
     e_sorted = flat[order]
     first = torch.cumsum(counts, 0) - counts                             # each expert's first pair
@@ -230,7 +234,7 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     for s in slot.view(N, k).unbind(1):
         slab.index_copy_(0, s, x)
     hg = torch.bmm(slab.view(E, cap, D), w13)                            # [E, cap, 2F]
-    y = torch.bmm(F.silu(hg[..., :Fh]) * hg[..., Fh:], w2)              # [E, cap, D]
+    y = torch.bmm(_swiglu(hg), w2)              # [E, cap, D]
     y = y.view(E * cap, D).index_select(0, slot).view(N, k, D) * weights.unsqueeze(-1).to(x.dtype)
     out = y[:, 0]
     for j in range(1, k):
@@ -281,7 +285,6 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     fewer than ``SMALL_SEGMENT`` rows use :func:`_segment_split`; larger ones go through oneDNN
     where ``dense`` would (see ``mythos_kernels.linear``), else ``torch.mm``."""
     k = idx.shape[1]
-    Fh = w2.shape[1]
     tok = order // k                                                     # token of each sorted pair
     xs = x.index_select(0, tok)
     ys = torch.empty_like(xs)
@@ -295,10 +298,10 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
                 _segment_split(xs[seg], w13[e], w2[e], ys[seg])
             elif dnn:
                 hg = _lin.onednn_linear(xs[seg], w13[e].t())                    # [c, 2F]
-                ys[seg] = _lin.onednn_linear(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e].t())
+                ys[seg] = _lin.onednn_linear(_swiglu(hg), w2[e].t())
             else:
                 hg = xs[seg] @ w13[e]
-                torch.mm(F.silu(hg[:, :Fh]) * hg[:, Fh:], w2[e], out=ys[seg])
+                torch.mm(_swiglu(hg), w2[e], out=ys[seg])
             start += c
     ys.mul_(weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1))
     return torch.zeros_like(x).index_add_(0, tok, ys)
@@ -732,11 +735,10 @@ def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tens
     serves only while that is at most the whole stack (``N * k <= E``, see
     :func:`moe_experts`). x [N, D], weights/idx [N, k] -> [N, D]."""
     N, k = idx.shape
-    Fh = w2.shape[1]
     flat = idx.reshape(-1)
     hg = torch.bmm(x.repeat_interleave(k, dim=0).unsqueeze(1),
                    w13.index_select(0, flat))                                  # [N*k, 1, 2F]
-    a = F.silu(hg[..., :Fh]) * hg[..., Fh:]
+    a = _swiglu(hg)
     y = torch.bmm(a, w2.index_select(0, flat)).view(N, k, -1)                   # [N, k, D]
     return (y * weights.unsqueeze(-1).to(y.dtype)).sum(1)
 

@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 
 import mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl  # noqa: E402
+from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
@@ -93,13 +93,7 @@ def main(argv=None) -> int:
         for fn in fns.values():
             fn()
         # interleaved: each round runs every variant once (this VM drifts between phases)
-        times: dict[str, list[float]] = {n: [] for n in fns}
-        for _ in range(args.steps):
-            for n, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[n].append(time.perf_counter() - t0)
-        for n, ts in times.items():
+        for n, ts in time_interleaved(fns, args.steps).items():
             row[f"{n}_ms"] = statistics.median(ts) * 1e3
             row[f"{n}_all_ms"] = [round(t * 1e3, 2) for t in ts]
     row.update(run_info("cpu"))
