@@ -187,7 +187,7 @@ def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     return torch.zeros_like(x).index_add_(0, tok, y)
 
 
-PAD_WASTE = 1.5  # the padded form computes at most this many times the real pair rows
+PAD_SEGMENT_ROWS = 24  # padded-form rule: what a sorted segment's calls and cold weights cost, in rows
 
 
 def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
@@ -196,12 +196,16 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     plain-torch forms (timings: the 2-core machine, mid config, one MoE call):
 
     - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs` (two pairs per bmm);
-    - balanced routing (padding every expert to the largest count costs at most ``PAD_WASTE``
-      times the real rows): :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
+    - balanced routing: :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
       13.2-13.4 ms -> 8.8-10.1 ms);
     - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
       reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), small
       segments split over the two cores and large ones through oneDNN (about 9 ms).
+
+    The padded form is taken when its slab (experts x the largest count) has at most the real
+    pair rows plus ``PAD_SEGMENT_ROWS`` per non-empty expert: each of the sorted form's segments
+    costs its own calls and a cold read of one expert's weights, which the padded form's
+    single bmm streams in one pass (:func:`_padded_is_cheaper`).
 
     One host read (the expert counts), as in the reference."""
     if idx.numel() <= FEW_PAIRS:
@@ -209,10 +213,20 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     flat = idx.reshape(-1)
     counts = torch.bincount(flat, minlength=w13.shape[0])
     order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
-    cap = int(counts.max())
-    if w13.shape[0] * cap <= PAD_WASTE * flat.numel():
-        return moe_experts_padded(x, weights, idx, w13, w2, counts, order, cap)
-    return moe_experts_sorted(x, weights, idx, w13, w2, counts.tolist(), order)
+    host = counts.tolist()
+    if _padded_is_cheaper(host, flat.numel()):
+        return moe_experts_padded(x, weights, idx, w13, w2, counts, order, max(host))
+    return moe_experts_sorted(x, weights, idx, w13, w2, host, order)
+
+
+def _padded_is_cheaper(counts: list[int], pairs: int) -> bool:
+    """:func:`moe_experts_cpu`'s choice: ``E * max(counts) <= pairs + PAD_SEGMENT_ROWS *
+    (non-empty experts)``. Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D
+    256-1024, F 64-512, 16-512 tokens, balanced to skewed; rows in
+    bench/results/cpu/moe_forms.jsonl): the chosen form's time summed 1.03x the faster form's,
+    worst case 1.40x; the former rule (slab at most 1.5x the pair rows) 1.11x, worst 3.5x (a
+    balanced E=128 top-8 routing sent to the sorted form)."""
+    return len(counts) * max(counts) <= pairs + PAD_SEGMENT_ROWS * (len(counts) - counts.count(0))
 
 
 def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,

@@ -327,6 +327,41 @@ def test_moe_balanced_routing_takes_padded_form(monkeypatch, N, k, E, D, Fh, dty
     torch.testing.assert_close(out, ref, **tol)
 
 
+def test_moe_uneven_busy_routing_takes_padded_form(monkeypatch):
+    """Every expert busy but one holding 3x the mean: the slab is 2.4x the pair rows (the former
+    1.5x rule sent this to the sorted form), within the rows PAD_SEGMENT_ROWS credits each of
+    the sorted form's segments."""
+    N, k, E, D, Fh = 40, 2, 16, 24, 8
+    idx = torch.cat([torch.zeros(12, dtype=torch.long), torch.arange(N * k - 12) % (E - 1) + 1])
+    idx = idx[torch.randperm(N * k)].view(N, k)
+    counts = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    assert min(counts) > 0 and E * max(counts) > 1.5 * N * k
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    weights = torch.softmax(torch.randn(N, k), -1)
+    padded, sorted_ = _spy(monkeypatch, "moe_experts_padded"), _spy(monkeypatch, "moe_experts_sorted")
+    with torch.no_grad():
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert padded and not sorted_
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts,pairs,padded", [
+    ([3] * 8, 24, True),                        # balanced: slab == pairs
+    ([1] * 64, 64, True),                       # one pair per expert
+    ([9, 1, 1, 1, 1, 1, 1, 1], 16, True),       # 72 <= 16 + 24 * 8
+    ([30, 1, 1, 0, 0, 0, 0, 0], 32, False),     # 240 > 32 + 24 * 3: few busy experts
+    ([0] * 63 + [40], 40, False),               # all on one expert: its segment alone
+    ([512] + [0] * 63, 512, False),
+])
+def test_moe_padded_rule(counts, pairs, padded):
+    """The rule itself: slab rows E * max(counts) against the pair rows plus PAD_SEGMENT_ROWS per
+    non-empty expert (its constant is what these cases are drawn around)."""
+    assert M.PAD_SEGMENT_ROWS == 24
+    assert M._padded_is_cheaper(counts, pairs) is padded
+
+
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_skewed_routing_takes_sorted_form(monkeypatch, idx_dtype, dtype):
@@ -665,7 +700,9 @@ def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
     N, k, E, Fh = 50, 2, 12, 7
     x = _rand(N, D, dtype=dtype)
     w13, w2 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2), _rand(E, Fh, D, dtype=dtype, scale=0.2)
-    idx = torch.stack([torch.randint(0, 3, (N,)), torch.randint(6, E, (N,))], 1)   # 3-5 empty
+    # slot 0 on experts 0-1 (one holds >= 25 rows), slot 1 on 6-11, 4-5 experts empty: the slab
+    # (>= 300 rows) exceeds 100 pairs + PAD_SEGMENT_ROWS * 8 = 292, so the sorted form runs
+    idx = torch.stack([torch.randint(0, 2, (N,)), torch.randint(6, E, (N,))], 1)
     weights = torch.softmax(torch.randn(N, k), -1).to(dtype)
     calls = _spy(monkeypatch, "_segment_split")
     sorted_ = _spy(monkeypatch, "moe_experts_sorted")
@@ -683,12 +720,13 @@ def test_moe_sorted_small_experts_keep_mm(monkeypatch):
     N, k, E, D, Fh = 50, 2, 12, 24, 7
     x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
     assert D * 2 * Fh < M.SPLIT_MIN_EXPERT
-    idx = torch.stack([torch.randint(0, 3, (N,)), torch.randint(6, E, (N,))], 1)
+    idx = torch.stack([torch.randint(0, 2, (N,)), torch.randint(6, E, (N,))], 1)   # sorted form
     weights = torch.softmax(torch.randn(N, k), -1)
     calls = _spy(monkeypatch, "_segment_split")
+    sorted_ = _spy(monkeypatch, "moe_experts_sorted")
     with torch.no_grad():
         out = K.moe_experts(x, weights, idx, w13, w2)
-    assert not calls
+    assert sorted_ and not calls
     torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
                                rtol=1e-5, atol=1e-6)
 
