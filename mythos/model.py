@@ -489,10 +489,15 @@ class OpenMythos(nn.Module):
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
                 it needs a C++ compiler). The first call per model and shape compiles (tens of
                 seconds); later calls reuse it. Same tokens as the eager step within fp32
-                rounding. Measured on the 2-core CPU (mid config, B=1): 16-19 ms per step
-                against 19-22 ms eager (``tools/cpu_compile_probe.py``). On the references a
-                batch with more (token, slot) pairs than experts splits the graph at the MoE
-                (its reference reads expert counts on the host): still correct, less gain.
+                rounding. On the CPU the compiled step keeps the eager CPU forms that matter
+                for decode: the head multiplies its cached transposed copy (passed in as an
+                input) and the few-row projections run split over two cores
+                (``K.compiled_split``, when torch has at least two threads). Measured on the
+                2-core CPU (mid config, B=1, ``tools/cpu_compile_probe.py``): ~8 ms per step
+                against ~16 ms compiled without those forms and 19-22 ms eager. On the
+                references a batch with more (token, slot) pairs than experts splits the graph
+                at the MoE (its reference reads expert counts on the host): still correct, less
+                gain.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
@@ -543,10 +548,30 @@ class OpenMythos(nn.Module):
         run = step
         if compiled:
             layers = dict(cache)  # a plain dict of the filled layer caches: traceable lookups
-            compiled_step = _compiled_decode_step()
+            compiled_step = _compiled_decode_step(fx_graph_cache=not _GRAPH_CACHE_FAILED)
+            # the CPU decode forms compiled code can take: the head's transposed copy as an
+            # input (None elsewhere) and the split few-row products (mythos_kernels.linear)
+            head_t = K.decode_head_weight(self.head.weight) if input_ids.is_cpu else None
+            split = input_ids.is_cpu and K.two_threads()
+
+            from torch._dynamo.exc import BackendCompilerFailed
 
             def run() -> torch.Tensor:
-                return compiled_step(self, tok, n_loops, layers, pos)
+                nonlocal compiled_step
+                with K.compiled_split(split):
+                    try:
+                        return compiled_step(self, tok, n_loops, layers, pos, head_t)
+                    except BackendCompilerFailed as exc:
+                        uncached = _compiled_decode_step(fx_graph_cache=False)
+                        if compiled_step is uncached:
+                            raise
+                        warnings.warn("generate(compiled=True): inductor failed to build the "
+                                      f"decode step ({type(exc).__name__}); compiling it again "
+                                      "without its on-disk graph cache", RuntimeWarning,
+                                      stacklevel=3)
+                        _GRAPH_CACHE_FAILED.append(True)   # later calls skip the cache too
+                        compiled_step = uncached
+                        return compiled_step(self, tok, n_loops, layers, pos, head_t)
         if cuda_graph:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -585,15 +610,35 @@ class OpenMythos(nn.Module):
 
 
 def _decode_step(model: OpenMythos, tok: torch.Tensor, n_loops: Optional[int], layers: dict,
-                 pos: torch.Tensor) -> torch.Tensor:
+                 pos: torch.Tensor, head_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """generate()'s static decode step as a free function, compiled once per process (Dynamo
-    then keeps one graph per model, batch, loop count and cache capacity)."""
-    return model._logits(model._hidden(tok, n_loops, layers, 0, pos)[:, -1])
+    then keeps one graph per model, batch, loop count and cache capacity). ``head_t``: the head
+    weight's transposed copy (``K.decode_head_weight``), multiplied instead of the head when
+    given."""
+    h = model._hidden(tok, n_loops, layers, 0, pos)[:, -1]
+    if head_t is None:
+        return model._logits(h)
+    return K.lm_head_transposed(model.norm(h), head_t)
+
+
+_GRAPH_CACHE_FAILED: list = []   # non-empty once a cached build failed in this process
 
 
 @functools.cache
-def _compiled_decode_step():
-    return torch.compile(_decode_step, dynamic=False)
+def _compiled_decode_step(fx_graph_cache: bool = True):
+    """The compiled ``_decode_step`` (one per process and cache setting). Inductor's CPU vector
+    ISA is resolved first, in this thread: on this project's machine a process that loaded the
+    step from inductor's on-disk cache twice got C++ kernels built without the ISA's flags for
+    code generated with them ('at::vec has not been declared'), unreproducible in isolation;
+    generate() retries with ``fx_graph_cache=False`` (no on-disk graph cache) should it recur."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        pick_vec_isa()
+    except Exception:  # noqa: BLE001 - a private helper: without it inductor picks on its own
+        pass
+    if fx_graph_cache:
+        return torch.compile(_decode_step, dynamic=False)
+    return torch.compile(_decode_step, dynamic=False, options={"fx_graph_cache": False})
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

@@ -16,11 +16,15 @@ from ._registry import KernelConfig, register_kernel, registered_kernels
 from .attention import attention, attention_reference, causal_mask
 from .linear import (
     clear_weight_copies,
+    compiled_split,
+    decode_head_weight,
     dense,
     lm_head,
     lm_head_reference,
+    lm_head_transposed,
     packable,
     shared_swiglu_packed,
+    two_threads,
     weight_copies_enabled,
 )
 from .mla import mla_decompress, mla_decompress_reference
@@ -64,7 +68,8 @@ __all__ = [
     "reset_dispatch_counts", "set_backend", "triton_available", "use_backend",
     "KernelConfig", "register_kernel", "registered_kernels",
     "attention", "attention_reference", "causal_mask",
-    "clear_weight_copies", "dense", "lm_head", "lm_head_reference", "packable",
+    "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "lm_head",
+    "lm_head_reference", "lm_head_transposed", "packable", "two_threads",
     "shared_swiglu_packed", "weight_copies_enabled",
     "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",

@@ -33,17 +33,25 @@ elements or products of at least 2^24 multiply-adds (smaller ones run slower thr
 sums are blocked differently (relative error vs fp64 4e-7 against MKL's 2.4e-7).
 ``$MYTHOS_CPU_ONEDNN=0`` turns it off; torch builds without the op (checked once, against
 ``F.linear``) use ``F.linear``.
+
+Inside ``torch.compile`` these forms are off by default (their caches of derived weights and the
+thread count cannot be traced): code being compiled sees plain ``F.linear``. A caller that
+compiles a decode step can still have them (``generate(..., compiled=True)`` does): it passes
+the head's transposed copy (:func:`decode_head_weight`) into the compiled function as an input
+and multiplies with :func:`lm_head_transposed`, and runs the compiled function inside
+:func:`compiled_split` so that ``dense`` traces the split product (Dynamo guards on the switch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, cpu_inference
+from ._dispatch import _compiling, choose, cpu_inference
 
 VOCAB_BLOCK = 4096
 DECODE_ROWS = 64
@@ -172,6 +180,28 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return lm_head_reference(x, weight)
 
 
+def decode_head_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """The head's cached transposed copy [D, V] that decode multiplies on the CPU (see the module
+    docstring), for a caller to pass into compiled code (which cannot use the cache); None where
+    decode would not use it (not CPU or not fp32, a vocabulary of at most ``VOCAB_BLOCK``, weight
+    copies off, an inference tensor, autograd on)."""
+    if not (weight.dim() == 2 and weight.dtype == torch.float32 and weight.shape[0] > VOCAB_BLOCK
+            and cpu_inference(weight) and weight_copies_enabled() and not weight.is_inference()):
+        return None
+    return _transposed(weight)
+
+
+def lm_head_transposed(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
+    """``lm_head(x, weight)`` given :func:`decode_head_weight`'s copy ``weight_t`` [D, V]:
+    ``x @ weight_t``, which reads the weight at about 2.5x the rate of ``x @ W^T`` for one row
+    (module docstring). Traceable by ``torch.compile``."""
+    choose("lm_head", x, weight_t, has_kernel=False)
+    if x.shape[-1] != weight_t.shape[0]:
+        raise ValueError(f"lm_head_transposed: x's last dim {x.shape[-1]} != the transposed "
+                         f"weight's rows {weight_t.shape[0]}")
+    return x @ weight_t
+
+
 def two_threads() -> bool:
     """Whether torch runs at least two intra-op threads: the split (one half per core) forms
     need them. With one thread the halves run in turn and only add calls (measured, mid config
@@ -180,15 +210,37 @@ def two_threads() -> bool:
     return torch.get_num_threads() >= 2
 
 
+_COMPILED_SPLIT = False   # see compiled_split
+
+
+@contextlib.contextmanager
+def compiled_split(enabled: bool = True):
+    """Within this context, code traced by ``torch.compile`` with autograd off takes ``dense``'s
+    split product (CPU, few rows) like eager code does; outside it, compiled code gets plain
+    ``F.linear``. The caller decides because the thread count cannot be read while tracing
+    (``generate(..., compiled=True)`` passes :func:`two_threads`); Dynamo guards on the switch,
+    so a change recompiles. Not thread-safe: it sets a module-level switch."""
+    global _COMPILED_SPLIT
+    before, _COMPILED_SPLIT = _COMPILED_SPLIT, bool(enabled)
+    try:
+        yield
+    finally:
+        _COMPILED_SPLIT = before
+
+
 def _split_rows_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``dense`` takes the split matrix-vector path (see the module docstring)."""
     N = weight.shape[0]
-    return (x.dtype == weight.dtype == torch.float32
+    if not (x.dtype == weight.dtype == torch.float32
             and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
             and N % 2 == 0 and N >= SPLIT_MIN_OUT and weight.numel() >= SPLIT_MIN_WEIGHT
             and weight.is_contiguous()
-            and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]
-            and cpu_inference(x, weight) and two_threads())   # after: not traced by compile
+            and 0 < x.numel() <= SPLIT_ROWS * x.shape[-1]):
+        return False
+    if _compiling():   # the thread count is the caller's call (compiled_split)
+        return (_COMPILED_SPLIT and x.device.type == weight.device.type == "cpu"
+                and not torch.is_grad_enabled())
+    return cpu_inference(x, weight) and two_threads()   # after: not traced by compile
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

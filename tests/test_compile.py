@@ -122,3 +122,111 @@ def test_generate_compiled_bad_combinations():
         m.generate(p, 2, compiled=True, cuda_graph=True)
     with pytest.raises(ValueError, match="static"):
         m.generate(p, 2, compiled=True, static=False)
+
+
+def _graph_ops(record: list):
+    """A torch.compile backend that records each graph's call targets and runs it eagerly."""
+    def backend(gm, example_inputs):
+        record.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    return backend
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_dense_split_in_compiled_code_only_when_enabled(split):
+    """Compiled code traces dense()'s split product (one bmm over the weight's two row halves)
+    only inside K.compiled_split(True) with autograd off; otherwise plain F.linear. Same numbers
+    either way; a change of the switch recompiles rather than reusing the other graph."""
+    import mythos_kernels as K
+    from mythos_kernels import linear as L
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(130, 128, generator=g)                 # 16640 elements: over the floor
+    x = torch.randn(1, 3, 128, generator=g)
+    assert w.numel() >= L.SPLIT_MIN_WEIGHT
+    ops: list = []
+    f = torch.compile(lambda a: K.dense(a, w), backend=_graph_ops(ops), fullgraph=True)
+    with torch.no_grad(), K.compiled_split(split):
+        out = f(x)
+    assert ("bmm" in " ".join(ops)) is split
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+    ops.clear()
+    with torch.no_grad(), K.compiled_split(not split):
+        f(x)
+    assert ("bmm" in " ".join(ops)) is (not split)
+    ops.clear()
+    with K.compiled_split(True):                           # autograd on: never split
+        torch.compile(lambda a: K.dense(a, w), backend=_graph_ops(ops), fullgraph=True)(
+            x.requires_grad_())
+    assert "bmm" not in " ".join(ops)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn):
+    """The step generate(compiled=True) compiles on the CPU: the head's transposed copy passed in
+    (K.decode_head_weight, multiplied by K.lm_head_transposed) and the split products traced
+    (K.compiled_split); one graph (fullgraph), the eager step's logits. Dims above the CPU
+    forms' size floors."""
+    import mythos_kernels as K
+    from mythos.cache import MythosCache
+    from mythos.model import _decode_step
+
+    torch._dynamo.reset()
+    kw = tiny_kwargs(attn, dim=132, n_heads=6, n_kv_heads=3, vocab_size=4099, expert_dim=130,
+                    q_lora_rank=130)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    ids = torch.randint(0, kw["vocab_size"], (1, 6))
+    ops: list = []
+    with torch.no_grad(), mythos.use_backend("reference"):
+        cache = MythosCache(12)
+        m._hidden(ids, 3, cache, 0)
+        layers = dict(cache)
+        tok = ids[:, -1:].clone()
+        pos = torch.full((1,), 6, dtype=torch.long)
+        head_t = K.decode_head_weight(m.head.weight)
+        assert head_t is not None and head_t.shape == (132, 4099)
+        ref = _decode_step(m, tok, 3, layers, pos)
+        bmms = {}
+        for split in (False, True):
+            ops.clear()
+            with K.compiled_split(split):
+                out = torch.compile(_decode_step, backend=_graph_ops(ops), fullgraph=True)(
+                    m, tok, 3, layers, pos, head_t)
+            assert_close(f"compiled decode step (split {split})", ref, out, 1e-5)
+            bmms[split] = sum("bmm" in op for op in ops)
+    assert bmms[True] > bmms[False]          # the projections' split products were traced
+
+
+def test_generate_compiled_retries_without_graph_cache(monkeypatch):
+    """If inductor fails to build the cached decode step (BackendCompilerFailed), generate warns,
+    recompiles without the on-disk graph cache, and later calls go straight to that one; the
+    tokens are the eager ones. (The failing and the retried compiles are stand-ins here.)"""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    import mythos.model as MM
+
+    calls = {"cached": 0, "uncached": 0}
+
+    def failing(*a):
+        calls["cached"] += 1
+        raise BackendCompilerFailed(lambda *x: None, RuntimeError("C++ compile error"), None)
+
+    def uncached(*a):
+        calls["uncached"] += 1
+        return MM._decode_step(*a)
+
+    monkeypatch.setattr(MM, "_GRAPH_CACHE_FAILED", [])
+    monkeypatch.setattr(MM, "_compiled_decode_step",
+                        lambda fx_graph_cache=True: failing if fx_graph_cache else uncached)
+    torch.manual_seed(0)
+    kw = tiny_kwargs("mla")
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    p = torch.randint(0, kw["vocab_size"], (2, 5))
+    with pytest.warns(RuntimeWarning, match="without its on-disk graph cache"):
+        out = m.generate(p, 6, n_loops=3, top_k=1, compiled=True)
+    assert torch.equal(out, m.generate(p, 6, n_loops=3, top_k=1))
+    assert calls["cached"] == 1 and calls["uncached"] == 5
+    m.generate(p, 3, n_loops=3, top_k=1, compiled=True)     # no second failure, no warning
+    assert calls["cached"] == 1 and calls["uncached"] == 7

@@ -786,3 +786,31 @@ def test_one_thread_takes_no_split_forms(monkeypatch):
     finally:
         torch.set_num_threads(prev)
     assert L.two_threads() == (prev >= 2)
+
+
+def test_decode_head_weight_and_transposed_head(monkeypatch):
+    """decode_head_weight: the cached [D, V] copy decode multiplies (the same tensor on a second
+    call, remade after the weight changes); None where decode would not use it.
+    lm_head_transposed(x, copy) equals the head; a mismatched copy raises before computing."""
+    V, D = L.VOCAB_BLOCK + 3, 40
+    w = _rand(V, D, scale=0.1)
+    x = _rand(3, D)
+    with torch.no_grad():
+        t = K.decode_head_weight(w)
+        assert t is not None and t.shape == (D, V) and t.is_contiguous()
+        assert K.decode_head_weight(w) is t
+        torch.testing.assert_close(K.lm_head_transposed(x, t), F.linear(x, w), rtol=1e-5,
+                                   atol=1e-5)
+        w.mul_(2)
+        t2 = K.decode_head_weight(w)
+        torch.testing.assert_close(t2, w.t())
+        assert K.decode_head_weight(_rand(L.VOCAB_BLOCK, D)) is None          # small vocab
+        assert K.decode_head_weight(w.to(torch.bfloat16)) is None
+        with pytest.raises(ValueError, match="last dim"):
+            K.lm_head_transposed(_rand(3, D + 1), t2)
+    assert K.decode_head_weight(w.clone().requires_grad_()) is None           # autograd on
+    with torch.inference_mode():
+        assert K.decode_head_weight(_rand(V, D)) is None                       # no version
+    monkeypatch.setenv("MYTHOS_CPU_WEIGHT_COPIES", "0")
+    with torch.no_grad():
+        assert K.decode_head_weight(w) is None                                 # copies off

@@ -1,4 +1,4 @@
-"""Probe for issue 2's generate target: would a compiled CPU decode step beat the eager one?
+"""Probe for issue 2's generate target: the compiled CPU decode step against the eager one.
 
 Mid config, B=1, a 64-token prompt prefilled into a preallocated cache, then per-token decode
 steps timed four ways, in one process:
@@ -6,14 +6,16 @@ steps timed four ways, in one process:
 - ``eager``: generate()'s CPU step (append to the cache, attend over the valid prefix);
 - ``eager_static``: the static-shape step (write by position tensor, attend over the whole
   cache with a mask), the step a CUDA graph captures;
-- ``compiled``: that static step through ``torch.compile`` (inductor, C++ codegen);
-- ``compiled_frozen``: the same with ``torch._inductor.config.freezing`` (weights as constants,
-  prepacked for oneDNN).
+- ``compiled_plain``: that static step through ``torch.compile`` (inductor, C++ codegen) as
+  compiled code sees it by default: plain ``F.linear`` products, the head as ``x @ W^T``;
+- ``compiled``: the step ``generate(..., compiled=True)`` runs: the same, plus the head's
+  transposed copy passed in as an input (``K.decode_head_weight`` / ``lm_head_transposed``)
+  and the split few-row products traced (``K.compiled_split``).
 
 Under compile the reference MoE takes its traceable gather form for decode-sized batches
-(``mythos_kernels.moe.moe_experts_gathered``; the sorted form reads expert counts on the host),
-so the whole step is one graph: the step ``generate(..., compiled=True)`` runs, plus a frozen
-variant. The four run interleaved, one call each per round.
+(``mythos_kernels.moe.moe_experts_gathered``), so each compiled step is one graph. The four run
+interleaved, one call each per round. (Rows before this form also timed ``compiled_frozen``,
+the plain step with inductor's ``freezing``: 14.9-16.0 ms against 15.8-18.7 compiled_plain.)
 Appends one JSON row to bench/results/cpu/compile_probe.jsonl.
 
     python tools/cpu_compile_probe.py [--steps 20]
@@ -33,10 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import mythos  # noqa: E402
+import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
+from mythos.model import _decode_step  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,8 +49,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
                                                   "compile_probe.jsonl"))
     args = ap.parse_args(argv)
-    import torch._inductor.config as inductor_config
-
     torch.manual_seed(0)
     m = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()
     prompt, n_loops = 64, 8
@@ -74,22 +76,27 @@ def main(argv=None) -> int:
         def static():
             return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
 
-        def static_frozen():
+        def static_plain():
             return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
 
         ref = static()
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        fns = {"eager": eager, "eager_static": static}
-        for name, fn, freeze in (("compiled", static, False),
-                                 ("compiled_frozen", static_frozen, True)):
-            inductor_config.freezing = freeze
-            step = torch.compile(fn, dynamic=False)
+        head_t = K.decode_head_weight(m.head.weight)
+        split = K.two_threads()
+        gen_step = torch.compile(_decode_step, dynamic=False)
+
+        def compiled():
+            with K.compiled_split(split):
+                return gen_step(m, tok, n_loops, plain, p, head_t)
+
+        fns = {"eager": eager, "eager_static": static,
+               "compiled_plain": torch.compile(static_plain, dynamic=False),
+               "compiled": compiled}
+        for name in ("compiled_plain", "compiled"):
             t0 = time.perf_counter()
-            out = step()
+            out = fns[name]()
             row[f"{name}_compile_s"] = round(time.perf_counter() - t0, 1)
             row[f"{name}_rel_err"] = float((out - ref).norm() / ref.norm())
-            fns[name] = step
-        inductor_config.freezing = False
         for fn in fns.values():
             fn()
         # interleaved: each round runs every variant once (this VM drifts between phases)
