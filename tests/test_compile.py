@@ -10,6 +10,18 @@ from conftest import assert_close, tiny_kwargs
 import mythos
 
 
+def _step_inputs(m, ids, n_loops: int = 3):
+    """generate()'s static decode-step inputs after prefilling ``ids`` (call under no_grad):
+    the layer caches as a plain dict, the last token, its position tensor."""
+    from mythos.cache import MythosCache
+
+    T = ids.shape[1]
+    cache = MythosCache(T + 6)
+    m._hidden(ids, n_loops, cache, 0)
+    return dict(cache), ids[:, -1:].clone(), torch.full((1,), T, dtype=torch.long,
+                                                        device=ids.device)
+
+
 @pytest.mark.slow
 def test_compiled_forward_matches_eager():
     torch._dynamo.reset()
@@ -56,7 +68,6 @@ def test_static_decode_step_is_one_graph(attn):
     """generate()'s static decode step (the one a CUDA graph captures) traces with fullgraph=True
     on the Triton path: no graph break anywhere in a token's forward, as issue 6 asks of a
     torch.compile-friendly generate; and it gives the eager logits."""
-    from mythos.cache import MythosCache
     from mythos.model import _decode_step
 
     torch._dynamo.reset()
@@ -65,11 +76,7 @@ def test_static_decode_step_is_one_graph(attn):
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).cuda().eval()
     ids = torch.randint(0, kw["vocab_size"], (2, 6), device="cuda")
     with torch.no_grad(), mythos.use_backend("triton"):
-        cache = MythosCache(12)
-        m._hidden(ids, 3, cache, 0)
-        layers = dict(cache)        # as generate(compiled=True) passes the layer caches
-        tok = ids[:, -1:].clone()
-        pos = torch.full((1,), 6, dtype=torch.long, device="cuda")
+        layers, tok, pos = _step_inputs(m, ids)
         ref = _decode_step(m, tok, 3, layers, pos)
         out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
     assert_close("compiled decode step", ref, out, 1e-5)
@@ -79,7 +86,6 @@ def test_static_decode_step_is_one_graph(attn):
 def test_cpu_static_decode_step_is_one_graph(attn):
     """On the CPU, on the references, generate()'s static decode step traces as one graph
     (fullgraph): the MoE takes its traceable gather form for decode-sized batches."""
-    from mythos.cache import MythosCache
     from mythos.model import _decode_step
 
     torch._dynamo.reset()
@@ -88,11 +94,7 @@ def test_cpu_static_decode_step_is_one_graph(attn):
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     ids = torch.randint(0, kw["vocab_size"], (2, 6))
     with torch.no_grad(), mythos.use_backend("reference"):
-        cache = MythosCache(12)
-        m._hidden(ids, 3, cache, 0)
-        layers = dict(cache)
-        tok = ids[:, -1:].clone()
-        pos = torch.full((1,), 6, dtype=torch.long)
+        layers, tok, pos = _step_inputs(m, ids)
         ref = _decode_step(m, tok, 3, layers, pos)
         out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
     assert_close("compiled decode step", ref, out, 1e-5)
@@ -169,7 +171,6 @@ def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn):
     (K.compiled_split); one graph (fullgraph), the eager step's logits. Dims above the CPU
     forms' size floors."""
     import mythos_kernels as K
-    from mythos.cache import MythosCache
     from mythos.model import _decode_step
 
     torch._dynamo.reset()
@@ -180,11 +181,7 @@ def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn):
     ids = torch.randint(0, kw["vocab_size"], (1, 6))
     ops: list = []
     with torch.no_grad(), mythos.use_backend("reference"):
-        cache = MythosCache(12)
-        m._hidden(ids, 3, cache, 0)
-        layers = dict(cache)
-        tok = ids[:, -1:].clone()
-        pos = torch.full((1,), 6, dtype=torch.long)
+        layers, tok, pos = _step_inputs(m, ids)
         head_t = K.decode_head_weight(m.head.weight)
         assert head_t is not None and head_t.shape == (132, 4099)
         ref = _decode_step(m, tok, 3, layers, pos)
