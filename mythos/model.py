@@ -626,11 +626,14 @@ _GRAPH_CACHE_FAILED: list = []   # non-empty once a cached build failed in this 
 
 @functools.cache
 def _compiled_decode_step(fx_graph_cache: bool = True):
-    """The compiled ``_decode_step`` (one per process and cache setting). Inductor's CPU vector
-    ISA is resolved first, in this thread: on this project's machine a process that loaded the
-    step from inductor's on-disk cache twice got C++ kernels built without the ISA's flags for
-    code generated with them ('at::vec has not been declared'), unreproducible in isolation;
-    generate() retries with ``fx_graph_cache=False`` (no on-disk graph cache) should it recur."""
+    """The compiled ``_decode_step`` (one per process and cache setting).
+
+    On this project's machine, twice, a process that loaded the step from inductor's on-disk
+    graph cache rebuilt its C++ kernels without the vector ISA's flags they were generated for
+    ('at::vec has not been declared'); the same sequence passed when repeated, and a fresh
+    cache never failed. So inductor's CPU ISA is resolved here first, in this thread (cheap; a
+    guess at a race, not a proven cure), and generate() retries with ``fx_graph_cache=False``
+    (no on-disk graph cache) if the build fails anyway."""
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
         pick_vec_isa()

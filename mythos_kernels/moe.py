@@ -224,7 +224,7 @@ def _padded_is_cheaper(counts: list[int], pairs: int) -> bool:
     (non-empty experts)``. Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D
     256-1024, F 64-512, 16-512 tokens, balanced to skewed; rows in
     bench/results/cpu/moe_forms.jsonl): the chosen form's time summed 1.03x the faster form's,
-    worst case 1.40x; the former rule (slab at most 1.5x the pair rows) 1.11x, worst 3.5x (a
+    worst case 1.33x; the former rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a
     balanced E=128 top-8 routing sent to the sorted form)."""
     return len(counts) * max(counts) <= pairs + PAD_SEGMENT_ROWS * (len(counts) - counts.count(0))
 
