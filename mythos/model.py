@@ -497,7 +497,10 @@ class OpenMythos(nn.Module):
                 against ~16 ms compiled without those forms and 19-22 ms eager. On the
                 references a batch with more (token, slot) pairs than experts splits the graph
                 at the MoE (its reference reads expert counts on the host): still correct, less
-                gain.
+                gain. Dynamo compiles the step again for each model instance, batch size, loop
+                count and cache capacity, up to ``torch._dynamo.config.recompile_limit`` (8 by
+                default) per process; past that it runs the step eagerly (torch logs a
+                warning), same tokens, eager speed.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
