@@ -497,10 +497,11 @@ class OpenMythos(nn.Module):
                 against ~16 ms compiled without those forms and 19-22 ms eager. On the
                 references a batch with more (token, slot) pairs than experts splits the graph
                 at the MoE (its reference reads expert counts on the host): still correct, less
-                gain. Dynamo compiles the step again for each model instance, batch size, loop
-                count and cache capacity, up to ``torch._dynamo.config.recompile_limit`` (8 by
-                default) per process; past that it runs the step eagerly (torch logs a
-                warning), same tokens, eager speed.
+                gain. Dynamo compiles the step again for each model configuration (another
+                instance of the same config reuses it), batch size, loop count and cache
+                capacity, up to ``torch._dynamo.config.recompile_limit`` (8 by default) per
+                process; past that it runs the step eagerly (torch logs a warning), same
+                tokens, eager speed.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
@@ -615,7 +616,8 @@ class OpenMythos(nn.Module):
 def _decode_step(model: OpenMythos, tok: torch.Tensor, n_loops: Optional[int], layers: dict,
                  pos: torch.Tensor, head_t: Optional[torch.Tensor] = None) -> torch.Tensor:
     """generate()'s static decode step as a free function, compiled once per process (Dynamo
-    then keeps one graph per model, batch, loop count and cache capacity). ``head_t``: the head
+    then keeps one graph per model configuration, batch, loop count and cache capacity; a new
+    instance of a configuration reuses its graph). ``head_t``: the head
     weight's transposed copy (``K.decode_head_weight``), multiplied instead of the head when
     given."""
     h = model._hidden(tok, n_loops, layers, 0, pos)[:, -1]
