@@ -44,6 +44,20 @@ MID = dict(vocab_size=32000, dim=512, n_heads=8, attn_type="mla", kv_lora_rank=1
            n_experts=64, n_experts_per_tok=4, expert_dim=128, n_shared_experts=2,
            prelude_layers=1, coda_layers=1, max_loop_iters=8, act_threshold=100.0,
            max_seq_len=1024)
+# the CPU comparisons' other configurations (tools/cpu_config_sweep.py, cpu_compare.py --config)
+CPU_CONFIGS = {
+    "tiny-gqa": dict(vocab_size=300, dim=64, n_heads=4, n_kv_heads=2, attn_type="gqa",
+                     n_experts=8, n_experts_per_tok=2, expert_dim=32, n_shared_experts=1,
+                     max_loop_iters=4, max_seq_len=256),
+    "small-mla": dict(vocab_size=1000, dim=256, n_heads=4, max_seq_len=512, max_loop_iters=4,
+                      kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                      v_head_dim=32, n_experts=16, n_experts_per_tok=2, expert_dim=64,
+                      n_shared_experts=1),
+    "mid-gqa": dict(MID, attn_type="gqa", n_kv_heads=2),
+    "mid-8-experts": dict(MID, n_experts=8, n_experts_per_tok=2, expert_dim=512,
+                          n_shared_experts=1),
+    "wide-768": dict(MID, dim=768, n_heads=12, vocab_size=8000, n_experts=16, expert_dim=256),
+}
 # open-mythos's mythos_1b dims (D = F = 2048, 64 experts top-4) for GPU runs, every loop runs.
 GPU_1B = dict(vocab_size=32000, dim=2048, n_heads=16, n_kv_heads=4, attn_type="mla",
               kv_lora_rank=256, q_lora_rank=512, qk_rope_head_dim=32, qk_nope_head_dim=64,

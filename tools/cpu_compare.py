@@ -2,7 +2,10 @@
 0.5.0 in one process, interleaved repetitions, medians. Appends one JSON row per suite to
 bench/results/cpu/compare.jsonl.
 
-    python tools/cpu_compare.py [--reps 9] [--compiled]
+    python tools/cpu_compare.py [--reps 9] [--compiled] [--config mid]
+
+``--config`` takes another of the CPU comparison configurations (``bench.model.CPU_CONFIGS``:
+tiny-gqa, small-mla, mid-gqa, mid-8-experts, wide-768) instead of the issue's mid config.
 
 ``--compiled`` adds a suite with mythos's ``generate(..., compiled=True)`` (the decode step through
 torch.compile; its first call, which compiles, is a warm-up outside the timing), interleaved
@@ -25,13 +28,14 @@ import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl, time_interleaved  # noqa: E402
-from bench.model import MID  # noqa: E402
+from bench.model import CPU_CONFIGS, MID  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--compiled", action="store_true")
+    ap.add_argument("--config", default="mid", choices=["mid", *CPU_CONFIGS])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "compare.jsonl"))
     args = ap.parse_args(argv)
     om, _why = load_open_mythos()
@@ -39,7 +43,7 @@ def main(argv=None) -> int:
         print("open-mythos 0.5.0 is not installed: pip install --no-deps open-mythos==0.5.0")
         return 1
     torch.manual_seed(0)
-    kw = dict(MID)
+    kw = dict(MID if args.config == "mid" else CPU_CONFIGS[args.config])
     a = om.OpenMythos(om.MythosConfig(**kw)).eval()
     b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     b.load_state_dict(a.state_dict())
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
                      "speedup_median": statistics.median(ga) / statistics.median(gb)})
     info = run_info(torch.device("cpu"))
     for r in rows:
-        r.update(info)
+        r.update(config=args.config, **info)
     append_jsonl(args.out, rows)
     for r in rows:
         print(f"{r['suite']:17s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"

@@ -22,21 +22,7 @@ import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl, time_interleaved  # noqa: E402
-from bench.model import MID  # noqa: E402
-
-CONFIGS = {
-    "tiny-gqa": dict(vocab_size=300, dim=64, n_heads=4, n_kv_heads=2, attn_type="gqa",
-                     n_experts=8, n_experts_per_tok=2, expert_dim=32, n_shared_experts=1,
-                     max_loop_iters=4, max_seq_len=256),
-    "small-mla": dict(vocab_size=1000, dim=256, n_heads=4, max_seq_len=512, max_loop_iters=4,
-                      kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32,
-                      v_head_dim=32, n_experts=16, n_experts_per_tok=2, expert_dim=64,
-                      n_shared_experts=1),
-    "mid-gqa": dict(MID, attn_type="gqa", n_kv_heads=2),
-    "mid-8-experts": dict(MID, n_experts=8, n_experts_per_tok=2, expert_dim=512,
-                          n_shared_experts=1),
-    "wide-768": dict(MID, dim=768, n_heads=12, vocab_size=8000, n_experts=16, expert_dim=256),
-}
+from bench.model import CPU_CONFIGS  # noqa: E402
 
 
 class _Decoder:
@@ -75,7 +61,7 @@ def main(argv=None) -> int:
         return 1
     info = run_info(torch.device("cpu"))
     rows = []
-    for name, kw in CONFIGS.items():
+    for name, kw in CPU_CONFIGS.items():
         torch.manual_seed(0)
         a = om.OpenMythos(om.MythosConfig(**kw)).eval()
         b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
