@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run only the model-level suites (mythos vs open-mythos)")
     ap.add_argument("--no-model", dest="model", action="store_false",
                     help="skip the model-level suites")
-    ap.add_argument("--suites", help="model suites: prefill,decode,generate (default all)")
+    ap.add_argument("--suites", help="model suites: prefill,decode,generate,generate_compiled "
+                    "(default all; the compiled one is in the full plans only)")
     ap.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--compile", action="store_true",
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
         left = None
         if args.time_budget is not None:
             left = max(0.0, args.time_budget - (time.perf_counter() - t0))
-        suites = tuple(_csv(args.suites) or ("prefill", "decode", "generate"))
+        suites = tuple(_csv(args.suites) or ("prefill", "decode", "generate",
+                                              "generate_compiled"))
         run_model_suite(level, device, out_path=results, suites=suites,
                         progress=not args.quiet, time_budget_s=left)
     print(f"\nresults appended to {results}")

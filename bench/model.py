@@ -7,6 +7,10 @@
                   Rows over several contexts show how the step cost grows with the cache.
 * ``generate`` -- ``model.generate(prompt, max_new_tokens, n_loops)`` end to end (prefill + sampled
                   decode); tokens/s = B*new/t.
+* ``generate_compiled`` -- mythos only, ``generate(..., compiled=True)`` (the decode step
+                  through torch.compile; the warm-up call compiles, outside the timing), its
+                  speedup against open-mythos's ``generate`` row of the same shape. ``full``
+                  plans only (compiling takes tens of seconds).
 
 Both models are built from one config, open-mythos's weights are loaded into mythos
 (``load_state_dict``). ``act_threshold`` is set so high that every loop runs in both models (no ACT
@@ -75,7 +79,7 @@ PLANS: dict[tuple[str, str], dict[str, Any]] = {
     ("full", "cpu"): dict(config="mid", dtype=torch.float32,
                           prefill=[(1, 256), (2, 256), (2, 512)],
                           decode=[(1, 64), (1, 256), (1, 512), (4, 64), (4, 256)],
-                          generate=[(1, 64, 32), (4, 64, 32)],
+                          generate=[(1, 64, 32), (4, 64, 32)], generate_compiled=[(1, 64, 32)],
                           decode_steps=8, warm_steps=2, reps=3, warmup=1),
     ("quick", "cuda"): dict(config="1b", dtype=torch.bfloat16, prefill=[(1, 512), (8, 512)],
                             decode=[(1, 512), (32, 512), (1, 2048), (32, 2048)],
@@ -85,6 +89,7 @@ PLANS: dict[tuple[str, str], dict[str, Any]] = {
                            prefill=[(b, t) for b in (1, 8) for t in (512, 2048, 8192)],
                            decode=[(b, c) for b in (1, 32) for c in (512, 1024, 2048, 4096, 8192)],
                            generate=[(1, 64, 32), (32, 64, 32)],
+                           generate_compiled=[(1, 64, 32), (32, 64, 32)],
                            decode_steps=16, warm_steps=3, reps=3, warmup=1),
 }
 PLANS[("tiny", "cpu")] = dict(config="mid", dtype=torch.float32, prefill=[(1, 16)],
@@ -286,13 +291,14 @@ def measure_decode(impl: str, model, B: int, ctx: int, vocab: int, device, steps
 
 
 def measure_generate(model, B: int, prompt: int, new: int, vocab: int, device, reps: int,
-                     warmup: int) -> dict:
+                     warmup: int, compiled: bool = False) -> dict:
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, vocab, (B, prompt), generator=g, device="cpu").to(device)
+    kw = {"compiled": True} if compiled else {}
 
     def run():
         torch.manual_seed(0)
-        model.generate(ids, max_new_tokens=new, n_loops=N_LOOPS)
+        model.generate(ids, max_new_tokens=new, n_loops=N_LOOPS, **kw)
 
     times = _timed(run, device, reps, warmup)
     med, p20, p80 = _stats(times)
@@ -302,7 +308,8 @@ def measure_generate(model, B: int, prompt: int, new: int, vocab: int, device, r
 
 def run_model_suite(level: str = "quick", device: torch.device | str = "cpu",
                     out_path: Path | str | None = None, impls: tuple[str, ...] = IMPLS,
-                    suites: tuple[str, ...] = ("prefill", "decode", "generate"),
+                    suites: tuple[str, ...] = ("prefill", "decode", "generate",
+                                               "generate_compiled"),
                     progress: bool = True, echo: bool = True,
                     time_budget_s: float | None = None, plan: dict | None = None) -> list[dict]:
     """Run the model-level suites; append rows to ``out_path``; print a table when ``echo``."""
@@ -325,7 +332,7 @@ def run_model_suite(level: str = "quick", device: torch.device | str = "cpu",
     for suite in suites:
         for spec in plan.get(suite, []):
             for impl in impls:
-                if impl in models:
+                if impl in models and (suite != "generate_compiled" or impl == "mythos"):
                     jobs.append((suite, spec, impl))
     prog = Progress(len(jobs), enabled=progress, prefix="model")
     out_file = None
@@ -366,9 +373,11 @@ def run_model_suite(level: str = "quick", device: torch.device | str = "cpu",
                         elif suite == "decode":
                             res = measure_decode(impl, model, B, T, vocab, device,
                                                  plan["decode_steps"], plan["warm_steps"])
-                        else:
+                        else:   # the compiled suite's warm-up call compiles: never timed
+                            compiled = suite == "generate_compiled"
                             res = measure_generate(model, B, T, spec[2], vocab, device,
-                                                   max(1, plan["reps"] - 1), plan["warmup"])
+                                                   max(1, plan["reps"] - 1),
+                                                   max(plan["warmup"], int(compiled)), compiled)
                     row.update(status="ok", **res)
                 except Exception as exc:
                     row.update(status="error", reason=("OOM" if _is_oom(exc) else
@@ -391,10 +400,13 @@ def run_model_suite(level: str = "quick", device: torch.device | str = "cpu",
 
 
 def _add_speedups(rows: list[dict]) -> None:
+    """Each row's speedup against open-mythos's row of the same suite and shape (the compiled
+    generate suite against open-mythos's plain ``generate``)."""
     base = {(r["suite"], json.dumps(r["shape"], sort_keys=True)): r for r in rows
             if r["impl"] == "open-mythos" and r.get("status") == "ok"}
     for r in rows:
-        b = base.get((r["suite"], json.dumps(r["shape"], sort_keys=True)))
+        suite = "generate" if r["suite"] == "generate_compiled" else r["suite"]
+        b = base.get((suite, json.dumps(r["shape"], sort_keys=True)))
         if r.get("status") == "ok":
             r["speedup_vs_open_mythos"] = (b["median_ms"] / r["median_ms"]) if b else None
 

@@ -124,8 +124,8 @@ def plot_op(op: str, rows: list[dict], out_dir: Path) -> Path:
 
 
 def plot_model(rows: list[dict], out_dir: Path) -> Path | None:
-    suites = [s for s in ("prefill", "decode", "generate") if any(r.get("suite") == s
-                                                                   for r in rows)]
+    suites = [s for s in ("prefill", "decode", "generate", "generate_compiled")
+              if any(r.get("suite") == s for r in rows)]
     if not suites:
         return None
     fig, axes = plt.subplots(1, len(suites), figsize=(5.2 * len(suites), 3.8), squeeze=False)
@@ -141,7 +141,7 @@ def plot_model(rows: list[dict], out_dir: Path) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel({"prefill": "tokens T", "decode": "context (cached tokens)",
-                       "generate": "prompt tokens"}[suite])
+                       "generate": "prompt tokens", "generate_compiled": "prompt tokens"}[suite])
         ax.set_ylabel("tokens/s")
         ax.set_title(f"model {suite}")
         ax.grid(True, which="both", alpha=0.3)

@@ -281,11 +281,15 @@ def test_model_suite_tiny(tmp_path):
                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_experts=4,
                n_experts_per_tok=2, expert_dim=16, vocab_size=128, max_seq_len=64)
     plan = dict(config=cfg, dtype=torch.float32, prefill=[(1, 8)], decode=[(2, 8)],
-                generate=[(1, 4, 3)], decode_steps=2, warm_steps=1, reps=1, warmup=0)
+                generate=[(1, 4, 3)], generate_compiled=[(1, 4, 3)], decode_steps=2,
+                warm_steps=1, reps=1, warmup=0)
     out = tmp_path / "m.jsonl"
     rows = model.run_model_suite("tiny", "cpu", out_path=out, plan=plan, progress=False,
                                  echo=False)
     assert rows and all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
+    compiled = [r for r in rows if r["suite"] == "generate_compiled"]
+    if model.load_mythos()[0] is not None:                  # mythos only, one row
+        assert [r["impl"] for r in compiled] == ["mythos"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["kind"] == "model" and r["commit"]
     if {r["impl"] for r in rows} == {"mythos", "open-mythos"}:
