@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ._dispatch import choose, cpu_inference, interpreter_active
+from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
 from ._registry import KernelConfig, register_kernel
 from ._tl import next_pow2 as _p2
 
@@ -462,7 +462,7 @@ def mla_decode_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.
     impl = choose("mla_decode_attention", q_lat, q_rope, c_kv, k_rope,
                   supported=_unsupported(q_lat, q_rope, c_kv, k_rope, seq_len))
     if impl == "triton":
-        if torch.compiler.is_compiling():  # an opaque op for torch.compile: no graph break
+        if _compiling():  # an opaque op for torch.compile: no graph break
             lens = seq_len if isinstance(seq_len, torch.Tensor) else torch.full(
                 (1,), int(seq_len), dtype=torch.int32, device=c_kv.device)
             splits = num_splits if num_splits is not None else mla_decode_num_splits(

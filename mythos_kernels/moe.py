@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import linear as _lin
-from ._dispatch import choose, cpu_inference, interpreter_active
+from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
 from .linear import vecmat
 
 
@@ -88,7 +88,7 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     for e, c in enumerate(counts):
         if c:
             hg = xs[start:start + c] @ w13s[e]                               # [c, 2F]
-            segs.append((_swiglu(hg)) @ w2s[e])         # [c, D]
+            segs.append(_swiglu(hg) @ w2s[e])                                    # [c, D]
             start += c
     ys = torch.cat(segs) if len(segs) > 1 else segs[0]
     y = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, D)     # back to pair order
@@ -129,7 +129,7 @@ def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
         for n in range(N):
             e = ids[n][j]
             hg = vecmat(x[n:n + 1], w13[e])                                     # [1, 2F]
-            rows.append(vecmat(_swiglu(hg), w2[e]))        # [1, D]
+            rows.append(vecmat(_swiglu(hg), w2[e]))                             # [1, D]
         y = (torch.cat(rows) if N > 1 else rows[0]) * wts[:, j:j + 1]
         out = y if out is None else out + y
     return out
@@ -175,7 +175,7 @@ def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     y = x.new_empty(P, D)
     for src, dst, w in ((xs, hg, w13), (None, y, w2)):
         if src is None:
-            src = _swiglu(hg)                               # [P, F]
+            src = _swiglu(hg)                                                   # [P, F]
         for i in range(0, P - 1, 2):
             torch.bmm(src[i:i + 2].unsqueeze(1), _expert_pair(w, es[i], es[i + 1]),
                       out=dst[i:i + 2].unsqueeze(1))
@@ -248,7 +248,7 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     for s in slot.view(N, k).unbind(1):
         slab.index_copy_(0, s, x)
     hg = torch.bmm(slab.view(E, cap, D), w13)                            # [E, cap, 2F]
-    y = torch.bmm(_swiglu(hg), w2)              # [E, cap, D]
+    y = torch.bmm(_swiglu(hg), w2)                                       # [E, cap, D]
     y = y.view(E * cap, D).index_select(0, slot).view(N, k, D) * weights.unsqueeze(-1).to(x.dtype)
     out = y[:, 0]
     for j in range(1, k):
@@ -378,7 +378,7 @@ def _check_expert_inputs(x, weights, idx, w13, w2) -> None:
                          f"{w2.dtype}")
     if not weights.is_floating_point():
         raise ValueError("moe_experts: weights must be floating point")
-    if idx.is_cpu and idx.numel() and not torch.compiler.is_compiling():
+    if idx.is_cpu and idx.numel() and not _compiling():
         # CPU only: a free host read there (on a GPU it would sync every call); the expert
         # stacks are indexed (and viewed with as_strided) by these ids
         lo, hi = (int(v) for v in torch.aminmax(idx))
@@ -710,7 +710,7 @@ def moe_route(logits: torch.Tensor, router_bias: torch.Tensor, topk: int):
     impl = choose("moe_route", logits, router_bias,
                   supported=_unsupported(logits, router_bias, logits.shape[1]))
     if impl == "triton":
-        if torch.compiler.is_compiling() and not _needs_grad(logits):
+        if _compiling() and not _needs_grad(logits):
             return torch.ops.mythos.moe_route(logits, router_bias, int(topk))
         return moe_route_triton(logits, router_bias, topk)
     return moe_route_reference(logits, router_bias, topk)
@@ -723,7 +723,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: 
     impl = choose("moe_experts", x, weights, idx, w13, w2,
                   supported=_unsupported(x, weights, w13.shape[0]))
     if impl == "triton":
-        if torch.compiler.is_compiling() and not _needs_grad(x, weights, w13, w2):
+        if _compiling() and not _needs_grad(x, weights, w13, w2):
             return torch.ops.mythos.moe_experts(x, weights, idx, w13, w2)
         return moe_experts_triton(x, weights, idx, w13, w2)
     if _cpu_inference(x, idx, w13, w2):
@@ -737,7 +737,7 @@ def _gather_under_compile(x, weights, idx, w13, w2) -> bool:
     """Tracing under torch.compile without autograd, with no more (token, slot) pairs than
     experts (decode): :func:`moe_experts_gathered` instead of the reference, whose host read of
     the expert counts would break the graph."""
-    return (torch.compiler.is_compiling() and not _needs_grad(x, weights, w13, w2)
+    return (_compiling() and not _needs_grad(x, weights, w13, w2)
             and 0 < idx.numel() <= w13.shape[0])
 
 

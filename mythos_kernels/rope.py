@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import choose
+from ._dispatch import _compiling, choose
 
 
 def precompute_rope_freqs(dim: int, max_len: int, theta: float = 500000.0) -> torch.Tensor:
@@ -24,7 +24,7 @@ def apply_rope_reference(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tens
     xf = x.float()
     # view_as_complex needs even strides and offset; under torch.compile always copy (the
     # compiler fuses the copy; reading storage_offset() there would break the graph)
-    if torch.compiler.is_compiling() or xf.storage_offset() % 2 or not xf.is_contiguous():
+    if _compiling() or xf.storage_offset() % 2 or not xf.is_contiguous():
         xf = xf.clone(memory_format=torch.contiguous_format)
     xc = torch.view_as_complex(xf.reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(xc * freqs_cis.unsqueeze(0).unsqueeze(2)).flatten(-2).to(x.dtype)
