@@ -200,7 +200,7 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
       13.2-13.4 ms -> 8.8-10.1 ms);
     - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
       reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), small
-      segments split over the two cores and large ones through oneDNN (about 9 ms).
+      segments two experts per bmm and large ones through oneDNN (about 8 ms).
 
     The padded form is taken when its slab (experts x the largest count) has at most the real
     pair rows plus ``PAD_SEGMENT_ROWS`` per non-empty expert: each of the sorted form's segments
@@ -289,6 +289,48 @@ def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out:
     out.view(c, 2, D // 2).copy_(y.transpose(0, 1))
 
 
+def _pair_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether :func:`moe_experts_sorted` multiplies small segments two experts at a time
+    (:func:`_segment_pair`): fp32 with contiguous stacks, any expert size and thread count
+    (measured over the shapes of tools/cpu_moe_forms.py: 1.0-2.2x on the sorted form with two
+    threads, 1.0-1.7x with one; the calls it saves are most of a small segment's cost)."""
+    return _fp32_stacks(x, w13, w2, 0)
+
+
+def _segment_pair(xs: torch.Tensor, ys: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  e0: int, s0: int, c0: int, e1: int, s1: int, c1: int) -> None:
+    """Two experts' SwiGLU (e0 < e1, their sorted rows at ``xs[s0:s0+c0]`` and ``xs[s1:s1+c1]``)
+    as one bmm per product over strided views of both experts' rows and weights, no copy: MKL
+    runs a two-matrix bmm one matrix per core, each core a whole expert, where the split form
+    runs each expert over both cores in two products of half the width. Both views take the
+    larger count; the smaller expert's extra rows (the next segment's, or ``xs``'s zero
+    padding past the last segment) are computed and dropped."""
+    c, D = max(c0, c1), xs.shape[1]
+    rows = torch.as_strided(xs, (2, c, D), ((s1 - s0) * D, D, 1), xs.storage_offset() + s0 * D)
+    hg = torch.bmm(rows, _expert_pair(w13, e0, e1))                         # [2, c, 2F]
+    y = torch.bmm(_swiglu(hg), _expert_pair(w2, e0, e1))                     # [2, c, D]
+    ys[s0:s0 + c0] = y[0, :c0]
+    ys[s1:s1 + c1] = y[1, :c1]
+
+
+def _pair_small(counts: list[int]) -> list[tuple[int, int]]:
+    """The experts :func:`moe_experts_sorted` multiplies in pairs: those with fewer than
+    ``SMALL_SEGMENT`` rows, in order of count, each paired with the next when their counts
+    differ by at most ``PAD_SEGMENT_ROWS`` (the rows a segment's own calls cost; the smaller
+    expert computes that many extra rows at most). Pairs as (lower id, higher id)."""
+    small = sorted((e for e, c in enumerate(counts) if 0 < c < SMALL_SEGMENT),
+                   key=counts.__getitem__)
+    pairs, i = [], 0
+    while i + 1 < len(small):
+        a, b = small[i], small[i + 1]
+        if counts[b] - counts[a] <= PAD_SEGMENT_ROWS:
+            pairs.append((min(a, b), max(a, b)))
+            i += 2
+        else:
+            i += 1
+    return pairs
+
+
 def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                        w13: torch.Tensor, w2: torch.Tensor, counts: list[int],
                        order: torch.Tensor) -> torch.Tensor:
@@ -296,18 +338,31 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     down product is written in place into one buffer, scaled by its pairs' routing weights,
     and added to the pairs' tokens with ``index_add_`` (each token's slots are then summed in
     expert order, not slot order: the last bits may differ from the reference). Segments of
-    fewer than ``SMALL_SEGMENT`` rows use :func:`_segment_split`; larger ones go through oneDNN
-    where ``dense`` would (see ``mythos_kernels.linear``), else ``torch.mm``."""
+    fewer than ``SMALL_SEGMENT`` rows go two experts at a time (:func:`_segment_pair`, experts
+    of similar counts: :func:`_pair_small`), an unpaired one through :func:`_segment_split`;
+    larger ones go through oneDNN where ``dense`` would (see ``mythos_kernels.linear``), else
+    ``torch.mm``."""
     k = idx.shape[1]
+    P, D = idx.numel(), x.shape[1]
     tok = order // k                                                     # token of each sorted pair
-    xs = x.index_select(0, tok)
-    ys = torch.empty_like(xs)
-    dnn = _lin._onednn_ok(xs, w13[0].t())
     split = _split_segments_ok(x, w13, w2)
-    start = 0
+    pairs = _pair_small(counts) if _pair_segments_ok(x, w13, w2) else []
+    pad = max((max(counts[a], counts[b]) for a, b in pairs), default=0)
+    xs = x.new_empty(P + pad, D)                   # zero rows past the end, read by a last pair
+    torch.index_select(x, 0, tok, out=xs[:P])
+    xs[P:].zero_()
+    ys = x.new_empty(P, D)
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    paired = set()
+    for a, b in pairs:
+        _segment_pair(xs, ys, w13, w2, a, starts[a], counts[a], b, starts[b], counts[b])
+        paired.update((a, b))
+    dnn = _lin._onednn_ok(xs[:P], w13[0].t())
     for e, c in enumerate(counts):
-        if c:
-            seg = slice(start, start + c)
+        if c and e not in paired:
+            seg = slice(starts[e], starts[e] + c)
             if split and c < SMALL_SEGMENT:
                 _segment_split(xs[seg], w13[e], w2[e], ys[seg])
             elif dnn:
@@ -316,7 +371,6 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
             else:
                 hg = xs[seg] @ w13[e]
                 torch.mm(_swiglu(hg), w2[e], out=ys[seg])
-            start += c
     ys.mul_(weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1))
     return torch.zeros_like(x).index_add_(0, tok, ys)
 

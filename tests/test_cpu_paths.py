@@ -695,8 +695,9 @@ def test_moe_sorted_form_uses_onednn(monkeypatch):
 def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
     """Segments under SMALL_SEGMENT rows: the two-core split products (fp32, even D; the expert
     size floor lowered for these small shapes); an odd D or bf16 keeps the plain products.
-    Empty experts in between."""
+    Empty experts in between. (Expert pairs off here: test_moe_sorted_pairs covers them.)"""
     monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+    monkeypatch.setattr(M, "_pair_segments_ok", lambda *a: False)
     N, k, E, Fh = 50, 2, 12, 7
     x = _rand(N, D, dtype=dtype)
     w13, w2 = _rand(E, D, 2 * Fh, dtype=dtype, scale=0.2), _rand(E, Fh, D, dtype=dtype, scale=0.2)
@@ -712,6 +713,89 @@ def test_moe_sorted_small_segments_split(monkeypatch, D, dtype, split):
     assert sorted_ and bool(calls) == split
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out, ref, **tol)
+
+
+def test_pair_small_pairs_neighbours_in_count_order():
+    """_pair_small: experts under SMALL_SEGMENT rows, sorted by count, each paired with the next
+    when the counts differ by at most PAD_SEGMENT_ROWS; pairs are (lower id, higher id); empty
+    and large experts are never paired."""
+    gap, big = M.PAD_SEGMENT_ROWS, M.SMALL_SEGMENT
+    # small ones by count: 8 (3), 1 (5), 3 (7), 5 (gap + 15), 6 (gap + 16), 9 (big - 1)
+    counts = [0, 5, big, 7, 0, gap + 15, gap + 16, big + 40, 3, big - 1]
+    assert M._pair_small(counts) == [(1, 8), (5, 6)]        # 3 -> 5 is more than gap apart
+    assert M._pair_small([4, 4 + gap]) == [(0, 1)]
+    assert M._pair_small([4, 5 + gap]) == []
+    assert M._pair_small([0, 0, big, big]) == []
+    assert M._pair_small([9, 2, 9]) == [(0, 1)]              # smallest first: 2 with a 9
+    assert M._pair_small([9, 40, 30]) == [(0, 2)]            # 9 with 30; 40 left alone
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", [(61, 3, 13, 40, 7), (5, 4, 9, 17, 3), (200, 2, 6, 24, 11)])
+def test_moe_sorted_pairs(monkeypatch, N, k, E, D, Fh):
+    """Small segments two experts at a time (fp32, any expert size, odd sizes): equal to the
+    reference, empty experts in between."""
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.cat([torch.randint(0, 2, (1,)), 2 + torch.randperm(E - 2)[:k - 1]])
+                       for _ in range(N)])                    # slot 0 on experts 0-1: skewed
+    weights = torch.softmax(torch.randn(N, k), -1)
+    pairs = _spy(monkeypatch, "_segment_pair")
+    flat = idx.reshape(-1)
+    host = torch.bincount(flat, minlength=E).tolist()
+    order = torch.argsort(flat, stable=True)
+    with torch.no_grad():
+        out = M.moe_experts_sorted(x, weights, idx, w13, w2, host, order)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert len(pairs) == len(M._pair_small(host)) > 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first,last", [(10, 4), (4, 10)])
+def test_moe_sorted_pair_reads_past_its_segment(monkeypatch, first, last):
+    """One pair, experts 0 and 3 (1-2 empty). (10, 4): the last expert's view runs past the last
+    segment into the zero padding. (4, 10): expert 0's view covers expert 3's first rows, one of
+    them a NaN token: the NaN stays in that token's output, the extra rows are dropped."""
+    N, E, D, Fh = first + last, 4, 18, 5
+    x = _rand(N, D)
+    x[first + 1] = float("nan")                                 # a token of expert 3
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.tensor([0] * first + [3] * last).view(N, 1)
+    weights = torch.rand(N, 1)
+    pairs = _spy(monkeypatch, "_segment_pair")
+    host = torch.bincount(idx.reshape(-1), minlength=E).tolist()
+    order = torch.arange(N)
+    with torch.no_grad():
+        out = M.moe_experts_sorted(x, weights, idx, w13, w2, host, order)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    assert len(pairs) == 1
+    nan = torch.zeros(N, dtype=torch.bool)
+    nan[first + 1] = True
+    assert out[nan].isnan().all() and not out[~nan].isnan().any()
+    torch.testing.assert_close(out[~nan], ref[~nan], rtol=1e-5, atol=1e-6)
+
+
+def test_moe_sorted_no_pairs_for_bf16_or_strided_stacks(monkeypatch):
+    """bf16, or a non-contiguous expert stack: no expert-pair views (plain products)."""
+    N, k, E, D, Fh = 40, 2, 8, 24, 6
+    pairs = _spy(monkeypatch, "_segment_pair")
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    flat = idx.reshape(-1)
+    host = torch.bincount(flat, minlength=E).tolist()
+    order = torch.argsort(flat, stable=True)
+    weights = torch.softmax(torch.randn(N, k), -1)
+    x = _rand(N, D)
+    w13 = _rand(E, 2 * Fh, D, scale=0.2).transpose(1, 2)                # strided
+    w2 = _rand(E, Fh, D, scale=0.2)
+    with torch.no_grad():
+        out = M.moe_experts_sorted(x, weights, idx, w13, w2, host, order)
+        torch.testing.assert_close(out, M.moe_experts_reference(x, weights, idx, w13, w2),
+                                   rtol=1e-5, atol=1e-6)
+        xb, w13b, w2b = x.bfloat16(), w13.contiguous().bfloat16(), w2.bfloat16()
+        out = M.moe_experts_sorted(xb, weights.bfloat16(), idx, w13b, w2b, host, order)
+        torch.testing.assert_close(out, M.moe_experts_reference(xb, weights.bfloat16(), idx,
+                                                                w13b, w2b),
+                                   rtol=2e-2, atol=2e-2)
+    assert not pairs
 
 
 def test_moe_sorted_small_experts_keep_mm(monkeypatch):
