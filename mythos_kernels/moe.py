@@ -214,19 +214,29 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     counts = torch.bincount(flat, minlength=w13.shape[0])
     order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
     host = counts.tolist()
-    if _padded_is_cheaper(host, flat.numel()):
+    if _padded_is_cheaper(host, flat.numel(), _pair_segments_ok(x, w13, w2)):
         return moe_experts_padded(x, weights, idx, w13, w2, counts, order, max(host))
     return moe_experts_sorted(x, weights, idx, w13, w2, host, order)
 
 
-def _padded_is_cheaper(counts: list[int], pairs: int) -> bool:
+PAD_MIN_ROWS = 4  # padded-form rule with expert pairs: at least this many pair rows per expert
+
+
+def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> bool:
     """:func:`moe_experts_cpu`'s choice: ``E * max(counts) <= pairs + PAD_SEGMENT_ROWS *
-    (non-empty experts)``. Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D
-    256-1024, F 64-512, 16-512 tokens, balanced to skewed; rows in
-    bench/results/cpu/moe_forms.jsonl): the chosen form's time summed 1.03x the faster form's,
-    worst case 1.33x; the former rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a
-    balanced E=128 top-8 routing sent to the sorted form)."""
-    return len(counts) * max(counts) <= pairs + PAD_SEGMENT_ROWS * (len(counts) - counts.count(0))
+    (non-empty experts)`` and, when the sorted form would pair small segments
+    (:func:`_pair_segments_ok`), ``pairs >= PAD_MIN_ROWS * E`` (the slab's bmm streams every
+    expert's weights, empty ones too; the paired segments read only the busy ones, in half the
+    calls). Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D 256-1024, F 64-512,
+    16-512 tokens, balanced to skewed; rows in bench/results/cpu/moe_forms.jsonl). Without
+    pairs: the chosen form's time summed 1.03x the faster form's, worst case 1.33x; the former
+    rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a balanced E=128 top-8 routing
+    sent to the sorted form). With pairs, two runs (108 routings): 1.02x, worst 1.39x; without
+    the rows-per-expert term 1.04x, worst 1.62x (few tokens over many experts sent to the slab)."""
+    E = len(counts)
+    if paired and pairs < PAD_MIN_ROWS * E:
+        return False
+    return E * max(counts) <= pairs + PAD_SEGMENT_ROWS * (E - counts.count(0))
 
 
 def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,

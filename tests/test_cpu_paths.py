@@ -347,19 +347,25 @@ def test_moe_uneven_busy_routing_takes_padded_form(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("counts,pairs,padded", [
-    ([3] * 8, 24, True),                        # balanced: slab == pairs
-    ([1] * 64, 64, True),                       # one pair per expert
-    ([9, 1, 1, 1, 1, 1, 1, 1], 16, True),       # 72 <= 16 + 24 * 8
-    ([30, 1, 1, 0, 0, 0, 0, 0], 32, False),     # 240 > 32 + 24 * 3: few busy experts
-    ([0] * 63 + [40], 40, False),               # all on one expert: its segment alone
-    ([512] + [0] * 63, 512, False),
+@pytest.mark.parametrize("counts,pairs,padded,paired", [
+    ([3] * 8, 24, True, False),                   # balanced: slab == pairs
+    ([1] * 64, 64, True, False),                  # one pair per expert
+    ([9, 1, 1, 1, 1, 1, 1, 1], 16, True, False),  # 72 <= 16 + 24 * 8
+    ([30, 1, 1, 0, 0, 0, 0, 0], 32, False, False),  # 240 > 32 + 24 * 3: few busy experts
+    ([0] * 63 + [40], 40, False, False),          # all on one expert: its segment alone
+    ([512] + [0] * 63, 512, False, False),
+    ([3] * 8, 24, False, True),                   # paired segments: under 4 rows per expert
+    ([1] * 64, 64, False, True),
+    ([4] * 8, 32, True, True),                    # 4 rows per expert, balanced
+    ([9, 3, 3, 3, 3, 3, 3, 5], 32, True, True),   # 72 <= 32 + 24 * 8
+    ([40, 0, 0, 0, 0, 0, 0, 0], 40, False, True),
 ])
-def test_moe_padded_rule(counts, pairs, padded):
+def test_moe_padded_rule(counts, pairs, padded, paired):
     """The rule itself: slab rows E * max(counts) against the pair rows plus PAD_SEGMENT_ROWS per
-    non-empty expert (its constant is what these cases are drawn around)."""
-    assert M.PAD_SEGMENT_ROWS == 24
-    assert M._padded_is_cheaper(counts, pairs) is padded
+    non-empty expert, and with paired segments at least PAD_MIN_ROWS pair rows per expert (the
+    constants are what these cases are drawn around)."""
+    assert M.PAD_SEGMENT_ROWS == 24 and M.PAD_MIN_ROWS == 4
+    assert M._padded_is_cheaper(counts, pairs, paired) is padded
 
 
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])

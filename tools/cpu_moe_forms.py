@@ -6,6 +6,8 @@ MoE calls). Prints which form ``moe_experts_cpu``'s rule picks and how far that 
 faster one; appends one JSON row per routing to bench/results/cpu/moe_forms.jsonl.
 
     python tools/cpu_moe_forms.py [--reps 5]
+
+Rows before commit 4247c4b time the sorted form without expert pairs (``_segment_pair``).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
                     tp = timed(lambda: M.moe_experts_padded(x, w, idx, w13, w2, counts, order,
                                                             cap))
                     ts = timed(lambda: M.moe_experts_sorted(x, w, idx, w13, w2, host, order))
-                    pick = "padded" if M._padded_is_cheaper(host, N * k) else "sorted"
+                    pick = ("padded" if M._padded_is_cheaper(host, N * k, M._pair_segments_ok(x, w13, w2))
+                            else "sorted")
                     row = {"suite": "cpu_moe_forms", "E": E, "D": D, "F": Fh, "k": k, "N": N,
                            "skew": skew, "cap": cap, "nonempty": E - host.count(0),
                            "padded_ms": round(tp, 3), "sorted_ms": round(ts, 3), "rule": pick,
