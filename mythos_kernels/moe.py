@@ -231,8 +231,9 @@ def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> b
     16-512 tokens, balanced to skewed; rows in bench/results/cpu/moe_forms.jsonl). Without
     pairs: the chosen form's time summed 1.03x the faster form's, worst case 1.33x; the former
     rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a balanced E=128 top-8 routing
-    sent to the sorted form). With pairs, two runs (108 routings): 1.02x, worst 1.39x; without
-    the rows-per-expert term 1.04x, worst 1.62x (few tokens over many experts sent to the slab)."""
+    sent to the sorted form). With pairs, three runs (162 routings): 1.03x, worst 1.42x; without
+    the rows-per-expert term 1.05x, worst 1.72x (few tokens over many experts sent to the slab);
+    the sorted form always: 1.03x, worst 1.70x."""
     E = len(counts)
     if paired and pairs < PAD_MIN_ROWS * E:
         return False
