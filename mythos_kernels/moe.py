@@ -205,7 +205,8 @@ def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
     The padded form is taken when its slab (experts x the largest count) has at most the real
     pair rows plus ``PAD_SEGMENT_ROWS`` per non-empty expert: each of the sorted form's segments
     costs its own calls and a cold read of one expert's weights, which the padded form's
-    single bmm streams in one pass (:func:`_padded_is_cheaper`).
+    single bmm streams in one pass; and, where the sorted form pairs its small segments, when
+    there are at least ``PAD_MIN_ROWS`` pair rows per expert (:func:`_padded_is_cheaper`).
 
     One host read (the expert counts), as in the reference."""
     if idx.numel() <= FEW_PAIRS:
