@@ -17,6 +17,8 @@ Switches (what "off" runs):
   mla_cpu      absorbed MLA decode's per-head bmms -> einsums
   moe_pairs    routed experts two at a time (strided expert-pair bmm) -> per pair split-K
   moe_split    sorted MoE form: small segments as two-core split products -> oneDNN / mm
+  moe_seg_pairs sorted MoE form: small segments two experts per bmm -> one at a time (split
+               products); the padded form's rows-per-expert term goes with it
   onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
 """
@@ -56,6 +58,7 @@ SWITCHES = {
     "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
     "moe_pairs": (_moe, "_pairable", lambda *a: False),
     "moe_split": (_moe, "_split_segments_ok", lambda *a: False),
+    "moe_seg_pairs": (_moe, "_pair_segments_ok", lambda *a: False),
     "onednn": (_lin, "_onednn_ok", lambda *a: False),
     "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
 }
