@@ -74,8 +74,8 @@ def main(argv=None) -> int:
                     tp = timed(lambda: M.moe_experts_padded(x, w, idx, w13, w2, counts, order,
                                                             cap))
                     ts = timed(lambda: M.moe_experts_sorted(x, w, idx, w13, w2, host, order))
-                    pick = ("padded" if M._padded_is_cheaper(host, N * k, M._pair_segments_ok(x, w13, w2))
-                            else "sorted")
+                    paired = M._pair_segments_ok(x, w13, w2)
+                    pick = "padded" if M._padded_is_cheaper(host, N * k, paired) else "sorted"
                     row = {"suite": "cpu_moe_forms", "E": E, "D": D, "F": Fh, "k": k, "N": N,
                            "skew": skew, "cap": cap, "nonempty": E - host.count(0),
                            "padded_ms": round(tp, 3), "sorted_ms": round(ts, 3), "rule": pick,
