@@ -105,13 +105,12 @@ def main(argv=None) -> int:
                 compile_on_cpu=args.compile, ceil=ceil, progress=not args.quiet,
                 time_budget_s=args.time_budget)
     if run_model:
-        from .model import run_model_suite
+        from .model import SUITES, run_model_suite
 
         left = None
         if args.time_budget is not None:
             left = max(0.0, args.time_budget - (time.perf_counter() - t0))
-        suites = tuple(_csv(args.suites) or ("prefill", "decode", "generate",
-                                              "generate_compiled"))
+        suites = tuple(_csv(args.suites) or SUITES)
         run_model_suite(level, device, out_path=results, suites=suites,
                         progress=not args.quiet, time_budget_s=left)
     print(f"\nresults appended to {results}")

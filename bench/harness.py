@@ -273,6 +273,14 @@ def time_cpu(fn: Callable[[], Any], warmup_s: float = 0.05, budget_s: float = 0.
     return (*_quantiles(times), len(times))
 
 
+CPU_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+
+
+def cpu_results(name: str) -> str:
+    """The path of ``name`` in ``bench/results/cpu/`` (the CPU tools' default ``--out``)."""
+    return os.path.join(CPU_RESULTS, name)
+
+
 def append_jsonl(path: str, rows: list[dict]) -> None:
     """Append ``rows`` to the JSON-lines file ``path`` (its folder created if needed)."""
     folder = os.path.dirname(path)

@@ -98,6 +98,7 @@ PLANS[("tiny", "cpu")] = dict(config="mid", dtype=torch.float32, prefill=[(1, 16
 PLANS[("tiny", "cuda")] = PLANS[("tiny", "cpu")]
 
 IMPLS = ("open-mythos", "mythos")
+SUITES = ("prefill", "decode", "generate", "generate_compiled")
 # how each implementation runs a low-precision dtype (see the module docstring)
 LOW_PRECISION = {"open-mythos": "autocast", "mythos": "weights"}
 
@@ -308,8 +309,7 @@ def measure_generate(model, B: int, prompt: int, new: int, vocab: int, device, r
 
 def run_model_suite(level: str = "quick", device: torch.device | str = "cpu",
                     out_path: Path | str | None = None, impls: tuple[str, ...] = IMPLS,
-                    suites: tuple[str, ...] = ("prefill", "decode", "generate",
-                                               "generate_compiled"),
+                    suites: tuple[str, ...] = SUITES,
                     progress: bool = True, echo: bool = True,
                     time_budget_s: float | None = None, plan: dict | None = None) -> list[dict]:
     """Run the model-level suites; append rows to ``out_path``; print a table when ``echo``."""

@@ -29,6 +29,8 @@ helpers :func:`moe_experts_flops` / :func:`moe_experts_bytes`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -364,13 +366,10 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     torch.index_select(x, 0, tok, out=xs[:P])
     xs[P:].zero_()
     ys = x.new_empty(P, D)
-    starts = [0]
-    for c in counts[:-1]:
-        starts.append(starts[-1] + c)
-    paired = set()
+    starts = [0, *itertools.accumulate(counts[:-1])]                    # each expert's first row
     for a, b in pairs:
         _segment_pair(xs, ys, w13, w2, a, starts[a], counts[a], b, starts[b], counts[b])
-        paired.update((a, b))
+    paired = {e for pair in pairs for e in pair}
     dnn = _lin._onednn_ok(xs[:P], w13[0].t())
     for e, c in enumerate(counts):
         if c and e not in paired:

@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl, time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--suites", default="decode,forward")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per variant")
     ap.add_argument("--reps", type=int, default=8, help="forward repetitions per variant")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "ab.jsonl"))
+    ap.add_argument("--out", default=cpu_results("ab.jsonl"))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's own)")
     args = ap.parse_args(argv)

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl, time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 from bench.model import CPU_CONFIGS, MID  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--compiled", action="store_true")
     ap.add_argument("--config", default="mid", choices=["mid", *CPU_CONFIGS])
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu", "compare.jsonl"))
+    ap.add_argument("--out", default=cpu_results("compare.jsonl"))
     args = ap.parse_args(argv)
     om, _why = load_open_mythos()
     if om is None:

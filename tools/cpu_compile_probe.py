@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 import mythos_kernels as K  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl, time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 from mythos.model import _decode_step  # noqa: E402
@@ -46,8 +46,7 @@ from mythos.model import _decode_step  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
-                                                  "compile_probe.jsonl"))
+    ap.add_argument("--out", default=cpu_results("compile_probe.jsonl"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     m = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()

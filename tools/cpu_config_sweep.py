@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 import mythos  # noqa: E402
 from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl, time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 from bench.model import CPU_CONFIGS  # noqa: E402
 
 
@@ -52,8 +52,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
-                                                  "config_sweep.jsonl"))
+    ap.add_argument("--out", default=cpu_results("config_sweep.jsonl"))
     args = ap.parse_args(argv)
     om, _why = load_open_mythos()
     if om is None:

@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl, time_interleaved  # noqa: E402
+from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 
 SHAPES = [(160, 512), (256, 512), (512, 512), (512, 682), (1364, 512), (2048, 512)]
 ROWS = [1, 4, 8, 16]
@@ -80,8 +80,7 @@ def probe_moe(reps: int = 9) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
-                                                  "linear_probe.jsonl"))
+    ap.add_argument("--out", default=cpu_results("linear_probe.jsonl"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     rows = []

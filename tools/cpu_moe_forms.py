@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.devinfo import run_info  # noqa: E402
-from bench.harness import append_jsonl  # noqa: E402
+from bench.harness import append_jsonl, cpu_results  # noqa: E402
 from mythos_kernels import moe as M  # noqa: E402
 
 # (experts, dim, expert hidden, top-k): the mid config's MoE first
@@ -37,8 +37,7 @@ SKEW = (0.0, 0.5, 2.0)    # std of a per-expert logit offset: 0 = balanced in ex
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "cpu",
-                                                  "moe_forms.jsonl"))
+    ap.add_argument("--out", default=cpu_results("moe_forms.jsonl"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     flush = torch.randn(64_000_000 // 4)
