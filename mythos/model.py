@@ -633,20 +633,35 @@ _GRAPH_CACHE_FAILED: list = []   # non-empty once a cached build failed in this 
 def _compiled_decode_step(fx_graph_cache: bool = True):
     """The compiled ``_decode_step`` (one per process and cache setting).
 
-    On this project's machine, twice, a process that loaded the step from inductor's on-disk
-    graph cache rebuilt its C++ kernels without the vector ISA's flags they were generated for
-    ('at::vec has not been declared'); the same sequence passed when repeated, and a fresh
-    cache never failed. So inductor's CPU ISA is resolved here first, in this thread (cheap; a
-    guess at a race, not a proven cure), and generate() retries with ``fx_graph_cache=False``
-    (no on-disk graph cache) if the build fails anyway."""
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-        pick_vec_isa()
-    except Exception:  # noqa: BLE001 - a private helper: without it inductor picks on its own
-        pass
+    Inductor's C++ code is vectorized only if its vector-ISA check passes, and that check runs a
+    child Python with ``PYTHONPATH`` set to this process's ``sys.path``. A module on that path
+    named like a standard one (found here: a stray ``nt.py`` in the directory of the running
+    script) breaks the child, so the check fails, silently: inductor then emits scalar code
+    (measured, mid config B=1: ~23 ms a step against ~9 ms vectorized), and a step loaded from
+    the on-disk graph cache, generated vectorized by an earlier process, fails to build ("'at::vec'
+    has not been declared"). So the ISA is resolved here, with a warning when an x86 CPU that
+    reports AVX2 or AVX-512 gets no vector ISA, and generate() retries with
+    ``fx_graph_cache=False`` if the build fails."""
+    _warn_if_scalar_inductor()
     if fx_graph_cache:
         return torch.compile(_decode_step, dynamic=False)
     return torch.compile(_decode_step, dynamic=False, options={"fx_graph_cache": False})
+
+
+def _warn_if_scalar_inductor() -> None:
+    """Warn when inductor's CPU vector-ISA check fails on an x86 CPU with AVX2 / AVX-512."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa, x86_isa_checker
+        isa, flags = pick_vec_isa(), x86_isa_checker()
+    except Exception:  # noqa: BLE001 - private helpers: without them inductor decides alone
+        return
+    if not isa and flags:
+        warnings.warn(
+            f"generate(compiled=True): the CPU reports {', '.join(flags)} but inductor's "
+            "vector-ISA check failed, so the compiled step is scalar C++ (about 2-3x slower). "
+            "The check runs a child Python with PYTHONPATH = sys.path: look for a module there "
+            "that shadows a standard one (e.g. an nt.py beside your script).",
+            RuntimeWarning, stacklevel=5)   # the caller of generate()
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:

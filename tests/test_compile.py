@@ -227,3 +227,28 @@ def test_generate_compiled_retries_without_graph_cache(monkeypatch):
     assert calls["cached"] == 1 and calls["uncached"] == 5
     m.generate(p, 3, n_loops=3, top_k=1, compiled=True)     # no second failure, no warning
     assert calls["cached"] == 1 and calls["uncached"] == 7
+
+
+@pytest.mark.parametrize("isa_ok", [False, True])
+def test_scalar_inductor_warning(monkeypatch, isa_ok):
+    """An x86 CPU with AVX flags whose inductor ISA check failed gets a warning naming the likely
+    cause (the compiled step would be scalar C++); a passing check stays silent."""
+    import warnings
+
+    import torch._inductor.cpu_vec_isa as isa_mod
+
+    import mythos.model as MM
+
+    class _Isa:
+        def __bool__(self):
+            return isa_ok
+
+    monkeypatch.setattr(isa_mod, "pick_vec_isa", lambda: _Isa())
+    monkeypatch.setattr(isa_mod, "x86_isa_checker", lambda: ["avx2", "avx512"])
+    if isa_ok:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            MM._warn_if_scalar_inductor()
+    else:
+        with pytest.warns(RuntimeWarning, match="avx2, avx512.*vector-ISA check failed.*nt.py"):
+            MM._warn_if_scalar_inductor()
