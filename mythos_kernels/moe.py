@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from . import linear as _lin
 from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
+from ._scratch import scratch
 from .linear import vecmat
 
 
@@ -43,6 +44,13 @@ def _swiglu(hg: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a gate|up product [..., 2F] (the w13 layout) -> [..., F]."""
     Fh = hg.shape[-1] // 2
     return F.silu(hg[..., :Fh]) * hg[..., Fh:]
+
+
+def _swiglu_in_place(hg: torch.Tensor) -> torch.Tensor:
+    """:func:`_swiglu` (the same values) written over hg's gate half, returned as a strided
+    [..., F] view of hg (no new buffer; hg's gate half is overwritten)."""
+    Fh = hg.shape[-1] // 2
+    return F.silu(hg[..., :Fh], inplace=True).mul_(hg[..., Fh:])
 
 
 def moe_route_reference(logits: torch.Tensor, router_bias: torch.Tensor, topk: int
@@ -258,15 +266,24 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     first = torch.cumsum(counts, 0) - counts                             # each expert's first pair
     rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
     slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
-    slab = x.new_zeros(E * cap, D)
+    # kept buffers for the slab and the products (mythos_kernels._scratch: their pages stay
+    # mapped between loops); only ``out`` is new. The padding rows' results are never read;
+    # zeroing them keeps stale values (NaN, denormals) out of the products
+    slab = scratch("moe_padded_slab", (E * cap, D), x.dtype, x.device).zero_()
     for s in slot.view(N, k).unbind(1):
         slab.index_copy_(0, s, x)
-    hg = torch.bmm(slab.view(E, cap, D), w13)                            # [E, cap, 2F]
-    y = torch.bmm(_swiglu(hg), w2)                                       # [E, cap, D]
-    y = y.view(E * cap, D).index_select(0, slot).view(N, k, D) * weights.unsqueeze(-1).to(x.dtype)
-    out = y[:, 0]
-    for j in range(1, k):
-        out = out + y[:, j]
+    hg = torch.bmm(slab.view(E, cap, D), w13,
+                   out=scratch("moe_padded_hg", (E, cap, w13.shape[2]), x.dtype, x.device))
+    y = torch.bmm(_swiglu_in_place(hg), w2,
+                  out=scratch("moe_padded_y", (E, cap, D), x.dtype, x.device))   # [E, cap, D]
+    y = torch.index_select(y.view(E * cap, D), 0, slot,
+                           out=scratch("moe_padded_sel", (N * k, D), x.dtype, x.device))
+    y = y.view(N, k, D).mul_(weights.unsqueeze(-1).to(x.dtype))
+    if k == 1:
+        return y[:, 0].clone()
+    out = y[:, 0] + y[:, 1]
+    for j in range(2, k):
+        out.add_(y[:, j])
     return out
 
 
@@ -362,10 +379,11 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     split = _split_segments_ok(x, w13, w2)
     pairs = _pair_small(counts) if _pair_segments_ok(x, w13, w2) else []
     pad = max((max(counts[a], counts[b]) for a, b in pairs), default=0)
-    xs = x.new_empty(P + pad, D)                   # zero rows past the end, read by a last pair
+    # kept buffers (mythos_kernels._scratch: their pages stay mapped between loops)
+    xs = scratch("moe_sorted_xs", (P + pad, D), x.dtype, x.device)   # + rows a last pair reads
     torch.index_select(x, 0, tok, out=xs[:P])
-    xs[P:].zero_()
-    ys = x.new_empty(P, D)
+    xs[P:].zero_()                        # (their results are dropped; zeros keep NaN out)
+    ys = scratch("moe_sorted_ys", (P, D), x.dtype, x.device)
     starts = [0, *itertools.accumulate(counts[:-1])]                    # each expert's first row
     for a, b in pairs:
         _segment_pair(xs, ys, w13, w2, a, starts[a], counts[a], b, starts[b], counts[b])

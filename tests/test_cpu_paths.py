@@ -904,3 +904,71 @@ def test_decode_head_weight_and_transposed_head(monkeypatch):
     monkeypatch.setenv("MYTHOS_CPU_WEIGHT_COPIES", "0")
     with torch.no_grad():
         assert K.decode_head_weight(w) is None                                 # copies off
+
+
+def test_scratch_buffers_reused_grown_and_released():
+    """mythos_kernels._scratch: one kept buffer per (tag, dtype) and thread, views of it handed
+    out, grown when too small; big or non-CPU requests are not kept; release drops them."""
+    import threading
+
+    S = importlib.import_module("mythos_kernels._scratch")
+    S.release_scratch()
+    a = S.scratch("t", (3, 5), torch.float32, torch.device("cpu"))
+    b = S.scratch("t", (2, 7), torch.float32, "cpu")
+    assert a.shape == (3, 5) and b.shape == (2, 7) and b.is_contiguous()
+    assert a.data_ptr() == b.data_ptr()                               # the same pages
+    assert S.scratch("u", (3, 5), torch.float32, "cpu").data_ptr() != a.data_ptr()   # per tag
+    assert S.scratch("t", (3, 5), torch.float64, "cpu").data_ptr() != a.data_ptr()   # per dtype
+    c = S.scratch("t", (40,), torch.float32, "cpu")                    # grows
+    assert c.numel() == 40 and S.scratch("t", (4,), torch.float32, "cpu").data_ptr() == c.data_ptr()
+    held = S.scratch_bytes()
+    assert held == 40 * 4 + 15 * 4 + 15 * 8
+    big = S.scratch("t", (S.MAX_BYTES // 4 + 1,), torch.float32, "cpu")   # not kept
+    assert S.scratch_bytes() == held and big.data_ptr() != c.data_ptr()
+    other = []
+    th = threading.Thread(target=lambda: other.append(
+        S.scratch("t", (4,), torch.float32, "cpu").data_ptr()))
+    th.start()
+    th.join()
+    assert other[0] != c.data_ptr()                                    # per thread
+    S.release_scratch()
+    assert S.scratch_bytes() == 0
+
+
+@pytest.mark.parametrize("form", ["sorted", "sorted-pairs", "padded"])
+def test_moe_cpu_forms_ignore_stale_scratch(monkeypatch, form):
+    """The MoE CPU forms keep their big intermediates in scratch buffers between calls: with
+    those buffers NaN-poisoned the result is still the reference's, and a second call (other
+    inputs, the same buffers) leaves the first call's result untouched (no aliasing)."""
+    S = importlib.import_module("mythos_kernels._scratch")
+    N, k, E, D, Fh = 57, 3, 7, 20, 9
+    if form == "sorted":
+        monkeypatch.setattr(M, "_pair_segments_ok", lambda *a: False)
+    spy = _spy(monkeypatch, "moe_experts_padded" if form == "padded" else "moe_experts_sorted")
+    if form == "padded":
+        monkeypatch.setattr(M, "_padded_is_cheaper", lambda *a: True)
+    else:
+        monkeypatch.setattr(M, "_padded_is_cheaper", lambda *a: False)
+
+    def inputs():
+        x = _rand(N, D)
+        w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+        idx = torch.stack([torch.cat([torch.randint(0, 2, (1,)), 2 + torch.randperm(E - 2)[:k - 1]])
+                           for _ in range(N)])
+        return x, torch.softmax(torch.randn(N, k), -1), idx, w13, w2
+
+    S.release_scratch()
+    with torch.no_grad():
+        first = inputs()
+        K.moe_experts(*first)                                          # makes the buffers
+        for buf in S._local.bufs.values():
+            buf.fill_(float("nan"))
+        assert S.scratch_bytes() > 0
+        out1 = K.moe_experts(*first)
+        keep = out1.clone()
+        second = inputs()
+        out2 = K.moe_experts(*second)
+    assert len(spy) == 3
+    for out, args in ((out1, first), (out2, second)):
+        torch.testing.assert_close(out, M.moe_experts_reference(*args), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out1, keep)

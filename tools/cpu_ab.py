@@ -21,6 +21,7 @@ Switches (what "off" runs):
                products); the padded form's rows-per-expert term goes with it
   onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
+  moe_scratch  sorted MoE form's kept row buffers (mythos_kernels._scratch) -> fresh torch.empty
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ SWITCHES = {
     "moe_seg_pairs": (_moe, "_pair_segments_ok", lambda *a: False),
     "onednn": (_lin, "_onednn_ok", lambda *a: False),
     "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
+    "moe_scratch": (_moe, "scratch",
+                    lambda tag, shape, dtype, device: torch.empty(shape, dtype=dtype,
+                                                                  device=device)),
 }
 
 
