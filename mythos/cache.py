@@ -57,7 +57,10 @@ class LayerCache:
                                                            self.max_capacity)
                 # zeros, not empty: the static decode step attends over the whole buffer with a
                 # mask, and 0 * NaN from never-written garbage would poison p @ V
-                grown = x.new_zeros((x.shape[0], cap) + tuple(x.shape[2:]))
+                # a normal tensor even under torch.inference_mode(), so a cache started there
+                # can be continued outside it (as open-mythos's torch.cat cache can)
+                with torch.inference_mode(False):
+                    grown = x.new_zeros((x.shape[0], cap) + tuple(x.shape[2:]))
                 if buf is not None:
                     grown[:, :self.length] = buf[:, :self.length]
                 self.buffers[name] = buf = grown

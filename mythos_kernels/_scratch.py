@@ -46,7 +46,10 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
         bufs = _local.bufs = {}
     buf = bufs.get((tag, dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(tag, dtype)] = torch.empty(numel, dtype=dtype)
+        # a normal tensor even under torch.inference_mode(): an inference tensor could not be
+        # written outside it (calls under no_grad would raise)
+        with torch.inference_mode(False):
+            buf = bufs[(tag, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 

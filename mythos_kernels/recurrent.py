@@ -78,11 +78,15 @@ def loop_embedding_vector(loop_t: int, loop_dim: int, dim: int, dtype: torch.dty
     key = (loop_t, loop_dim, dim, dtype, str(device), theta)
     emb = _EMB_CACHE.get(key)
     if emb is None:
-        freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=dtype) / loop_dim))
-        angles = loop_t * freqs
-        emb_v = torch.cat([angles.sin(), angles.cos()], dim=-1)[:loop_dim]
-        emb = torch.zeros(dim, device=device, dtype=dtype)
-        emb[:loop_dim] = emb_v
+        # a normal tensor even under torch.inference_mode(): a cached inference tensor could not
+        # be saved for backward by a later training step (the Triton path's autograd Functions)
+        with torch.inference_mode(False):
+            freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=dtype)
+                                     / loop_dim))
+            angles = loop_t * freqs
+            emb_v = torch.cat([angles.sin(), angles.cos()], dim=-1)[:loop_dim]
+            emb = torch.zeros(dim, device=device, dtype=dtype)
+            emb[:loop_dim] = emb_v
         if len(_EMB_CACHE) > 4096:
             _EMB_CACHE.clear()
         _EMB_CACHE[key] = emb

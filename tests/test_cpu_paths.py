@@ -972,3 +972,25 @@ def test_moe_cpu_forms_ignore_stale_scratch(monkeypatch, form):
     for out, args in ((out1, first), (out2, second)):
         torch.testing.assert_close(out, M.moe_experts_reference(*args), rtol=1e-5, atol=1e-6)
     assert torch.equal(out1, keep)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_moe_scratch_made_under_inference_mode_serves_no_grad(monkeypatch, padded):
+    """Scratch buffers first made under torch.inference_mode() are normal tensors: later calls
+    under no_grad write them (an inference tensor would raise), and back again."""
+    S = importlib.import_module("mythos_kernels._scratch")
+    monkeypatch.setattr(M, "_padded_is_cheaper", lambda *a: padded)
+    N, k, E, D, Fh = 45, 2, 6, 22, 7
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(N)])
+    weights = torch.softmax(torch.randn(N, k), -1)
+    ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+    S.release_scratch()
+    outs = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            outs.append(K.moe_experts(x, weights, idx, w13, w2))
+    assert S.scratch_bytes() > 0
+    for out in outs:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

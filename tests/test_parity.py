@@ -224,3 +224,56 @@ def test_dtype_casts_keep_rope_complex(attn):
             for name in ("freqs_cis", "freqs_cis_mla"):
                 assert torch.equal(getattr(m2, name), getattr(m, name)), name
             assert_close("cast model logits", ref.double(), m2(ids).double(), 3e-2)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_inference_mode_cache_continued_outside_it(om, attn, cpu_forms):
+    """A cache prefilled under torch.inference_mode() and continued under no_grad (and back):
+    open-mythos's torch.cat cache allows it, so mythos's preallocated buffers (and the CPU forms'
+    scratch buffers) must be normal tensors. Logits match open-mythos at every step."""
+    import mythos_kernels as K
+
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    a, b = make_pair(om, seed=13, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 11))
+    K.release_scratch()
+    ca, cb = {}, {}
+    with torch.inference_mode():
+        assert_close("prefill", a(ids[:, :6], kv_cache=ca), b(ids[:, :6], kv_cache=cb), 1e-5)
+    for i in range(6, 11):
+        with torch.inference_mode() if i % 2 else torch.no_grad():
+            ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
+            rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
+        assert_close(f"decode step {i}", ra, rb, 1e-5)
+    with torch.no_grad():
+        assert_close("forward", a(ids), b(ids), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_training_after_inference_mode(om, backend, monkeypatch):
+    """Inference under torch.inference_mode() (forward, generate) fills mythos's module-level
+    caches (loop-index embeddings, CPU scratch); a training step afterwards still works and its
+    gradients match open-mythos's (an inference tensor in a cache could not be saved for
+    backward by the Triton path's autograd Functions)."""
+    import importlib
+
+    import mythos_kernels as K
+
+    if backend == "triton" and not (torch.cuda.is_available() or K.interpreter_active()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setattr(importlib.import_module("mythos_kernels.recurrent"), "_EMB_CACHE", {})
+    K.release_scratch()
+    kw = tiny_kwargs("mla", act_threshold=0.99)
+    a, b = make_pair(om, seed=17, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 7))
+    with torch.inference_mode(), mythos.use_backend(backend):
+        b(ids, n_loops=3)
+        b.generate(ids[:, :4], max_new_tokens=3, n_loops=3, top_k=1)
+    a.train(), b.train()
+    a(ids, n_loops=3).logsumexp(-1).mean().backward()
+    with mythos.use_backend(backend):
+        b(ids, n_loops=3).logsumexp(-1).mean().backward()
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    for k, p in a.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
