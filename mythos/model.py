@@ -499,8 +499,9 @@ class OpenMythos(nn.Module):
                 at the MoE (its reference reads expert counts on the host): still correct, less
                 gain. Dynamo compiles the step again for each model configuration (another
                 instance of the same config reuses it), batch size, loop count and cache
-                capacity, up to ``torch._dynamo.config.recompile_limit`` (8 by default) per
-                process; past that it runs the step eagerly (torch logs a warning), same
+                capacity (prompt + max_new_tokens rounded up to a power of two, at least 64,
+                at most max_seq_len: :func:`compiled_cache_capacity`), up to
+                ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that it runs the step eagerly (torch logs a warning), same
                 tokens, eager speed.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
@@ -530,7 +531,9 @@ class OpenMythos(nn.Module):
             raise ValueError("cuda_graph=True needs the static decode step (static=True)")
         if compiled and not static:
             raise ValueError("compiled=True needs the static decode step (static=True)")
-        cache = MythosCache(total)
+        # compiled: a bucketed capacity, so calls with other lengths reuse the compiled step
+        cache = MythosCache(compiled_cache_capacity(total, self.cfg.max_seq_len) if compiled
+                            else total)
         out = input_ids.new_empty(B, prompt_len + max_new_tokens)
         out[:, :prompt_len] = input_ids
         h = self._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
@@ -543,7 +546,9 @@ class OpenMythos(nn.Module):
                 h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
                 out[:, prompt_len + i] = sample(self._logits(h), temperature, top_k)
             return out
-        tok = out[:, prompt_len:prompt_len + 1].clone()                       # static inputs
+        # static inputs (fresh [B, 1]: a clone of the slice would keep its row stride, which
+        # depends on the lengths, and Dynamo guards on strides)
+        tok = out.new_empty(B, 1).copy_(out[:, prompt_len:prompt_len + 1])
         pos = torch.full((1,), prompt_len, dtype=torch.long, device=out.device)
 
         def step() -> torch.Tensor:
@@ -611,6 +616,16 @@ class OpenMythos(nn.Module):
         for c in cache.values():
             c.length = total
         return out
+
+
+def compiled_cache_capacity(needed: int, max_seq_len: int) -> int:
+    """The cache capacity ``generate(..., compiled=True)`` allocates for ``needed`` positions: the
+    next power of two (at least 64), at most ``max_seq_len``. Dynamo compiles the step once per
+    capacity, so without buckets every new prompt + max_new_tokens length compiled again (tens
+    of seconds each, eager after ``recompile_limit`` of them). The static step attends over the
+    whole buffer masked by position: the tokens are the same; the extra positions cost memory
+    and masked attention work."""
+    return min(max(64, 1 << (needed - 1).bit_length()), max(max_seq_len, needed))
 
 
 def _decode_step(model: OpenMythos, tok: torch.Tensor, n_loops: Optional[int], layers: dict,

@@ -117,6 +117,34 @@ def test_generate_compiled_matches_eager(attn):
     assert torch.equal(a, m.generate(p, 7, n_loops=3, top_k=10))
 
 
+def test_compiled_cache_capacity():
+    """generate(compiled=True)'s cache capacity: the next power of two (at least 64), at most
+    max_seq_len."""
+    from mythos.model import compiled_cache_capacity as cap
+
+    assert [cap(n, 1000) for n in (1, 17, 64, 65, 127, 128, 129, 511, 513, 999, 1000)] == \
+        [64, 64, 64, 128, 128, 128, 256, 512, 1000, 1000, 1000]
+    assert cap(17, 40) == 40 and cap(40, 40) == 40
+
+
+@pytest.mark.slow
+def test_generate_compiled_reuses_the_step_across_lengths():
+    """Other prompt and max_new_tokens lengths within one capacity bucket reuse the compiled step
+    (no new graph; before, every new length compiled again), with the eager tokens."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    kw = tiny_kwargs("mla")
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    graphs = []
+    for plen, new in ((5, 7), (9, 4), (3, 20)):
+        p = torch.randint(0, kw["vocab_size"], (2, plen))
+        out = m.generate(p, new, n_loops=3, top_k=1, compiled=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert torch.equal(out, m.generate(p, new, n_loops=3, top_k=1))
+    assert graphs[1] == graphs[0] and graphs[2] == graphs[0]
+
+
 def test_generate_compiled_bad_combinations():
     m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa"))).eval()
     p = torch.randint(0, 97, (1, 3))
