@@ -501,8 +501,8 @@ class OpenMythos(nn.Module):
                 instance of the same config reuses it), batch size, loop count and cache
                 capacity (prompt + max_new_tokens rounded up to a power of two, at least 64,
                 at most max_seq_len: :func:`compiled_cache_capacity`), up to
-                ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that it runs the step eagerly (torch logs a warning), same
-                tokens, eager speed.
+                ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that
+                it runs the step eagerly (torch logs a warning), same tokens, eager speed.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 0:
