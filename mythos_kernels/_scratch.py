@@ -38,8 +38,7 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     """An uninitialized contiguous tensor of ``shape``: a view of this thread's kept buffer for
     ``(tag, dtype)``, grown when too small (see the module docstring for when it may be used)."""
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or numel * itemsize > MAX_BYTES:
+    if torch.device(device).type != "cpu" or numel * dtype.itemsize > MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
