@@ -348,6 +348,18 @@ class RecurrentBlock(nn.Module):
         return h_out.to(h.dtype)
 
 
+def _weights_unchanged(fn):
+    """Run ``fn`` inside ``K.weights_unchanged()`` (the CPU forms' cached weight copies check
+    their sources once per call, not once per use); traced code runs it as it is."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with K.weights_unchanged():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 class OpenMythos(nn.Module):
     """Recurrent-depth transformer language model (drop-in for ``open_mythos.OpenMythos``)."""
 
@@ -434,6 +446,7 @@ class OpenMythos(nn.Module):
             raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size}), got values "
                              f"in [{lo}, {hi}]")
 
+    @_weights_unchanged
     def forward(self, input_ids: torch.Tensor, n_loops: Optional[int] = None,
                 kv_cache: Optional[dict] = None, start_pos: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab_size].
@@ -468,6 +481,7 @@ class OpenMythos(nn.Module):
         return x
 
     @torch.no_grad()
+    @_weights_unchanged
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: int = 8,
                  temperature: float = 1.0, top_k: int = 50,
                  cuda_graph: Optional[bool] = None,

@@ -19,7 +19,8 @@ Decode (at most ``DECODE_ROWS`` rows, CPU, no autograd) is a matrix-vector produ
 reading W: MKL reads W [V, D] through ``x @ W^T`` at about 11 GB/s on that machine and a
 [D, V] copy through ``x @ W_t`` at about 27 GB/s (V=32000, D=512, one row: 6.1 ms -> 2.4 ms).
 So decode keeps a transposed copy of the head weight (V x D more memory), made on first use and
-remade whenever the weight changes (its version counter or storage moves); up to ``SPLIT_ROWS``
+remade whenever the weight changes (see :func:`derived`: version counter, storage, or a sampled
+fingerprint for edits through ``.data``); up to ``SPLIT_ROWS``
 rows multiply it split over D (``vecmat``: two contiguous halves, one per core), 2.6 -> 1.9-2.2
 ms per token at V=32000, D=512 (about 34 GB/s, the machine's read rate). The sums run in a
 different order, so logits may differ from ``F.linear`` in the last bits.
@@ -45,7 +46,9 @@ and multiplies with :func:`lm_head_transposed`, and runs the compiled function i
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 import weakref
 
 import torch
@@ -61,7 +64,7 @@ SPLIT_MIN_OUT = 64   # smaller weights: the bmm's own overhead outweighs the sec
 # packing, expert pairs): a model made of such weights stays in cache, where those forms only add
 # calls (a dim-64 model's decode step: 4.9 ms with them, 4.2 ms without, open-mythos 4.6 ms)
 SPLIT_MIN_WEIGHT = 1 << 14
-_DERIVED: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+_DERIVED: dict[tuple, list] = {}   # key -> [stamp, fingerprints, scope, copy]
 
 
 _ONEDNN: list[bool] = []   # [available], probed on first use
@@ -130,22 +133,87 @@ def _stamp(t: torch.Tensor) -> tuple:
     return (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
 
 
+_PROBE_INDEX: dict[tuple, torch.Tensor] = {}
+_LOCAL = threading.local()   # .scope: the innermost weights_unchanged() token of this thread
+
+
+# elements a fingerprint samples. A mid-config decode step through forward() checks 13 weights
+# once each: 0.15 ms (256 probes: 0.23 ms; one element per row: 0.78 ms, the head's alone 0.46)
+PROBES = 64
+
+
+def _probe_index(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Flat positions :func:`_fingerprint` reads: ``PROBES`` evenly spread over the tensor."""
+    key = (shape, str(device))
+    idx = _PROBE_INDEX.get(key)
+    if idx is None:
+        n = math.prod(shape)
+        idx = torch.linspace(0, n - 1, min(n, PROBES), dtype=torch.float64,
+                             device=device).round().long()
+        if len(_PROBE_INDEX) > 256:
+            _PROBE_INDEX.clear()
+        _PROBE_INDEX[key] = idx
+    return idx
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor | None:
+    """A fixed sample of t's elements (None for an empty t). Compared with ``torch.equal``: a
+    NaN in the sample never matches, so such a copy is remade on every check (still correct)."""
+    if t.numel() == 0:
+        return None
+    return torch.take(t.detach(), _probe_index(tuple(t.shape), t.device))
+
+
+def _same_fingerprints(a: tuple, b: tuple) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b))
+
+
+@contextlib.contextmanager
+def weights_unchanged():
+    """Promise that no weight changes inside this context (this thread): :func:`derived` then
+    checks each cached copy's source fingerprint once per context instead of on every use. The
+    model's ``forward`` and ``generate`` enter it; nested entries reuse the outer one."""
+    outer = getattr(_LOCAL, "scope", None)
+    if outer is None:
+        _LOCAL.scope = object()
+    try:
+        yield
+    finally:
+        if outer is None:
+            _LOCAL.scope = None
+
+
 def derived(tag: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
     """``build(*sources)`` (detached), cached per (tag, source tensors) and remade whenever a
-    source changes (its version counter, storage, shape or dtype). The entry is dropped as soon
-    as any source is freed (so a new tensor that reuses a freed one's id never finds it). Sources
-    must not be inference tensors (they have no version counter)."""
+    source changes. A change is seen through the source's version counter, storage, shape or
+    dtype, or, for in-place edits that bump no version counter (through ``.data``, as in
+    ``p.data.mul_(d)`` EMA updates, or a numpy view), through a fingerprint of ``PROBES``
+    elements spread over the tensor, compared on every use, or once per
+    :func:`weights_unchanged` context. An edit through ``.data`` that spares every sampled
+    element (a few rows, say) is not seen: :func:`clear_weight_copies` drops every copy. The
+    entry is dropped as soon as any source is freed (so a new tensor that reuses a freed one's
+    id never finds it). Sources must not be inference tensors (they have no version counter)."""
     key = (tag,) + tuple(id(t) for t in sources)
     stamp = tuple(_stamp(t) for t in sources)
+    scope = getattr(_LOCAL, "scope", None)
     ent = _DERIVED.get(key)
-    if ent is None or ent[0] != stamp:
-        if ent is None:
-            for t in sources:
-                weakref.finalize(t, _DERIVED.pop, key, None)
-        with torch.no_grad():
-            ent = (stamp, build(*(t.detach() for t in sources)))
-        _DERIVED[key] = ent
-    return ent[1]
+    if ent is not None and ent[0] == stamp:
+        if scope is not None and ent[2] is scope:
+            return ent[3]
+        fps = tuple(_fingerprint(t) for t in sources)
+        if _same_fingerprints(fps, ent[1]):
+            ent[2] = scope
+            return ent[3]
+    else:
+        fps = tuple(_fingerprint(t) for t in sources)
+    if ent is None:
+        for t in sources:
+            weakref.finalize(t, _DERIVED.pop, key, None)
+    with torch.no_grad():
+        ent = [stamp, fps, scope, build(*(t.detach() for t in sources))]
+    _DERIVED[key] = ent
+    return ent[3]
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:

@@ -481,6 +481,57 @@ def test_derived_entry_dropped_when_any_source_is_freed():
     assert key not in L._DERIVED
 
 
+@pytest.mark.parametrize("edit", ["data-mul", "data-copy", "numpy", "in-place", "rebind"])
+def test_derived_copy_remade_after_any_edit(edit):
+    """A cached copy follows its source through edits that bump the version counter (in-place
+    ops), move the storage (``.data =``), and that bump nothing (through ``.data``, a numpy
+    view): the last are caught by the sampled fingerprint, on every use outside
+    ``weights_unchanged``."""
+    w = torch.nn.Parameter(_rand(300, 7))
+    get = lambda: L.derived("t_test", (w,), lambda t: t.t().contiguous())   # noqa: E731
+    assert torch.equal(get(), w.detach().t())
+    version = w._version
+    with torch.no_grad():
+        if edit == "data-mul":
+            w.data.mul_(0.5)
+        elif edit == "data-copy":
+            w.data.copy_(_rand(300, 7))
+        elif edit == "numpy":
+            w.detach().numpy()[:] = 3.0
+        elif edit == "in-place":
+            w.add_(1.0)
+        else:
+            w.data = _rand(300, 7)
+    if edit in ("data-mul", "data-copy", "numpy"):
+        assert w._version == version                  # nothing for the version check to see
+    assert torch.equal(get(), w.detach().t())
+
+
+def test_weights_unchanged_checks_once_per_context(monkeypatch):
+    """Inside ``weights_unchanged()`` each copy's fingerprint is checked on first use only (the
+    promise: no weight changes inside); the next context checks again and sees an edit."""
+    w = _rand(50, 4)
+    calls = []
+    real = L._fingerprint
+    monkeypatch.setattr(L, "_fingerprint", lambda t: calls.append(1) or real(t))
+    get = lambda: L.derived("u_test", (w,), lambda t: t * 2)   # noqa: E731
+    get()
+    calls.clear()
+    with K.weights_unchanged():
+        for _ in range(5):
+            get()
+        with K.weights_unchanged():          # nested: the outer context's check stands
+            get()
+        assert len(calls) == 1
+        w.detach().numpy()[:] = 1.0          # broken promise: not seen inside
+        assert not torch.equal(get(), w * 2)
+    with K.weights_unchanged():
+        assert torch.equal(get(), w * 2)     # seen by the next context's check
+    for _ in range(3):                       # outside any context: a check on every use
+        get()
+    assert len(calls) == 1 + 1 + 3
+
+
 def test_weight_copies_switch(monkeypatch):
     """MYTHOS_CPU_WEIGHT_COPIES=0: no packed or transposed copies are made (the decode head
     uses the no-copy split product), with the same results; clear_weight_copies frees them."""

@@ -277,3 +277,33 @@ def test_training_after_inference_mode(om, backend, monkeypatch):
     for k, p in a.named_parameters():
         if p.grad is not None and p.grad.abs().sum() > 0:
             assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_weights_edited_through_data_between_decode_steps(om, attn, cpu_forms):
+    """Weights changed through ``.data`` (no version-counter bump: EMA-style ``p.data.mul_``,
+    ``p.data.copy_``) between decode steps: the CPU forms' cached copies (the head's transposed
+    copy, packed shared-expert / FFN weights) are remade, so logits still match open-mythos
+    edited the same way. (Not the MLA ``kv_norm`` weights: mythos caches the normalized latent,
+    open-mythos renormalizes its raw cached latent with the current weight at every step; a
+    documented difference.)"""
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    a, b = make_pair(om, seed=19, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (1, 10))
+    ca, cb = {}, {}
+    with torch.no_grad():
+        assert_close("prefill", a(ids[:, :6], kv_cache=ca), b(ids[:, :6], kv_cache=cb), 1e-5)
+        for i in range(6, 10):
+            g = torch.Generator().manual_seed(i)
+            for k, p in a.named_parameters():                              # EMA-like update
+                if "kv_norm" not in k:
+                    p.data.mul_(0.97).add_(torch.randn(p.shape, generator=g) * 0.02)
+            new = mythos.from_open_mythos_state_dict(
+                {k: v.detach().clone() for k, v in a.state_dict().items()})
+            versions = {k: p._version for k, p in b.named_parameters()}
+            for k, p in b.named_parameters():
+                p.data.copy_(new[k])
+            assert all(p._version == versions[k] for k, p in b.named_parameters())
+            ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
+            rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
+            assert_close(f"decode step {i} after .data edits", ra, rb, 1e-5)
