@@ -90,7 +90,8 @@ def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool
             for v in ((True, False) if p % 2 else (False, True)):
                 sw.set(v)
                 t0 = time.perf_counter()
-                model._logits(model._hidden(ids[:, p:p + 1], None, caches[v], p)[:, -1])
+                with K.weights_unchanged():    # as forward(): copies checked once a step
+                    model._logits(model._hidden(ids[:, p:p + 1], None, caches[v], p)[:, -1])
                 res[v].append(time.perf_counter() - t0)
     return res
 

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         tok = ids[:, -1:]
 
         def eager():
-            m._logits(m._hidden(tok, n_loops, cache, pos[0])[:, -1])
+            with K.weights_unchanged():   # as in generate (there: one check per call)
+                m._logits(m._hidden(tok, n_loops, cache, pos[0])[:, -1])
             pos[0] += 1
 
         # static step (idempotent: same token, same position); two functions with their own
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
         p = torch.full((1,), prompt, dtype=torch.long)
 
         def static():
-            return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
+            with K.weights_unchanged():
+                return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
 
         def static_plain():
             return m._logits(m._hidden(tok, n_loops, plain, 0, p)[:, -1])
