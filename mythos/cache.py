@@ -51,16 +51,23 @@ class LayerCache:
         end = self.length + T
         for name, x in new.items():
             buf = self.buffers.get(name)
-            if buf is None or buf.shape[1] < end:
-                cap = self.capacity if self.fixed else min(max(end, 2 * (buf.shape[1] if buf is not
-                                                                          None else 0), 16),
-                                                           self.max_capacity)
+            # a wider dtype than the buffer's (e.g. fp32 after a bf16 autocast prefill) widens
+            # the buffer, as open-mythos's torch.cat promotes: new positions keep full precision
+            dtype = x.dtype if buf is None else torch.promote_types(buf.dtype, x.dtype)
+            if buf is None or buf.shape[1] < end or buf.dtype != dtype:
+                if buf is not None and buf.shape[1] >= end:
+                    cap = buf.shape[1]                              # only the dtype widens
+                elif self.fixed:
+                    cap = self.capacity
+                else:
+                    cap = min(max(end, 2 * (buf.shape[1] if buf is not None else 0), 16),
+                              self.max_capacity)
                 # zeros, not empty: the static decode step attends over the whole buffer with a
                 # mask, and 0 * NaN from never-written garbage would poison p @ V
                 # a normal tensor even under torch.inference_mode(), so a cache started there
                 # can be continued outside it (as open-mythos's torch.cat cache can)
                 with torch.inference_mode(False):
-                    grown = x.new_zeros((x.shape[0], cap) + tuple(x.shape[2:]))
+                    grown = x.new_zeros((x.shape[0], cap) + tuple(x.shape[2:]), dtype=dtype)
                 if buf is not None:
                     grown[:, :self.length] = buf[:, :self.length]
                 self.buffers[name] = buf = grown

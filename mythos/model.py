@@ -50,6 +50,20 @@ apply_rope = K.apply_rope
 loop_index_embedding = K.loop_index_embedding
 
 
+def _one_dtype(ref: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
+    """``ts`` in one floating dtype for the fused ops, which take one: ``ref``'s (the
+    activations') under autocast, as autocast casts the weights of the linear layers those ops
+    replace; otherwise the widest of all (e.g. a cache filled under autocast, read without)."""
+    dtypes = {t.dtype for t in ts} | {ref.dtype}
+    if len(dtypes) == 1:
+        return list(ts)
+    if torch.is_autocast_enabled(ref.device.type):
+        dt = ref.dtype
+    else:
+        dt = functools.reduce(torch.promote_types, dtypes)
+    return [t.to(dt) for t in ts]
+
+
 class GQAttention(nn.Module):
     """Grouped-query attention with RoPE; caches K (rotated) and V with n_kv_heads."""
 
@@ -81,6 +95,8 @@ class GQAttention(nn.Module):
         elif kv_cache is not None:
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(k=k, v=v)
             k, v = kv["k"], kv["v"]
+        if k.dtype != q.dtype:   # buffers made in another autocast state
+            q, k, v = _one_dtype(q, q, k, v)
         out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=True,
                           dropout_p=self.dropout_p if self.training else 0.0, attn_mask=attn_mask)
         return self.wo(out.reshape(B, T, -1))
@@ -141,26 +157,30 @@ class MLAttention(nn.Module):
         k_rope = K.apply_rope(k_rope.expand(B, T, min(2, H), self.qk_rope_dim), freqs_cis)
         k_rope = k_rope[:, :, 0]                                               # [B, T, dr]
         if kv_cache is None:  # training / no cache: RMSNorm fused into the decompression
-            k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, self.kv_up.weight,
+            w_up, w_norm = _one_dtype(kv_raw, self.kv_up.weight, self.kv_norm.weight)
+            k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, w_up,
                                     H, self.qk_nope_dim, self.v_dim,
-                                    norm_weight=self.kv_norm.weight, eps=self.kv_norm.eps)
+                                    norm_weight=w_norm, eps=self.kv_norm.eps)
             return self._attend(q_nope, q_rope, k, v)
         c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
+        if c_kv.dtype != kv_raw.dtype:  # autocast: a low-precision latent, fp32-normalized
+            c_kv = c_kv.to(kv_raw.dtype)  # (open-mythos's kv_up then casts it the same way)
         if positions is not None:  # static decode: full-capacity buffers, length as a tensor
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(
                 positions, c_kv=c_kv, k_rope=k_rope)
-            out = K.mla_decode(q_nope, q_rope, kv["c_kv"], kv["k_rope"], self.kv_up.weight,
+            out = K.mla_decode(q_nope, q_rope, *_one_dtype(q_nope, kv["c_kv"], kv["k_rope"],
+                                                           self.kv_up.weight),
                                self.qk_nope_dim, self.v_dim, positions[-1:] + 1,
                                self.q_head_dim ** -0.5, num_splits=self._static_splits(kv["c_kv"]))
             return self.wo(out.reshape(B, T, -1))
         kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv, k_rope=k_rope)
-        c_kv, k_rope = kv["c_kv"], kv["k_rope"]
+        c_kv, k_rope, w_up = _one_dtype(q_nope, kv["c_kv"], kv["k_rope"], self.kv_up.weight)
         S = c_kv.shape[1]
         if self._absorbed_is_cheaper(T, S):
-            out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, self.kv_up.weight,
+            out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, w_up,
                                self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
             return self.wo(out.reshape(B, T, -1))
-        k, v = K.mla_decompress(c_kv, k_rope, self.kv_up.weight, H, self.qk_nope_dim, self.v_dim)
+        k, v = K.mla_decompress(c_kv, k_rope, w_up, H, self.qk_nope_dim, self.v_dim)
         return self._attend(q_nope, q_rope, k, v)
 
     def _attend(self, q_nope, q_rope, k, v) -> torch.Tensor:
@@ -337,6 +357,8 @@ class RecurrentBlock(nn.Module):
         for t in range(n_loops):
             out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}", positions)
             delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)
+            if delta.dtype != out.dtype:   # autocast: a low-precision delta, promoted as in
+                out, delta = out + delta, None                    # open-mythos's out + lora
             nxt = (t + 1, norm.weight, norm.eps, self.loop_dim) if t + 1 < n_loops else None
             # h' = A h + B e + out + delta, ACT accumulation, and the next loop's normed input
             res = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt, inj.B,

@@ -85,3 +85,25 @@ def test_preallocated_positions_past_length_are_zero():
     for c in cache.values():
         for buf in c.buffers.values():
             assert buf.shape[1] == 40 and not buf[:, 6:].any()
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cache_widens_to_a_wider_dtype(fixed):
+    """bf16 positions (an autocast prefill) then fp32 ones: the buffer becomes fp32 (as
+    open-mythos's torch.cat promotes), the earlier positions keep their values, the new ones
+    their full precision; a narrower write after that is widened, not the buffer narrowed."""
+    from mythos.cache import LayerCache
+
+    c = LayerCache(32, 32, fixed=True) if fixed else LayerCache(0, 32, fixed=False)
+    a = torch.randn(2, 3, 5).bfloat16()
+    b = torch.randn(2, 4, 5)
+    c.append(k=a)
+    out = c.append(k=b)["k"]
+    assert out.dtype == torch.float32 and out.shape == (2, 7, 5)
+    assert torch.equal(out[:, :3], a.float()) and torch.equal(out[:, 3:], b)
+    d = torch.randn(2, 1, 5).bfloat16()
+    out = c.append(k=d)["k"]
+    assert out.dtype == torch.float32 and torch.equal(out[:, 7:], d.float())
+    assert torch.equal(out[:, 3:7], b)
+    if fixed:
+        assert c.buffers["k"].shape[1] == 32

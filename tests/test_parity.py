@@ -307,3 +307,82 @@ def test_weights_edited_through_data_between_decode_steps(om, attn, cpu_forms):
             ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
             rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
             assert_close(f"decode step {i} after .data edits", ra, rb, 1e-5)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_autocast_bf16_runs_as_open_mythos_does(om, attn, cpu_forms):
+    """Under torch.autocast(bf16) (mixed precision: bf16 products, fp32 weights and residual
+    stream) mythos runs where open-mythos runs: forward, cached decode (also with a cache started
+    in the other autocast state), generate. Its error against open-mythos's fp32 logits stays
+    within 3x open-mythos's own autocast error (+0.005: one bf16 rounding more or less), where
+    a real fault (a wrong position, a dropped term) is of order 1."""
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    a, b = make_pair(om, seed=23, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    ac = lambda: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
+    with torch.no_grad():
+        ref = a(ids)
+        with ac():
+            ra, rb = a(ids), b(ids)
+        assert _rel(rb, ref) <= 3 * _rel(ra, ref) + 5e-3
+        for prefill_ac, decode_ac in ((True, True), (False, True), (True, False)):
+            ca, cb, c32 = {}, {}, {}
+            a(ids[:, :5], kv_cache=c32)
+            with ac() if prefill_ac else torch.autocast("cpu", enabled=False):
+                a(ids[:, :5], kv_cache=ca), b(ids[:, :5], kv_cache=cb)
+            for i in range(5, 9):
+                r32 = a(ids[:, i:i + 1], kv_cache=c32, start_pos=i)
+                with ac() if decode_ac else torch.autocast("cpu", enabled=False):
+                    ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
+                    rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
+                assert rb.isfinite().all()
+                assert _rel(rb, r32) <= 3 * _rel(ra, r32) + 5e-3, (prefill_ac, decode_ac, i)
+        with ac():
+            out = b.generate(ids[:, :4], max_new_tokens=5, n_loops=3, top_k=1)
+    assert out.shape == (2, 9) and torch.equal(out[:, :4], ids[:, :4])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_autocast_bf16_training_gradients(om, attn, backend):
+    """A training step under torch.autocast(bf16), the kernels forced or not, against open-mythos's
+    fp32 gradients: the error over all gradients together stays within 1.5x open-mythos's own
+    autocast error, and no single parameter's gradient is grossly off (its error at most half
+    its norm plus four times open-mythos's error on it). Every loop runs (ACT
+    halting is a discrete decision: bf16 rounding can flip it near the threshold, and the Triton
+    step computes the halting logit in fp32 where open-mythos's is a bf16 product)."""
+    import mythos_kernels as K
+
+    if backend == "triton" and not (torch.cuda.is_available() or K.interpreter_active()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    ids = torch.randint(0, kw["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
+    ref, _ = make_pair(om, seed=29, **kw)
+    a, b = make_pair(om, seed=29, **kw)
+    for m in (ref, a, b):
+        m.train()
+    ref(ids, n_loops=3).logsumexp(-1).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        la = a(ids, n_loops=3).logsumexp(-1).float().mean()
+        with mythos.use_backend(backend):
+            lb = b(ids, n_loops=3).logsumexp(-1).float().mean()
+    la.backward()
+    lb.backward()
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    ga = dict(a.named_parameters())
+    err_a = err_b = norm = 0.0
+    for k, p in ref.named_parameters():
+        if p.grad is None or p.grad.abs().sum() == 0:
+            continue
+        err_a += float((ga[k].grad - p.grad).norm()) ** 2
+        err_b += float((gb[k] - p.grad).norm()) ** 2
+        norm += float(p.grad.norm()) ** 2
+        # per parameter: no gross error (a gradient that nearly cancels, e.g. the halting
+        # bias's, has a large relative error in both implementations)
+        assert float((gb[k] - p.grad).norm()) <= 0.5 * float(p.grad.norm()) + \
+            4 * float((ga[k].grad - p.grad).norm()), k
+    assert (err_b / norm) ** 0.5 <= 1.5 * (err_a / norm) ** 0.5 + 2e-3
