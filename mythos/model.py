@@ -12,6 +12,7 @@ grouped GEMMs, converted by a load hook (``mythos.checkpoint``).
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from typing import Optional
 
@@ -242,6 +243,15 @@ class MoEFFN(nn.Module):
         self._register_load_state_dict_pre_hook(moe_load_hook, with_module=True)
         self._last_idx: Optional[torch.Tensor] = None  # [N, k] experts chosen, last forward
 
+    def __getattr__(self, name: str):
+        if name == "routed_experts":
+            raise AttributeError(
+                "mythos's MoEFFN has no routed_experts ModuleList: the routed experts are stacked "
+                "as w13 [n_experts, dim, 2 * expert_dim] (gate | up) and w2 [n_experts, "
+                "expert_dim, dim] for grouped products; mythos.to_open_mythos_state_dict gives "
+                "open-mythos's per-expert weights")
+        return super().__getattr__(name)
+
     @property
     def last_counts(self) -> Optional[torch.Tensor]:
         """Tokens routed to each expert in the last forward (int64 [E]), for load balancing."""
@@ -370,6 +380,19 @@ class RecurrentBlock(nn.Module):
         return h_out.to(h.dtype)
 
 
+def _as_index(name: str, v, none_ok: bool = False):
+    """An int from an index-like ``v`` (int, numpy integer, one-element integer tensor), as
+    open-mythos's slicing and ``range`` accept; bools, floats and the rest raise ValueError."""
+    if v is None and none_ok:
+        return None
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be an int{' or None' if none_ok else ''}, got {v!r}")
+
+
 def _weights_unchanged(fn):
     """Run ``fn`` inside ``K.weights_unchanged()`` (the CPU forms' cached weight copies check
     their sources once per call, not once per use); traced code runs it as it is."""
@@ -478,6 +501,7 @@ class OpenMythos(nn.Module):
             kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding.
             start_pos: position of input_ids[:, 0] in the sequence (selects RoPE frequencies).
         """
+        n_loops, start_pos = _as_index("n_loops", n_loops, True), _as_index("start_pos", start_pos)
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
         return self._logits(self._hidden(input_ids, n_loops, kv_cache, start_pos))
 
@@ -545,6 +569,7 @@ class OpenMythos(nn.Module):
             raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         if not (temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        n_loops = _as_index("n_loops", n_loops, True)
         self._check_inputs(input_ids, n_loops, None, 0)
         if max_new_tokens == 0:
             return input_ids
@@ -570,7 +595,9 @@ class OpenMythos(nn.Module):
         # compiled: a bucketed capacity, so calls with other lengths reuse the compiled step
         cache = MythosCache(compiled_cache_capacity(total, self.cfg.max_seq_len) if compiled
                             else total)
-        out = input_ids.new_empty(B, prompt_len + max_new_tokens)
+        # int64 whatever the prompt's integer dtype (open-mythos's torch.cat with the sampled
+        # int64 tokens promotes)
+        out = input_ids.new_empty(B, prompt_len + max_new_tokens, dtype=torch.long)
         out[:, :prompt_len] = input_ids
         h = self._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
         out[:, prompt_len] = sample(self._logits(h), temperature, top_k)

@@ -66,6 +66,10 @@ def _snapshot(cache):
     (torch.zeros(2, 5, dtype=torch.long), dict(n_loops=2.0), "n_loops"),
     (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=60), "max_seq_len"),
     (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=-1), "start_pos"),
+    (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=1.0), "start_pos"),
+    (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=True), "start_pos"),
+    (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=torch.tensor([1, 2])), "start_pos"),
+    (torch.zeros(2, 5, dtype=torch.long), dict(n_loops=torch.tensor(2.0)), "n_loops"),
     ([[1, 2]], {}, "torch.Tensor"),
 ])
 def test_forward_rejects_before_compute(model, bad, kwargs, msg):
@@ -114,3 +118,33 @@ def test_backend_name_validated():
     with pytest.raises(ValueError, match="MYTHOS_BACKEND"):
         with mythos.use_backend("cuda"):
             pass
+
+
+def test_index_like_arguments_accepted(model):
+    """Where open-mythos accepts index-likes (its slicing and ``range``), so does mythos: numpy
+    integers and one-element integer tensors for start_pos and n_loops, the same logits."""
+    import numpy as np
+
+    ids = torch.randint(0, 97, (2, 4))
+    with torch.no_grad():
+        ref = model(ids, n_loops=2, start_pos=3)
+        for n, s in ((np.int64(2), np.int32(3)), (torch.tensor(2), torch.tensor(3))):
+            torch.testing.assert_close(model(ids, n_loops=n, start_pos=s), ref, rtol=0, atol=0)
+        g = model.generate(ids, 3, n_loops=torch.tensor(2), top_k=1)
+    assert torch.equal(g, model.generate(ids, 3, n_loops=2, top_k=1))
+
+
+def test_generate_returns_int64_for_any_integer_prompt(model):
+    """open-mythos's generate concatenates int64 samples onto the prompt (torch.cat promotes)."""
+    ids = torch.randint(0, 97, (2, 4), dtype=torch.int32)
+    out = model.generate(ids, 3, top_k=1)
+    assert out.dtype == torch.int64 and torch.equal(out[:, :4], ids.long())
+    assert torch.equal(out, model.generate(ids.long(), 3, top_k=1))
+
+
+def test_routed_experts_attribute_explains_the_stacked_layout(model):
+    with pytest.raises(AttributeError, match="stacked as w13"):
+        model.recurrent.block.ffn.routed_experts
+    assert model.recurrent.block.ffn.w13.dim() == 3          # other attributes unaffected
+    with pytest.raises(AttributeError, match="no_such"):
+        model.recurrent.block.ffn.no_such
