@@ -51,6 +51,29 @@ apply_rope = K.apply_rope
 loop_index_embedding = K.loop_index_embedding
 
 
+class _CausalMask:
+    """The ``mask`` OpenMythos passes its blocks for a multi-token input: causal attention aligned
+    to the end of the keys (a prefill, or a chunk appended to a cache), run by SDPA's causal path.
+    open-mythos passes an additive [1, 1, T, T] tensor there (wrong for a chunk after a cache).
+    Components called directly take open-mythos's values: ``None`` is no mask (every query sees
+    every key), a tensor an additive (or bool) mask."""
+
+    def __repr__(self) -> str:
+        return "mythos.model.CAUSAL"
+
+
+CAUSAL = _CausalMask()
+
+
+def _mask_args(mask) -> tuple[bool, Optional[torch.Tensor]]:
+    """(causal, attn_mask) for ``K.attention`` from a block's ``mask`` argument."""
+    if mask is CAUSAL:
+        return True, None
+    if mask is None or isinstance(mask, torch.Tensor):
+        return False, mask
+    raise ValueError(f"mask must be None, a tensor or mythos.model.CAUSAL, got {mask!r}")
+
+
 def _one_dtype(ref: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
     """``ts`` in one floating dtype for the fused ops, which take one: ``ref``'s (the
     activations') under autocast, as autocast casts the weights of the linear layers those ops
@@ -98,7 +121,10 @@ class GQAttention(nn.Module):
             k, v = kv["k"], kv["v"]
         if k.dtype != q.dtype:   # buffers made in another autocast state
             q, k, v = _one_dtype(q, q, k, v)
-        out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=True,
+        causal = False
+        if attn_mask is None:
+            causal, attn_mask = _mask_args(mask)
+        out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=causal,
                           dropout_p=self.dropout_p if self.training else 0.0, attn_mask=attn_mask)
         return self.wo(out.reshape(B, T, -1))
 
@@ -162,7 +188,7 @@ class MLAttention(nn.Module):
             k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, w_up,
                                     H, self.qk_nope_dim, self.v_dim,
                                     norm_weight=w_norm, eps=self.kv_norm.eps)
-            return self._attend(q_nope, q_rope, k, v)
+            return self._attend(q_nope, q_rope, k, v, mask)
         c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
         if c_kv.dtype != kv_raw.dtype:  # autocast: a low-precision latent, fp32-normalized
             c_kv = c_kv.to(kv_raw.dtype)  # (open-mythos's kv_up then casts it the same way)
@@ -177,19 +203,24 @@ class MLAttention(nn.Module):
         kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv, k_rope=k_rope)
         c_kv, k_rope, w_up = _one_dtype(q_nope, kv["c_kv"], kv["k_rope"], self.kv_up.weight)
         S = c_kv.shape[1]
-        if self._absorbed_is_cheaper(T, S):
+        # the absorbed path attends causally (end-aligned): for CAUSAL, or one query (where
+        # causal and no mask agree); other masks take the decompressed path
+        if (mask is CAUSAL or (mask is None and T == 1)) and self._absorbed_is_cheaper(T, S):
             out = K.mla_decode(q_nope, q_rope, c_kv, k_rope, w_up,
                                self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
             return self.wo(out.reshape(B, T, -1))
         k, v = K.mla_decompress(c_kv, k_rope, w_up, H, self.qk_nope_dim, self.v_dim)
-        return self._attend(q_nope, q_rope, k, v)
+        return self._attend(q_nope, q_rope, k, v, mask)
 
-    def _attend(self, q_nope, q_rope, k, v) -> torch.Tensor:
-        """Causal attention of q = [q_nope | q_rope] over decompressed K [B,S,H,dq], V -> wo."""
+    def _attend(self, q_nope, q_rope, k, v, mask) -> torch.Tensor:
+        """Attention of q = [q_nope | q_rope] over decompressed K [B,S,H,dq], V -> wo; ``mask``
+        as the block's (:data:`CAUSAL`, None or a tensor)."""
         B, T = q_nope.shape[:2]
         q = torch.cat([q_nope, q_rope], dim=-1)                                # [B, T, H, dq]
-        out = K.attention(q, k, v, scale=self.q_head_dim ** -0.5, causal=True,
-                          dropout_p=self.dropout_p if self.training else 0.0)
+        causal, attn_mask = _mask_args(mask)
+        out = K.attention(q, k, v, scale=self.q_head_dim ** -0.5, causal=causal,
+                          dropout_p=self.dropout_p if self.training else 0.0,
+                          attn_mask=attn_mask)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -518,12 +549,13 @@ class OpenMythos(nn.Module):
         freqs = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
         freqs_cis = freqs[start_pos:start_pos + T] if positions is None else \
             freqs.index_select(0, positions)
+        mask = CAUSAL if T > 1 else None             # open-mythos: its causal mask if T > 1
         for i, layer in enumerate(self.prelude):
-            x = layer(x, freqs_cis, None, kv_cache, f"prelude_{i}", positions)
+            x = layer(x, freqs_cis, mask, kv_cache, f"prelude_{i}", positions)
         e = x
-        x = self.recurrent(x, e, freqs_cis, None, n_loops, kv_cache, positions)
+        x = self.recurrent(x, e, freqs_cis, mask, n_loops, kv_cache, positions)
         for i, layer in enumerate(self.coda):
-            x = layer(x, freqs_cis, None, kv_cache, f"coda_{i}", positions)
+            x = layer(x, freqs_cis, mask, kv_cache, f"coda_{i}", positions)
         return x
 
     @torch.no_grad()

@@ -35,14 +35,18 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     """q: [B, T, Hq, dq], k: [B, S, Hkv, dq], v: [B, S, Hkv, dv] -> [B, T, Hq, dv].
 
     Hkv must divide Hq (grouped-query attention: query head h reads kv head h // (Hq // Hkv)).
-    ``attn_mask`` (bool [T, S], True = attend) replaces the causal mask when given (static decode
-    over a full-capacity cache).
+    ``attn_mask`` replaces the causal mask when given: bool (True = attend) or additive float,
+    broadcastable to [B, Hq, T, S] (open-mythos's components take an additive [1, 1, T, S] mask;
+    the static decode step a bool [T, S] one). ``causal=False`` and no mask: every query sees
+    every key.
     """
     B, T, Hq, dq = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     scale = dq ** -0.5 if scale is None else scale
     if attn_mask is not None:
         causal = False
+        if attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)
     if (attn_mask is None and _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and dq == v.shape[-1] and (not causal or T == S or T == 1)):
         return _flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
@@ -51,11 +55,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     if Hkv != Hq:
         kt = kt.repeat_interleave(Hq // Hkv, dim=1)
         vt = vt.repeat_interleave(Hq // Hkv, dim=1)
-    mask = causal_mask(T, S, q.device) if causal else attn_mask
-    if mask is not None and T == S:
+    if causal and T == S and T > 1:
         out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, is_causal=True,
                                              scale=scale)
     else:
+        mask = causal_mask(T, S, q.device) if causal else attn_mask
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
                                              scale=scale)
     return out.transpose(1, 2)

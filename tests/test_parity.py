@@ -386,3 +386,40 @@ def test_autocast_bf16_training_gradients(om, attn, backend):
         assert float((gb[k] - p.grad).norm()) <= 0.5 * float(p.grad.norm()) + \
             4 * float((ga[k].grad - p.grad).norm()), k
     assert (err_b / norm) ** 0.5 <= 1.5 * (err_a / norm) ** 0.5 + 2e-3
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal-tensor", "custom", "bool"])
+def test_components_take_open_mythos_masks(om, attn, mask_kind, cpu_forms):
+    """Blocks called directly, with open-mythos's ``mask`` values: None (no mask: every query
+    sees every key), its additive causal [1, 1, T, T] tensor, another additive mask, a bool one.
+    The attention, a TransformerBlock and the RecurrentBlock match open-mythos's, with and
+    without a cache. (The model itself passes mythos.model.CAUSAL: SDPA's causal path.)"""
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    a, b = make_pair(om, seed=31, **kw)
+    g = torch.Generator().manual_seed(5)
+    B, T, D = 2, 7, kw["dim"]
+    x = torch.randn(B, T, D, generator=g)
+    name = "freqs_cis_mla" if attn == "mla" else "freqs_cis"
+    fa, fb = getattr(a, name)[:T], getattr(b, name)[:T]
+    if mask_kind == "none":
+        ma = mb = None
+    elif mask_kind == "causal-tensor":
+        ma = mb = a._causal_mask(T, x.device)
+    else:
+        keep = torch.rand(T, T, generator=g) < 0.6
+        keep |= torch.eye(T, dtype=torch.bool)                       # every query sees a key
+        add = torch.zeros(1, 1, T, T).masked_fill(~keep, float("-inf"))
+        ma, mb = add, (keep if mask_kind == "bool" else add)
+    with torch.no_grad():
+        pairs = [("attn", a.recurrent.block.attn, b.recurrent.block.attn, (x, fa, ma), (x, fb, mb)),
+                 ("block", a.prelude[0], b.prelude[0], (x, fa, ma), (x, fb, mb)),
+                 ("recurrent", a.recurrent, b.recurrent, (x, x * 0.5, fa, ma, 3),
+                  (x, x * 0.5, fb, mb, 3))]
+        for what, ma_, mb_, args_a, args_b in pairs:
+            assert_close(f"{what} ({mask_kind})", ma_(*args_a), mb_(*args_b), 1e-5)
+        if mask_kind != "bool":                      # open-mythos's attention adds the mask
+            ca, cb = {}, {}
+            ra = a.prelude[0](x, fa, ma, ca, "p")
+            rb = b.prelude[0](x, fb, mb, cb, "p")
+            assert_close(f"block with a cache ({mask_kind})", ra, rb, 1e-5)
