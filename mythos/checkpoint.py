@@ -33,6 +33,11 @@ def moe_load_hook(module, state_dict, prefix, local_metadata, strict, missing_ke
     if not keys:
         return
     E = module.n_experts
+    found = {int(m.group(2)) for k in keys if (m := _EXPERT_RE.match(k[len(prefix):]))}
+    if found and max(found) + 1 != E:
+        error_msgs.append(f"open-mythos checkpoint holds {max(found) + 1} routed experts under "
+                          f"{prefix!r}, the model's config has n_experts={E}")
+        return
     try:
         gate = [state_dict.pop(f"{prefix}routed_experts.{e}.gate.weight") for e in range(E)]
         up = [state_dict.pop(f"{prefix}routed_experts.{e}.up.weight") for e in range(E)]

@@ -84,3 +84,16 @@ def test_checkpoint_with_real_rope_buffers_loads_correct_phasors(om):
     ref = mythos.OpenMythos(mythos.MythosConfig(**kw))
     for name in ("freqs_cis", "freqs_cis_mla"):
         assert torch.equal(getattr(b, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("delta", [1, -1])
+def test_expert_count_mismatch_names_both_counts(om, delta):
+    """An open-mythos checkpoint with another number of routed experts than the config: the
+    error says how many the checkpoint holds and how many the config wants."""
+    kw = tiny_kwargs("mla")
+    a, _ = make_pair(om, seed=3, **kw)
+    E = kw["n_experts"]
+    m = mythos.OpenMythos(mythos.MythosConfig(**dict(kw, n_experts=E + delta,
+                                                     n_experts_per_tok=2)))
+    with pytest.raises(RuntimeError, match=f"holds {E} routed experts .* n_experts={E + delta}"):
+        m.load_state_dict(a.state_dict())
