@@ -12,6 +12,15 @@ import mythos
 
 pytestmark = pytest.mark.parity
 
+def _assert_grads_match(a, b, tol: float = 1e-4) -> None:
+    """Every non-zero gradient of open-mythos model ``a`` matches mythos model ``b``'s (converted
+    to open-mythos's layout) within ``tol``."""
+    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
+    for k, p in a.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            assert_close(f"grad {k}", p.grad, gb[k], tol)
+
+
 CASES = [
     ("gqa", {}),
     ("mla", {}),
@@ -70,11 +79,7 @@ def test_training_gradients_match(om):
     ids = torch.randint(0, kw["vocab_size"], (2, 9))
     a(ids, n_loops=3).logsumexp(-1).mean().backward()
     b(ids, n_loops=3).logsumexp(-1).mean().backward()
-    ga = {k: p.grad for k, p in a.named_parameters()}
-    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
-    for k, g in ga.items():
-        if g is not None and g.abs().sum() > 0:
-            assert_close(f"grad {k}", g, gb[k], 1e-4)
+    _assert_grads_match(a, b)
 
 
 def test_config_fields_and_variants_match(om):
@@ -139,10 +144,7 @@ def test_training_gradients_match_with_triton_kernels(om, attn):
     assert {"lti_act_step", "loop_input", "moe_route", "moe_experts"} <= served
     if attn == "mla":
         assert "mla_decompress" in served
-    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
-    for k, p in a.named_parameters():
-        if p.grad is not None and p.grad.abs().sum() > 0:
-            assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
+    _assert_grads_match(a, b)
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
@@ -273,10 +275,7 @@ def test_training_after_inference_mode(om, backend, monkeypatch):
     a(ids, n_loops=3).logsumexp(-1).mean().backward()
     with mythos.use_backend(backend):
         b(ids, n_loops=3).logsumexp(-1).mean().backward()
-    gb = mythos.to_open_mythos_state_dict({k: p.grad for k, p in b.named_parameters()})
-    for k, p in a.named_parameters():
-        if p.grad is not None and p.grad.abs().sum() > 0:
-            assert_close(f"grad {k}", p.grad, gb[k], 1e-4)
+    _assert_grads_match(a, b)
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
