@@ -55,6 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the benchmark; torch's thread count is restored on return (called in-process, e.g.
+    by the tests, a busy machine's switch to one thread must not outlive the call)."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads != "auto":
         torch.set_num_threads(int(args.threads))

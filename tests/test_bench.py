@@ -338,3 +338,16 @@ def test_append_jsonl(tmp_path):
     append_jsonl(path, [{"c": [1.5]}])
     rows = [json.loads(line) for line in open(path)]
     assert rows == [{"a": 1}, {"b": "torch.float32"}, {"c": [1.5]}]
+
+
+def test_cli_restores_the_thread_count(tmp_path, monkeypatch):
+    """bench's main switches a busy machine to one torch thread; called in-process (as here) it
+    must give the caller its thread count back (this once leaked into later tests)."""
+    import bench.__main__ as bm
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(bm, "load_avg", lambda: 1e9)                 # a busy machine
+    assert bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert torch.get_num_threads() == before
+    assert bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), "--threads", "1"]) == 2
+    assert torch.get_num_threads() == before

@@ -877,6 +877,7 @@ def test_size_floors_send_small_weights_to_plain_products(monkeypatch):
     no expert pairs; weights under ONEDNN_MIN_WEIGHT skip oneDNN; experts under
     SPLIT_MIN_EXPERT skip the split segments. Results still match."""
     monkeypatch.undo()
+    monkeypatch.setattr(L, "two_threads", lambda: True)   # the floors, whatever the machine
     assert L.SPLIT_MIN_WEIGHT > 1 and L.ONEDNN_MIN_WEIGHT > 1 and M.SPLIT_MIN_EXPERT > 1
     small = _rand(64, 64, scale=0.1)                                  # 4096 elements
     big = _rand(256, 128, scale=0.1)                                  # 32768 elements
