@@ -111,19 +111,17 @@ class GQAttention(nn.Module):
         q = K.apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
         k = K.apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        attn_mask = None
+        causal, attn_mask = _mask_args(mask)
         if positions is not None:  # static decode: full-capacity buffers, mask by position
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(positions, k=k, v=v)
             k, v = kv["k"], kv["v"]
+            causal = False
             attn_mask = torch.arange(k.shape[1], device=k.device) <= positions[:, None]
         elif kv_cache is not None:
             kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(k=k, v=v)
             k, v = kv["k"], kv["v"]
         if k.dtype != q.dtype:   # buffers made in another autocast state
             q, k, v = _one_dtype(q, q, k, v)
-        causal = False
-        if attn_mask is None:
-            causal, attn_mask = _mask_args(mask)
         out = K.attention(q, k, v, scale=self.head_dim ** -0.5, causal=causal,
                           dropout_p=self.dropout_p if self.training else 0.0, attn_mask=attn_mask)
         return self.wo(out.reshape(B, T, -1))
@@ -753,9 +751,8 @@ def _compiled_decode_step(fx_graph_cache: bool = True):
     reports AVX2 or AVX-512 gets no vector ISA, and generate() retries with
     ``fx_graph_cache=False`` if the build fails."""
     _warn_if_scalar_inductor()
-    if fx_graph_cache:
-        return torch.compile(_decode_step, dynamic=False)
-    return torch.compile(_decode_step, dynamic=False, options={"fx_graph_cache": False})
+    return torch.compile(_decode_step, dynamic=False,
+                         options=None if fx_graph_cache else {"fx_graph_cache": False})
 
 
 def _warn_if_scalar_inductor() -> None:

@@ -198,15 +198,13 @@ def derived(tag: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:
     stamp = tuple(_stamp(t) for t in sources)
     scope = getattr(_LOCAL, "scope", None)
     ent = _DERIVED.get(key)
-    if ent is not None and ent[0] == stamp:
-        if scope is not None and ent[2] is scope:
-            return ent[3]
-        fps = tuple(_fingerprint(t) for t in sources)
-        if _same_fingerprints(fps, ent[1]):
-            ent[2] = scope
-            return ent[3]
-    else:
-        fps = tuple(_fingerprint(t) for t in sources)
+    same_stamp = ent is not None and ent[0] == stamp
+    if same_stamp and scope is not None and ent[2] is scope:      # checked in this context
+        return ent[3]
+    fps = tuple(_fingerprint(t) for t in sources)
+    if same_stamp and _same_fingerprints(fps, ent[1]):
+        ent[2] = scope
+        return ent[3]
     if ent is None:
         for t in sources:
             weakref.finalize(t, _DERIVED.pop, key, None)

@@ -21,7 +21,8 @@ Switches (what "off" runs):
                products); the padded form's rows-per-expert term goes with it
   onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
-  moe_scratch  sorted MoE form's kept row buffers (mythos_kernels._scratch) -> fresh torch.empty
+  moe_scratch  the padded and sorted MoE forms' kept buffers (mythos_kernels._scratch) -> fresh
+               torch.empty
 """
 
 from __future__ import annotations
