@@ -21,7 +21,8 @@
 #   MYTHOS_COMMIT=abc123 tools/gpu_run.sh tests
 # Environment: PYTHON (default python3), PART_TIMEOUT (seconds, default 570), BENCH_BUDGET
 # (seconds of measurements per benchmark part, default 460), OUT (extra copy of the results),
-# RESULTS_DIR (default bench/results/<device-slug>).
+# RESULTS_DIR (default bench/results/<device-slug>), PYTEST_ARGS (more pytest arguments for
+# `tests`, e.g. "-n 8" with pytest-xdist: the 16-core H100 machine ran the suite in N s that way).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -97,7 +98,8 @@ part() {
       # --durations: where the time goes (the suite took ~370 s on an H100 in Nov 2026);
       # noshrink: a failing hypothesis example is reported at once, not shrunk for minutes
       HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-noshrink}" \
-      run tests "$PY" -m pytest tests -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} \
+      # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
+      run tests "$PY" -m pytest tests -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} ${PYTEST_ARGS:-} \
         -rfE --durations=25 --junitxml="$RES/junit.xml" -o junit_family=xunit2
       ;;
     report)
