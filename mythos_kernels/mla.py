@@ -8,16 +8,21 @@ shared rope key ``k_rope [B, S, dr]`` and ``W_up = kv_up.weight [H*(dn+dv), r]``
     K[b, s, h]    = concat(kv[..., :dn], k_rope[b, s])              # [B, S, H, dn + dr]
     V[b, s, h]    = kv[..., dn:]                                    # [B, S, H, dv]
 
-The Triton kernel fuses the RMSNorm into the GEMM (the row scale ``rsqrt(mean(c^2)+eps)`` is
-accumulated alongside the k-loop and applied in the epilogue) and writes K (nope columns plus
-the broadcast rope key) and V straight into the ``[B, S, H, d]`` layout attention reads. The
-backward is two kernels: ``dY = G @ W_up`` with the RMSNorm backward and the rope-key reduction
-fused (G = dK_nope | dV gathered on the fly), and ``dW_up = G^T @ Y`` with Y recomputed.
+The Triton forward fuses the RMSNorm into the GEMM: a small kernel computes the row scale
+``rstd = rsqrt(mean(c^2)+eps)``, the norm weight is folded into W_up (``RMSNorm(c) @ W^T = rstd *
+(c @ (W * norm_weight)^T)``, so the main loop is a plain product), rstd is applied in the
+epilogue, and K (nope columns plus the broadcast rope key) and V are written straight into the
+``[B, S, H, d]`` layout attention reads. The backward: ``dY = G @ W_up`` (G = dK_nope | dV, read
+tile by tile) with the norm weight's gradient and the RMSNorm backward's row sums in its
+epilogue; a row kernel that finishes dX and sums the rope key's gradient over heads; and
+``dW_up = G^T @ Y`` with Y recomputed.
 
 The absorbed decode path (attention directly over the latent cache) is in :mod:`.mla_decode`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -63,30 +68,39 @@ if triton is not None:
     from ._tl import dot_f32 as _dot
 
     @triton.jit
-    def _kv_up_columns(offs_n, H, DN, DV, DR):
-        """kv_up output column n (head h = n // (DN+DV), j = n % (DN+DV)) -> its column in K
-        [.., H, DN+DR] (j < DN) or in V [.., H, DV] (j >= DN); returns (k_col, v_col, is_k)."""
-        DKV = DN + DV
-        hh = offs_n // DKV
-        jj = offs_n % DKV
-        return hh * (DN + DR) + jj, hh * DV + jj - DN, jj < DN
+    def _row_rstd_kernel(X, RSTD, stride_xb, stride_xs, M, S, R, eps,
+                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+        """rstd[m] = rsqrt(mean(x[m]^2) + eps) over rows m = (b, s) of the latent (fp32)."""
+        offs_m32 = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m32 < M
+        row = (offs_m32 // S).to(tl.int64) * stride_xb + (offs_m32 % S).to(tl.int64) * stride_xs
+        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            x = tl.load(X + row[:, None] + offs_r[None, :],
+                        mask=m_ok[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+            sumsq += tl.sum(x * x, 1)
+        tl.store(RSTD + offs_m32.to(tl.int64), tl.rsqrt(sumsq / R + eps), mask=m_ok)
 
     @triton.jit
     def _mla_decompress_fwd_kernel(
-        X, KR, W, NW, K, V, RSTD,
+        X, KR, W, K, V, RSTD,
         stride_xb, stride_xs, stride_krb, stride_krs, stride_wn, stride_km, stride_vm,
-        M, S, R, H, DN, DV, DR, eps,
+        M, S, R, H, DN, DV, DR,
         HAS_NORM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_DR: tl.constexpr,
     ):
-        """Tile [BLOCK_M rows (b, s)] x [BLOCK_N columns of one head's k_nope or v] of y @ W^T.
+        """Tile [BLOCK_M rows (b, s)] x [BLOCK_N columns of one head's k_nope or v] of x @ W^T,
+        a plain GEMM main loop (the norm weight is folded into W by the launcher); with a norm
+        the epilogue scales rows by rstd.
 
-        Grid axis 1 enumerates (head h, column tile t): t < cdiv(dn, BLOCK_N) are k_nope tiles,
-        the rest v tiles; the t == 0 program also copies the shared rope key into K[..., h, dn:].
+        Grid axis 0 (fastest) enumerates (head h, column tile t): t < cdiv(dn, BLOCK_N) are
+        k_nope tiles, the rest v tiles, so the programs sharing one row block of x run together
+        and read it from L2; the t == 0 program also copies the shared rope key into K[.., h, dn:].
         """
-        pid_m = tl.program_id(0)
-        pid_ht = tl.program_id(1)
+        pid_ht = tl.program_id(0)
+        pid_m = tl.program_id(1)
         NK = tl.cdiv(DN, BLOCK_N)
         NT = NK + tl.cdiv(DV, BLOCK_N)
         h = pid_ht // NT
@@ -114,28 +128,19 @@ if triton is not None:
         x_ptrs = (X + bb * stride_xb + ss * stride_xs)[:, None] + offs_k[None, :]   # [BM, BK]
         w_ptrs = W + (w_row0 + offs_c)[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, R, BLOCK_K):
-            k_ok = offs_k < R - k0
             if EVEN_K:  # no mask along the contiguous dim: vector loads
                 x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)                  # [BM, BK]
                 w = tl.load(w_ptrs, mask=c_ok[None, :], other=0.0)                  # [BK, BN]
             else:
+                k_ok = offs_k < R - k0
                 x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=c_ok[None, :] & k_ok[:, None], other=0.0)
-            if HAS_NORM:
-                xf = x.to(tl.float32)
-                sumsq += tl.sum(xf * xf, 1)
-                nw = tl.load(NW + k0 + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                x = (xf * nw[None, :]).to(W.dtype.element_ty)
             acc = _dot(x, w, acc, IEEE, UPCAST)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         if HAS_NORM:
-            rstd = tl.rsqrt(sumsq / R + eps)
-            acc = acc * rstd[:, None]
-            if pid_ht == 0:
-                tl.store(RSTD + offs_m, rstd, mask=m_ok)
+            acc = acc * tl.load(RSTD + offs_m, mask=m_ok, other=0.0)[:, None]
         tl.store(out_base + offs_m[:, None] * row_stride + offs_c[None, :],
                  acc.to(K.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
         if t == 0:
@@ -148,49 +153,60 @@ if triton is not None:
                      kr.to(K.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _mla_decompress_bwd_dx_kernel(
-        X, W, NW, RSTD, GK, GV, DX, DKR, DNW_PART,
+    def _mla_decompress_bwd_dy_kernel(
+        X, W, NW, RSTD, GK, GV, T, PART, DNW_PART, DX,
         stride_xb, stride_xs, stride_wn,
-        M, S, H, DN, DV, DR,
-        R: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        M, S, R, H, DN, DV, DR,
+        HAS_NORM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_DR: tl.constexpr,
     ):
-        """Rows [BLOCK_M]: dY = G @ W (G = dK nope | dV, gathered), dk_rope = sum_h dK rope, and
-        with a norm dX = rstd * (dY*w - xhat * mean(dY*w*xhat)), dw partial = sum_rows dY*xhat."""
-        pid_m = tl.program_id(0)
+        """dY[rows, r tile] = G @ W_up with G = (dK_nope | dV): two flat loops over the k_nope
+        and the v column tiles of every head (contiguous loads of dK and dV, no gather).
+
+        With a norm the epilogue writes T = dY * norm_weight (fp32 [M, R]) for the finishing
+        kernel, T's row sums with xhat = x * rstd for this r tile (PART [n r tiles, M]) and the
+        norm weight's partial gradient, sum over these rows of dY * xhat (DNW_PART [n m tiles,
+        R]); without one it writes dX = dY. Grid axis 0 (fastest) is the r tile, so the programs
+        reading one row block of dK / dV run together and share it through L2."""
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
         DK = DN + DR
         DKV = DN + DV
-        N = H * DKV
         offs_m32 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m32 < M
         offs_m = offs_m32.to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        gk_row = GK + offs_m * (H * DK)
-        gv_row = GV + offs_m * (H * DV)
+        offs_n = tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            k_col, v_col, is_k = _kv_up_columns(offs_n, H, DN, DV, DR)
-            gk = tl.load(gk_row[:, None] + k_col[None, :],
-                         mask=m_ok[:, None] & (n_ok & is_k)[None, :], other=0.0)
-            gv = tl.load(gv_row[:, None] + v_col[None, :],
-                         mask=m_ok[:, None] & (n_ok & ~is_k)[None, :], other=0.0)
-            g = gk + gv                                                              # [BM, BN]
-            w = tl.load(W + offs_n[:, None].to(tl.int64) * stride_wn + offs_r[None, :],
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)              # [BN, BR]
+        NK = tl.cdiv(DN, BLOCK_N)
+        gk_rows = GK + offs_m * (H * DK)
+        for j in range(H * NK):
+            h = j // NK
+            col = (j % NK) * BLOCK_N + offs_n
+            c_ok = col < DN
+            g = tl.load(gk_rows[:, None] + h * DK + col[None, :],
+                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)               # [BM, BN]
+            w_ptrs = W + (h * DKV + col)[:, None].to(tl.int64) * stride_wn + offs_r[None, :]
+            if EVEN_R:
+                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)                  # [BN, BR]
+            else:
+                w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
             acc = _dot(g.to(W.dtype.element_ty), w, acc, IEEE, UPCAST)
-        # rope key: the one copy was broadcast to every head, its gradient is the head sum
-        offs_d = tl.arange(0, BLOCK_DR)
-        d_ok = offs_d < DR
-        dkr = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
-        for h in range(H):
-            dkr += tl.load(gk_row[:, None] + h * DK + DN + offs_d[None, :],
-                           mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(DKR + offs_m[:, None] * DR + offs_d[None, :], dkr.to(DKR.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
+        NV = tl.cdiv(DV, BLOCK_N)
+        gv_rows = GV + offs_m * (H * DV)
+        for j in range(H * NV):
+            h = j // NV
+            col = (j % NV) * BLOCK_N + offs_n
+            c_ok = col < DV
+            g = tl.load(gv_rows[:, None] + h * DV + col[None, :],
+                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+            w_ptrs = W + (h * DKV + DN + col)[:, None].to(tl.int64) * stride_wn + offs_r[None, :]
+            if EVEN_R:
+                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = _dot(g.to(W.dtype.element_ty), w, acc, IEEE, UPCAST)
         mr_mask = m_ok[:, None] & r_ok[None, :]
         if HAS_NORM:
             bb = (offs_m32 // S).to(tl.int64)
@@ -200,14 +216,52 @@ if triton is not None:
             rstd = tl.load(RSTD + offs_m, mask=m_ok, other=0.0)
             nw = tl.load(NW + offs_r, mask=r_ok, other=0.0).to(tl.float32)
             xhat = x * rstd[:, None]
-            dyw = acc * nw[None, :]
-            c1 = tl.sum(dyw * xhat, 1) / R
-            dx = rstd[:, None] * (dyw - xhat * c1[:, None])
+            tt = acc * nw[None, :]
+            tl.store(T + offs_m[:, None] * R + offs_r[None, :], tt, mask=mr_mask)
+            tl.store(PART + pid_r * M + offs_m, tl.sum(tt * xhat, 1), mask=m_ok)
             tl.store(DNW_PART + pid_m * R + offs_r, tl.sum(acc * xhat, 0), mask=r_ok)
         else:
-            dx = acc
-        tl.store(DX + offs_m[:, None] * R + offs_r[None, :], dx.to(DX.dtype.element_ty),
-                 mask=mr_mask)
+            tl.store(DX + offs_m[:, None] * R + offs_r[None, :], acc.to(DX.dtype.element_ty),
+                     mask=mr_mask)
+
+    @triton.jit
+    def _mla_decompress_bwd_finish_kernel(
+        X, RSTD, T, PART, GK, DX, DKR,
+        stride_xb, stride_xs,
+        M, S, R, H, DN, DR, N_RT,
+        HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_DR: tl.constexpr,
+    ):
+        """Rows [BLOCK_M]: dk_rope = sum_h dK[.., h, dn:] (the one rope key was broadcast to every
+        head), and with a norm dX = rstd * (T - xhat * mean_r(T * xhat)) (the mean from PART)."""
+        offs_m32 = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m32 < M
+        offs_m = offs_m32.to(tl.int64)
+        DK = DN + DR
+        offs_d = tl.arange(0, BLOCK_DR)
+        d_ok = offs_d < DR
+        gk_rows = GK + offs_m * (H * DK) + DN
+        dkr = tl.zeros([BLOCK_M, BLOCK_DR], dtype=tl.float32)
+        for h in range(H):
+            dkr += tl.load(gk_rows[:, None] + h * DK + offs_d[None, :],
+                           mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(DKR + offs_m[:, None] * DR + offs_d[None, :], dkr.to(DKR.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        if HAS_NORM:
+            c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for i in range(N_RT):
+                c1 += tl.load(PART + i * M + offs_m, mask=m_ok, other=0.0)
+            rstd = tl.load(RSTD + offs_m, mask=m_ok, other=0.0)
+            c1 = c1 / R * rstd                                  # mean(T * xhat) * rstd
+            row = (offs_m32 // S).to(tl.int64) * stride_xb + (offs_m32 % S).to(tl.int64) * stride_xs
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask = m_ok[:, None] & (offs_r < R)[None, :]
+                x = tl.load(X + row[:, None] + offs_r[None, :], mask=mask, other=0.0)
+                tt = tl.load(T + offs_m[:, None] * R + offs_r[None, :], mask=mask, other=0.0)
+                dx = rstd[:, None] * (tt - x.to(tl.float32) * c1[:, None])
+                tl.store(DX + offs_m[:, None] * R + offs_r[None, :],
+                         dx.to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _mla_decompress_bwd_dw_kernel(
@@ -217,17 +271,29 @@ if triton is not None:
         HAS_NORM: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, EVEN_R: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """dW[n, k] = sum_m G[m, n] * y[m, k], y the (recomputed) normalized latent."""
-        pid_n = tl.program_id(0)
+        """dW[tile's kv_up rows, r tile] = G[:, tile]^T @ Y[:, r tile] over every row, Y the
+        recomputed normalized latent. Grid axis 0 = (head, column tile) as in the forward (k_nope
+        tiles, then v tiles: contiguous dK / dV loads), axis 1 = r tile."""
+        pid_ht = tl.program_id(0)
         pid_r = tl.program_id(1)
+        NK = tl.cdiv(DN, BLOCK_N)
+        NT = NK + tl.cdiv(DV, BLOCK_N)
+        h = pid_ht // NT
+        t = pid_ht % NT
         DK = DN + DR
         DKV = DN + DV
-        N = H * DKV
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        k_col, v_col, is_k = _kv_up_columns(offs_n, H, DN, DV, DR)                   # [BN]
-        k_sel = n_ok & is_k
-        v_sel = n_ok & ~is_k
+        if t < NK:
+            g_base = GK + h * DK + t * BLOCK_N
+            g_stride = H * DK
+            ncol = DN - t * BLOCK_N
+            w_row0 = h * DKV + t * BLOCK_N
+        else:
+            g_base = GV + h * DV + (t - NK) * BLOCK_N
+            g_stride = H * DV
+            ncol = DV - (t - NK) * BLOCK_N
+            w_row0 = h * DKV + DN + (t - NK) * BLOCK_N
+        offs_c = tl.arange(0, BLOCK_N)
+        c_ok = offs_c < ncol
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         if HAS_NORM:
@@ -237,11 +303,8 @@ if triton is not None:
             offs_k32 = m0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k32 < M
             offs_k = offs_k32.to(tl.int64)
-            gk = tl.load(GK + offs_k[None, :] * (H * DK) + k_col[:, None],
-                         mask=k_sel[:, None] & k_ok[None, :], other=0.0)
-            gv = tl.load(GV + offs_k[None, :] * (H * DV) + v_col[:, None],
-                         mask=v_sel[:, None] & k_ok[None, :], other=0.0)
-            gt = gk + gv                                                             # [BN, BK]
+            g = tl.load(g_base + offs_k[:, None] * g_stride + offs_c[None, :],
+                        mask=k_ok[:, None] & c_ok[None, :], other=0.0)              # [BK, BN]
             bb = (offs_k32 // S).to(tl.int64)
             ss = (offs_k32 % S).to(tl.int64)
             y_ptrs = X + (bb * stride_xb + ss * stride_xs)[:, None] + offs_r[None, :]
@@ -251,23 +314,22 @@ if triton is not None:
                 y = tl.load(y_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             if HAS_NORM:
                 rstd = tl.load(RSTD + offs_k, mask=k_ok, other=0.0)
-                y = (y.to(tl.float32) * rstd[:, None] * nw[None, :]).to(gt.dtype)
-            acc = _dot(gt, y.to(gt.dtype), acc, IEEE, UPCAST)
-        tl.store(DW + offs_n[:, None].to(tl.int64) * R + offs_r[None, :],
-                 acc.to(DW.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+                y = y.to(tl.float32) * rstd[:, None] * nw[None, :]
+            acc = _dot(tl.trans(g), y.to(g.dtype), acc, IEEE, UPCAST)
+        tl.store(DW + (w_row0 + offs_c)[:, None].to(tl.int64) * R + offs_r[None, :],
+                 acc.to(DW.dtype.element_ty), mask=c_ok[:, None] & r_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers and autograd
 # ----------------------------------------------------------------------------------------------
 
-_MAX_R = 1024     # the dX kernel holds a full [BLOCK_M, r] fp32 row block
-_MAX_DR = 256
+_MAX_DR = 256     # the rope key is one [BLOCK_M, BLOCK_DR] block
 
 
 def _flags(dtype: torch.dtype) -> dict:
     return {"IEEE": dtype == torch.float32,
-                "UPCAST": dtype == torch.bfloat16 and interpreter_active()}
+            "UPCAST": dtype == torch.bfloat16 and interpreter_active()}
 
 
 def _x_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -275,11 +337,39 @@ def _x_strides(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _fwd_blocks(dtype: torch.dtype, dn: int, dv: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward GEMM (registered configs match)."""
-    bn = min(64, _p2(max(dn, dv)))
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of the forward GEMM (registered configs match).
+    Half precision: 128 x 128 x 64 tiles, 8 warps (wgmma on Hopper); the column tile is at most
+    one head's dn / dv (a tile never spans the k_nope | v boundary). fp32 (exact products):
+    small tiles, spill-free."""
     if dtype == torch.float32:
-        return 32, bn, 32, 4
-    return 64, bn, 32, 8
+        return 32, min(64, _p2(max(dn, dv))), 32, 4
+    return 128, min(128, _p2(max(dn, dv))), 64, 8
+
+
+def _bwd_blocks(dtype: torch.dtype, R: int, dn: int, dv: int, has_norm: bool) -> dict:
+    """Block sizes of the three backward kernels (registered configs match)."""
+    dkv = _p2(max(dn, dv))
+    if dtype == torch.float32:
+        return {"dy": (32, min(32, dkv), min(64, _p2(R)), 4, 2),    # BM, BN, BR, warps, stages
+                "dw": (min(32, dkv), min(32, _p2(R)), 32, 4, 2),    # BN, BR, BK, warps, stages
+                "fin": (32, min(64, _p2(R)), 4)}                    # BM, BR, warps
+    # dy's r tile 64, not 128: its norm epilogue (x, xhat, T and two row sums) then fits 130
+    # registers instead of 254 (sm_90 compile report); without the norm 4 warps (8 spill on
+    # sm_80, where ptxas caps them at 128 registers)
+    return {"dy": (128, min(64, dkv), min(64, _p2(R)), 8 if has_norm else 4, 3),
+            "dw": (min(128, dkv), min(128, _p2(R)), 64, 8, 3),
+            "fin": (32, min(64, _p2(R)), 4)}
+
+
+def _row_rstd(c: torch.Tensor, eps: float) -> torch.Tensor:
+    B, S, R = c.shape
+    M = B * S
+    rstd = torch.empty(M, device=c.device, dtype=torch.float32)
+    BLOCK_M = 32
+    _row_rstd_kernel[(triton.cdiv(M, BLOCK_M),)](
+        c, rstd, *_x_strides(c), M, S, R, float(eps),
+        BLOCK_M=BLOCK_M, BLOCK_R=min(128, _p2(R)), num_warps=4)
+    return rstd
 
 
 def _fwd(c, k_rope, w_up, norm_weight, H, dn, dv, eps):
@@ -289,14 +379,21 @@ def _fwd(c, k_rope, w_up, norm_weight, H, dn, dv, eps):
     K = torch.empty(B, S, H, dn + DR, device=c.device, dtype=c.dtype)
     V = torch.empty(B, S, H, dv, device=c.device, dtype=c.dtype)
     has_norm = norm_weight is not None
-    rstd = torch.empty(M if has_norm else 1, device=c.device, dtype=torch.float32)
+    if has_norm:
+        rstd = _row_rstd(c, eps)
+        # RMSNorm(c) @ W^T = rstd * (c @ (W * norm_weight)^T): the GEMM's main loop stays a plain
+        # product (the norm weight folded into W once per call, [N, r]), rstd in the epilogue
+        w = (w_up.float() * norm_weight.float()).to(w_up.dtype)
+    else:
+        rstd = torch.empty(1, device=c.device, dtype=torch.float32)
+        w = w_up
     BLOCK_M, BLOCK_N, BLOCK_K, warps = _fwd_blocks(c.dtype, dn, dv)
     n_tiles = triton.cdiv(dn, BLOCK_N) + triton.cdiv(dv, BLOCK_N)
-    grid = (triton.cdiv(M, BLOCK_M), H * n_tiles)
+    grid = (H * n_tiles, triton.cdiv(M, BLOCK_M))
     _mla_decompress_fwd_kernel[grid](
-        c, k_rope, w_up, norm_weight if has_norm else w_up, K, V, rstd,
-        *_x_strides(c), *_x_strides(k_rope), w_up.stride(0), K.stride(1), V.stride(1),
-        M, S, R, H, dn, dv, DR, float(eps),
+        c, k_rope, w, K, V, rstd,
+        *_x_strides(c), *_x_strides(k_rope), w.stride(0), K.stride(1), V.stride(1),
+        M, S, R, H, dn, dv, DR,
         HAS_NORM=has_norm, **_flags(c.dtype), EVEN_K=R % BLOCK_K == 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_DR=_p2(DR),
         num_warps=warps, num_stages=3,
@@ -311,32 +408,44 @@ def _bwd(c, w_up, norm_weight, rstd, gK, gV, H, dn, dv, DR, need_dw=True):
     has_norm = norm_weight is not None
     gK = gK.contiguous()
     gV = gV.contiguous()
+    blocks = _bwd_blocks(c.dtype, R, dn, dv, has_norm)
     dx = torch.empty(B, S, R, device=c.device, dtype=c.dtype)
     dkr = torch.empty(B, S, DR, device=c.device, dtype=c.dtype)
-    BLOCK_M = 16 if R > 256 else 32
-    n_mb = triton.cdiv(M, BLOCK_M)
-    dnw_part = torch.empty(n_mb if has_norm else 1, R, device=c.device, dtype=torch.float32)
-    _mla_decompress_bwd_dx_kernel[(n_mb,)](
-        c, w_up, norm_weight if has_norm else w_up, rstd, gK, gV, dx, dkr, dnw_part,
+    # dY = G @ W (with a norm: T = dY * norm_weight and its row sums, finished below)
+    bm, bn, br, warps, stages = blocks["dy"]
+    n_mt, n_rt = triton.cdiv(M, bm), triton.cdiv(R, br)
+    if has_norm:
+        t_buf = torch.empty(M, R, device=c.device, dtype=torch.float32)
+        part = torch.empty(n_rt, M, device=c.device, dtype=torch.float32)
+        dnw_part = torch.empty(n_mt, R, device=c.device, dtype=torch.float32)
+    else:
+        t_buf = part = dnw_part = dx            # unused
+    _mla_decompress_bwd_dy_kernel[(n_rt, n_mt)](
+        c, w_up, norm_weight if has_norm else w_up, rstd, gK, gV, t_buf, part, dnw_part, dx,
         *_x_strides(c), w_up.stride(0),
-        M, S, H, dn, dv, DR,
-        R=R, HAS_NORM=has_norm, **_flags(c.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=32, BLOCK_R=_p2(R), BLOCK_DR=_p2(DR),
-        num_warps=8 if R > 256 else 4, num_stages=2,
+        M, S, R, H, dn, dv, DR,
+        HAS_NORM=has_norm, **_flags(c.dtype), EVEN_R=R % br == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=warps, num_stages=stages,
     )
+    fbm, fbr, fwarps = blocks["fin"]
+    _mla_decompress_bwd_finish_kernel[(triton.cdiv(M, fbm),)](
+        c, rstd, t_buf, part, gK, dx, dkr,
+        *_x_strides(c), M, S, R, H, dn, DR, n_rt,
+        HAS_NORM=has_norm, BLOCK_M=fbm, BLOCK_R=fbr, BLOCK_DR=_p2(DR), num_warps=fwarps,
+    )
+    dnw = dnw_part.sum(0).to(norm_weight.dtype) if has_norm else None
     if not need_dw:
-        return dx, dkr, None, (dnw_part.sum(0).to(norm_weight.dtype) if has_norm else None)
+        return dx, dkr, None, dnw
     dw = torch.empty(N, R, device=c.device, dtype=w_up.dtype)
-    BLOCK_N, BLOCK_R = 64, 64
-    _mla_decompress_bwd_dw_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(R, BLOCK_R))](
+    wbn, wbr, wbk, warps, stages = blocks["dw"]
+    n_tiles = triton.cdiv(dn, wbn) + triton.cdiv(dv, wbn)
+    _mla_decompress_bwd_dw_kernel[(H * n_tiles, triton.cdiv(R, wbr))](
         c, norm_weight if has_norm else w_up, rstd, gK, gV, dw,
         *_x_strides(c),
         M, S, R, H, dn, dv, DR,
-        HAS_NORM=has_norm, **_flags(c.dtype), EVEN_R=R % BLOCK_R == 0,
-        BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=32,
-        num_warps=4, num_stages=3,
+        HAS_NORM=has_norm, **_flags(c.dtype), EVEN_R=R % wbr == 0,
+        BLOCK_N=wbn, BLOCK_R=wbr, BLOCK_K=wbk, num_warps=warps, num_stages=stages,
     )
-    dnw = dnw_part.sum(0).to(norm_weight.dtype) if has_norm else None
     return dx, dkr, dw, dnw
 
 
@@ -389,8 +498,8 @@ def _unsupported(c_kv, k_rope, w_up, norm_weight) -> str | None:
                 f"(the kernel takes one dtype)")
     if norm_weight is not None and not norm_weight.dtype.is_floating_point:
         return f"norm_weight dtype {norm_weight.dtype}"
-    if c_kv.shape[2] > _MAX_R or k_rope.shape[2] > _MAX_DR:
-        return f"r={c_kv.shape[2]} > {_MAX_R} or dr={k_rope.shape[2]} > {_MAX_DR}"
+    if k_rope.shape[2] > _MAX_DR:
+        return f"dr={k_rope.shape[2]} > {_MAX_DR}"
     return None
 
 
@@ -462,42 +571,68 @@ def _register() -> None:
     if triton is None:  # pragma: no cover
         return
     i32 = "i32"
-    fwd, dx, dw = [], [], []
+    # integer arguments Triton specializes as multiples of 16 at the registered shape (r=512,
+    # dn=dv=128, dr=64, contiguous or cache-prefix strides), as a real launch there does
+    div = ("stride_xb", "stride_xs", "stride_krb", "stride_krs", "stride_wn", "stride_km",
+           "stride_vm", "R", "DN", "DV", "DR")
+    fwd, dy, fin, dw = [], [], [], []
+    R, dn, dv = 512, 128, 128
     for dt, ty in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32")):
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
         for has_norm in (True, False):
-            tag = f"{dt}-r512-dr64-{'norm' if has_norm else 'nonorm'}"
+            b = _bwd_blocks(tdt, R, dn, dv, has_norm)
+            tag = f"{dt}-r{R}-dr64-{'norm' if has_norm else 'nonorm'}"
             flags = {"HAS_NORM": has_norm, "IEEE": dt == "fp32", "UPCAST": False}
-            bm, bn, bk, warps = _fwd_blocks(torch.float32 if dt == "fp32" else torch.bfloat16,
-                                            128, 128)
+            bm, bn, bk, warps = _fwd_blocks(tdt, dn, dv)
             fwd.append(KernelConfig(
                 name=f"{tag}-BM{bm}-BN{bn}-BK{bk}",
-                signature={"X": ty, "KR": ty, "W": ty, "NW": "*fp32", "K": ty, "V": ty,
-                           "RSTD": "*fp32", "stride_xb": i32, "stride_xs": i32,
-                           "stride_krb": i32, "stride_krs": i32, "stride_wn": i32,
-                           "stride_km": i32, "stride_vm": i32, "M": i32, "S": i32, "R": i32,
-                           "H": i32, "DN": i32, "DV": i32,
-                           "DR": i32, "eps": "fp32"},
+                signature={"X": ty, "KR": ty, "W": ty, "K": ty, "V": ty, "RSTD": "*fp32",
+                           "stride_xb": i32, "stride_xs": i32, "stride_krb": i32,
+                           "stride_krs": i32, "stride_wn": i32, "stride_km": i32,
+                           "stride_vm": i32, "M": i32, "S": i32, "R": i32, "H": i32,
+                           "DN": i32, "DV": i32, "DR": i32},
                 constexprs=dict(flags, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 BLOCK_DR=64),
                 num_warps=warps, num_stages=3, expect_hgmma=dt != "fp32"))
-            dx.append(KernelConfig(
-                name=f"{tag}-BM16-BN32-BR512",
-                signature={"X": ty, "W": ty, "NW": "*fp32", "RSTD": "*fp32", "GK": ty, "GV": ty,
-                           "DX": ty, "DKR": ty, "DNW_PART": "*fp32", "stride_xb": i32,
-                           "stride_xs": i32, "stride_wn": i32, "M": i32, "S": i32,
-                           "H": i32, "DN": i32, "DV": i32, "DR": i32},
-                constexprs=dict(flags, R=512, BLOCK_M=16, BLOCK_N=32, BLOCK_R=512, BLOCK_DR=64),
-                num_warps=8, num_stages=2))
+            bm, bn, br, warps, stages = b["dy"]
+            dy.append(KernelConfig(
+                name=f"{tag}-BM{bm}-BN{bn}-BR{br}",
+                signature={"X": ty, "W": ty, "NW": ty, "RSTD": "*fp32", "GK": ty, "GV": ty,
+                           "T": "*fp32", "PART": "*fp32", "DNW_PART": "*fp32", "DX": ty,
+                           "stride_xb": i32, "stride_xs": i32, "stride_wn": i32, "M": i32,
+                           "S": i32, "R": i32, "H": i32, "DN": i32, "DV": i32, "DR": i32},
+                constexprs=dict(flags, EVEN_R=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br),
+                num_warps=warps, num_stages=stages, expect_hgmma=dt != "fp32"))
+            bn, br, bk, warps, stages = b["dw"]
             dw.append(KernelConfig(
-                name=f"{tag}-BN64-BR64-BK32",
-                signature={"X": ty, "NW": "*fp32", "RSTD": "*fp32", "GK": ty, "GV": ty, "DW": ty,
+                name=f"{tag}-BN{bn}-BR{br}-BK{bk}",
+                signature={"X": ty, "NW": ty, "RSTD": "*fp32", "GK": ty, "GV": ty, "DW": ty,
                            "stride_xb": i32, "stride_xs": i32, "M": i32, "S": i32, "R": i32,
                            "H": i32, "DN": i32, "DV": i32, "DR": i32},
-                constexprs=dict(flags, EVEN_R=True, BLOCK_N=64, BLOCK_R=64, BLOCK_K=32),
-                num_warps=4, num_stages=3, expect_hgmma=dt != "fp32"))
-    register_kernel("mla_decompress_fwd", _mla_decompress_fwd_kernel, fwd)
-    register_kernel("mla_decompress_bwd_dx", _mla_decompress_bwd_dx_kernel, dx)
-    register_kernel("mla_decompress_bwd_dw", _mla_decompress_bwd_dw_kernel, dw)
+                constexprs=dict(flags, EVEN_R=True, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk),
+                num_warps=warps, num_stages=stages, expect_hgmma=dt != "fp32"))
+            bm, br, warps = b["fin"]
+            fin.append(KernelConfig(
+                name=f"{tag}-BM{bm}-BR{br}",
+                signature={"X": ty, "RSTD": "*fp32", "T": "*fp32", "PART": "*fp32", "GK": ty,
+                           "DX": ty, "DKR": ty, "stride_xb": i32, "stride_xs": i32, "M": i32,
+                           "S": i32, "R": i32, "H": i32, "DN": i32, "DR": i32, "N_RT": i32},
+                constexprs={"HAS_NORM": has_norm, "BLOCK_M": bm, "BLOCK_R": br, "BLOCK_DR": 64},
+                num_warps=warps))
+    rstd = [KernelConfig(name=f"{dt}-BM32-BR128",
+                         signature={"X": ty, "RSTD": "*fp32", "stride_xb": i32, "stride_xs": i32,
+                                    "M": i32, "S": i32, "R": i32, "eps": "fp32"},
+                         constexprs={"BLOCK_M": 32, "BLOCK_R": 128}, num_warps=4)
+            for dt, ty in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32"))]
+    def spec(cfgs):
+        return [dataclasses.replace(c, divisible=tuple(a for a in div if a in c.signature))
+                for c in cfgs]
+
+    register_kernel("mla_decompress_row_rstd", _row_rstd_kernel, spec(rstd))
+    register_kernel("mla_decompress_fwd", _mla_decompress_fwd_kernel, spec(fwd))
+    register_kernel("mla_decompress_bwd_dy", _mla_decompress_bwd_dy_kernel, spec(dy))
+    register_kernel("mla_decompress_bwd_finish", _mla_decompress_bwd_finish_kernel, spec(fin))
+    register_kernel("mla_decompress_bwd_dw", _mla_decompress_bwd_dw_kernel, spec(dw))
 
 
 _register()

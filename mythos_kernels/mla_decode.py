@@ -486,7 +486,9 @@ def _mla_decode_attention_op(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: to
 
 @_mla_decode_attention_op.register_fake
 def _(q_lat, q_rope, c_kv, k_rope, seq_len, scale, num_splits):
-    return torch.empty_like(q_lat)
+    # contiguous, as the kernel writes it (empty_like would copy a permuted q_lat's strides, and
+    # inductor's stride assertion then fails on the real output: seen on an H100)
+    return q_lat.new_empty(q_lat.shape)
 
 
 def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,

@@ -39,6 +39,24 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else (
 needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None, reason="needs a GPU or TRITON_INTERPRET=1")
 
 
+def gen(seed: int) -> torch.Generator:
+    """A seeded generator on the default device (random ops with ``generator=`` need one of
+    their own device: CUDA when the suite runs on a GPU)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
+@pytest.fixture
+def on_cpu():
+    """New tensors default to the CPU for this test (tests of the CPU-only inference forms; on a
+    GPU machine the suite's default device is CUDA)."""
+    prev = torch.get_default_device()
+    torch.set_default_device("cpu")
+    try:
+        yield torch.device("cpu")
+    finally:
+        torch.set_default_device(prev)
+
+
 @pytest.fixture
 def device() -> torch.device:
     """The device the suite runs on."""

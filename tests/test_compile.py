@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, tiny_kwargs
+from conftest import assert_close, gen, tiny_kwargs
 
 import mythos
 
@@ -39,7 +39,7 @@ def test_rope_traces_without_graph_break():
     """apply_rope compiles as one graph (fullgraph), also for an input at an odd storage offset
     (the eager path reads storage_offset(), which Dynamo cannot trace), with eager's numbers."""
     torch._dynamo.reset()
-    g = torch.Generator().manual_seed(1)
+    g = gen(1)
     base = torch.randn(2 * 3 * 4 * 6 + 1, generator=g)
     x = base[1:].view(2, 3, 4, 6)                           # odd storage offset
     freqs = mythos.precompute_rope_freqs(6, 3, 10000.0)
@@ -163,7 +163,7 @@ def _graph_ops(record: list):
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_dense_split_in_compiled_code_only_when_enabled(split):
+def test_dense_split_in_compiled_code_only_when_enabled(split, on_cpu):
     """Compiled code traces dense()'s split product (one bmm over the weight's two row halves)
     only inside K.compiled_split(True) with autograd off; otherwise plain F.linear. Same numbers
     either way; a change of the switch recompiles rather than reusing the other graph."""
@@ -193,7 +193,7 @@ def test_dense_split_in_compiled_code_only_when_enabled(split):
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
-def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn):
+def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn, on_cpu):
     """The step generate(compiled=True) compiles on the CPU: the head's transposed copy passed in
     (K.decode_head_weight, multiplied by K.lm_head_transposed) and the split products traced
     (K.compiled_split); one graph (fullgraph), the eager step's logits. Dims above the CPU

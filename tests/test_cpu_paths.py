@@ -19,6 +19,9 @@ import torch.nn.functional as F
 
 import mythos_kernels as K
 
+# every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
 M = importlib.import_module("mythos_kernels.moe")
 

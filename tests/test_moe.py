@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, gen
 
 import mythos_kernels as K
 from mythos_kernels import moe as M
@@ -302,14 +302,17 @@ def test_bad_inputs_raise_value_error():
         K.moe_experts(x, w[:, :1], idx, w13, w2)
     with pytest.raises(ValueError, match="dtypes differ"):
         K.moe_experts(x, w, idx, w13.double(), w2)
-    for bad in (3, -1):                               # expert ids outside [0, E), every path
+    # expert ids outside [0, E), every CPU path (checked for CPU tensors only: on a GPU the check
+    # would be a host sync; the README says so)
+    x, w, idx, w13, w2 = (t.cpu() for t in (x, w, idx, w13, w2))
+    for bad in (3, -1):
         for grad in (False, True):
             i2 = idx.clone()
             i2[2, 1] = bad
             with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="expert ids"):
                 K.moe_experts(x.clone().requires_grad_(grad), w, i2, w13, w2)
         with torch.no_grad(), pytest.raises(ValueError, match="expert ids"):   # 1 token: pairs
-            K.moe_experts(x[:1], w[:1], torch.tensor([[0, bad]]), w13, w2)
+            K.moe_experts(x[:1], w[:1], torch.tensor([[0, bad]], device="cpu"), w13, w2)
     with pytest.raises(ValueError, match="topk"):
         K.moe_route(torch.randn(4, 3), torch.zeros(3), 4)
     with pytest.raises(ValueError, match="router_bias"):
@@ -429,7 +432,7 @@ def test_inference_compiles_without_graph_break():
 def test_gathered_form_matches_reference(poison, N, E, k, dtype):
     """The traceable gather form (a compiled decode step's MoE on the CPU) against the sorted
     reference: fresh random inputs, odd sizes, unnormalized weights, repeated experts."""
-    g = torch.Generator().manual_seed(N * 100 + E)
+    g = gen(N * 100 + E)
     D, Fh = 21, 13
     x = torch.randn(N, D, generator=g).to(dtype)
     w13 = (torch.randn(E, D, 2 * Fh, generator=g) * 0.2).to(dtype)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import assert_close, make_pair, tiny_kwargs
+from conftest import assert_close, gen, make_pair, tiny_kwargs
 
 import mythos
 
@@ -219,7 +219,7 @@ def test_dtype_casts_keep_rope_complex(attn):
     with torch.no_grad():
         ref = m(ids)
         for cast in (lambda x: x.to(torch.bfloat16), lambda x: x.to(torch.float16),
-                     lambda x: x.bfloat16(), lambda x: x.to("cpu", torch.float64)):
+                     lambda x: x.bfloat16(), lambda x: x.to(ids.device, torch.float64)):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")          # no "discards the imaginary part"
                 m2 = cast(copy.deepcopy(m))
@@ -293,7 +293,7 @@ def test_weights_edited_through_data_between_decode_steps(om, attn, cpu_forms):
     with torch.no_grad():
         assert_close("prefill", a(ids[:, :6], kv_cache=ca), b(ids[:, :6], kv_cache=cb), 1e-5)
         for i in range(6, 10):
-            g = torch.Generator().manual_seed(i)
+            g = gen(i)
             for k, p in a.named_parameters():                              # EMA-like update
                 if "kv_norm" not in k:
                     p.data.mul_(0.97).add_(torch.randn(p.shape, generator=g) * 0.02)
@@ -321,7 +321,7 @@ def test_autocast_bf16_runs_as_open_mythos_does(om, attn, cpu_forms):
     a real fault (a wrong position, a dropped term) is of order 1."""
     kw = tiny_kwargs(attn, act_threshold=1e4)
     a, b = make_pair(om, seed=23, **kw)
-    ids = torch.randint(0, kw["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, kw["vocab_size"], (2, 9), generator=gen(1))
     ac = lambda: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
     with torch.no_grad():
         ref = a(ids)
@@ -359,7 +359,7 @@ def test_autocast_bf16_training_gradients(om, attn, backend):
     if backend == "triton" and not (torch.cuda.is_available() or K.interpreter_active()):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     kw = tiny_kwargs(attn, act_threshold=1e4)
-    ids = torch.randint(0, kw["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, kw["vocab_size"], (2, 7), generator=gen(2))
     ref, _ = make_pair(om, seed=29, **kw)
     a, b = make_pair(om, seed=29, **kw)
     for m in (ref, a, b):
@@ -396,7 +396,7 @@ def test_components_take_open_mythos_masks(om, attn, mask_kind, cpu_forms):
     without a cache. (The model itself passes mythos.model.CAUSAL: SDPA's causal path.)"""
     kw = tiny_kwargs(attn, act_threshold=1e4)
     a, b = make_pair(om, seed=31, **kw)
-    g = torch.Generator().manual_seed(5)
+    g = gen(5)
     B, T, D = 2, 7, kw["dim"]
     x = torch.randn(B, T, D, generator=g)
     name = "freqs_cis_mla" if attn == "mla" else "freqs_cis"
