@@ -322,7 +322,8 @@ def test_autocast_bf16_runs_as_open_mythos_does(om, attn, cpu_forms):
     kw = tiny_kwargs(attn, act_threshold=1e4)
     a, b = make_pair(om, seed=23, **kw)
     ids = torch.randint(0, kw["vocab_size"], (2, 9), generator=gen(1))
-    ac = lambda: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
+    dev = torch.get_default_device().type          # CUDA autocast on a GPU machine
+    ac = lambda: torch.autocast(dev, dtype=torch.bfloat16)    # noqa: E731
     with torch.no_grad():
         ref = a(ids)
         with ac():
@@ -331,11 +332,11 @@ def test_autocast_bf16_runs_as_open_mythos_does(om, attn, cpu_forms):
         for prefill_ac, decode_ac in ((True, True), (False, True), (True, False)):
             ca, cb, c32 = {}, {}, {}
             a(ids[:, :5], kv_cache=c32)
-            with ac() if prefill_ac else torch.autocast("cpu", enabled=False):
+            with ac() if prefill_ac else torch.autocast(dev, enabled=False):
                 a(ids[:, :5], kv_cache=ca), b(ids[:, :5], kv_cache=cb)
             for i in range(5, 9):
                 r32 = a(ids[:, i:i + 1], kv_cache=c32, start_pos=i)
-                with ac() if decode_ac else torch.autocast("cpu", enabled=False):
+                with ac() if decode_ac else torch.autocast(dev, enabled=False):
                     ra = a(ids[:, i:i + 1], kv_cache=ca, start_pos=i)
                     rb = b(ids[:, i:i + 1], kv_cache=cb, start_pos=i)
                 assert rb.isfinite().all()
@@ -365,7 +366,7 @@ def test_autocast_bf16_training_gradients(om, attn, backend):
     for m in (ref, a, b):
         m.train()
     ref(ids, n_loops=3).logsumexp(-1).mean().backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
         la = a(ids, n_loops=3).logsumexp(-1).float().mean()
         with mythos.use_backend(backend):
             lb = b(ids, n_loops=3).logsumexp(-1).float().mean()
@@ -385,6 +386,37 @@ def test_autocast_bf16_training_gradients(om, attn, backend):
         assert float((gb[k] - p.grad).norm()) <= 0.5 * float(p.grad.norm()) + \
             4 * float((ga[k].grad - p.grad).norm()), k
     assert (err_b / norm) ** 0.5 <= 1.5 * (err_a / norm) ** 0.5 + 2e-3
+
+
+def test_autocast_runs_the_expert_gemms_in_its_dtype(monkeypatch):
+    """Under autocast the routed experts' grouped GEMMs take autocast's dtype (as open-mythos's
+    expert nn.Linear layers do), not the fp32 of the recurrent state; without autocast, the
+    weights' dtype. The fp32 expert weights still get fp32 gradients."""
+    import mythos_kernels as K
+
+    seen = []
+    orig = K.moe_experts
+
+    def spy(x, weights, idx, w13, w2):
+        seen.append((x.dtype, w13.dtype, w2.dtype))
+        return orig(x, weights, idx, w13, w2)
+
+    monkeypatch.setattr(K, "moe_experts", spy)
+    kw = tiny_kwargs("mla", act_threshold=1e4)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).train()
+    ids = torch.randint(0, kw["vocab_size"], (2, 5), generator=gen(3))
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        loss = m(ids, n_loops=2).float().logsumexp(-1).mean()
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    loss.backward()
+    ffn = m.recurrent.block.ffn
+    assert ffn.w13.grad.dtype == torch.float32 and torch.isfinite(ffn.w13.grad).all()
+    assert ffn.w13.grad.abs().sum() > 0 and ffn.w2.grad.abs().sum() > 0
+    seen.clear()
+    with torch.no_grad():
+        m(ids, n_loops=2)
+    assert seen and all(d == (torch.float32,) * 3 for d in seen), seen
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
