@@ -153,6 +153,30 @@ if triton is not None:
                      kr.to(K.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _dy_accumulate(acc, g_rows, W, m_ok, offs_r, r_ok, offs_n, H, D, G_HEAD, W_COL0, DKV,
+                       stride_wn, EVEN_R: tl.constexpr, IEEE: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+        """acc += G[rows, head h's D columns] @ W_up[h*DKV + W_COL0 + column, r tile] over every
+        head h, BLOCK_N columns at a time: the k_nope part (D = dn, head stride dn + dr in dK,
+        W_COL0 = 0) or the v part (D = dv, head stride dv, W_COL0 = dn). One flat loop, so it
+        pipelines."""
+        NC = tl.cdiv(D, BLOCK_N)
+        for j in range(H * NC):
+            h = j // NC
+            col = (j % NC) * BLOCK_N + offs_n
+            c_ok = col < D
+            g = tl.load(g_rows[:, None] + h * G_HEAD + col[None, :],
+                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)               # [BM, BN]
+            w_ptrs = W + (h * DKV + W_COL0 + col)[:, None].to(tl.int64) * stride_wn + \
+                offs_r[None, :]
+            if EVEN_R:
+                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)                  # [BN, BR]
+            else:
+                w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+            acc = _dot(g.to(W.dtype.element_ty), w, acc, IEEE, UPCAST)
+        return acc
+
+    @triton.jit
     def _mla_decompress_bwd_dy_kernel(
         X, W, NW, RSTD, GK, GV, T, PART, DNW_PART, DX,
         stride_xb, stride_xs, stride_wn,
@@ -179,34 +203,10 @@ if triton is not None:
         r_ok = offs_r < R
         offs_n = tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        NK = tl.cdiv(DN, BLOCK_N)
-        gk_rows = GK + offs_m * (H * DK)
-        for j in range(H * NK):
-            h = j // NK
-            col = (j % NK) * BLOCK_N + offs_n
-            c_ok = col < DN
-            g = tl.load(gk_rows[:, None] + h * DK + col[None, :],
-                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)               # [BM, BN]
-            w_ptrs = W + (h * DKV + col)[:, None].to(tl.int64) * stride_wn + offs_r[None, :]
-            if EVEN_R:
-                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)                  # [BN, BR]
-            else:
-                w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(g.to(W.dtype.element_ty), w, acc, IEEE, UPCAST)
-        NV = tl.cdiv(DV, BLOCK_N)
-        gv_rows = GV + offs_m * (H * DV)
-        for j in range(H * NV):
-            h = j // NV
-            col = (j % NV) * BLOCK_N + offs_n
-            c_ok = col < DV
-            g = tl.load(gv_rows[:, None] + h * DV + col[None, :],
-                        mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-            w_ptrs = W + (h * DKV + DN + col)[:, None].to(tl.int64) * stride_wn + offs_r[None, :]
-            if EVEN_R:
-                w = tl.load(w_ptrs, mask=c_ok[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = _dot(g.to(W.dtype.element_ty), w, acc, IEEE, UPCAST)
+        acc = _dy_accumulate(acc, GK + offs_m * (H * DK), W, m_ok, offs_r, r_ok, offs_n, H, DN,
+                             DK, 0, DKV, stride_wn, EVEN_R, IEEE, UPCAST, BLOCK_N)
+        acc = _dy_accumulate(acc, GV + offs_m * (H * DV), W, m_ok, offs_r, r_ok, offs_n, H, DV,
+                             DV, DN, DKV, stride_wn, EVEN_R, IEEE, UPCAST, BLOCK_N)
         mr_mask = m_ok[:, None] & r_ok[None, :]
         if HAS_NORM:
             bb = (offs_m32 // S).to(tl.int64)
