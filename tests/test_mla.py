@@ -273,6 +273,8 @@ DECOMP_SHAPES = [
     (2, 5, 3, 40, 8, 12, 8),         # odd S, 3 heads, dn != dv
     (2, 7, 5, 48, 16, 24, 16),       # 5 heads, several column tiles
     (1, 70, 2, 96, 20, 70, 6),       # many row tiles, dv > 64 (two column tiles), dr = 6
+    (2, 33, 2, 128, 128, 128, 64),   # the GPU tiles whole: r a multiple of every r / k block
+    (1, 9, 3, 192, 64, 64, 32),      # three k blocks (half precision), r tiles 3 even / 2 uneven
 ]
 
 
