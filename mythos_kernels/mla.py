@@ -325,6 +325,7 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 
 _MAX_DR = 256     # the rope key is one [BLOCK_M, BLOCK_DR] block
+_MAX_GRID_Y = 65535   # CUDA's cap on grid axis 1, where the forward and dY kernels put row tiles
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -500,6 +501,12 @@ def _unsupported(c_kv, k_rope, w_up, norm_weight) -> str | None:
         return f"norm_weight dtype {norm_weight.dtype}"
     if k_rope.shape[2] > _MAX_DR:
         return f"dr={k_rope.shape[2]} > {_MAX_DR}"
+    rows = c_kv.shape[0] * c_kv.shape[1]
+    bm = min(_fwd_blocks(c_kv.dtype, 1, 1)[0],
+             _bwd_blocks(c_kv.dtype, c_kv.shape[2], 1, 1, True)["dy"][0])
+    if triton.cdiv(rows, bm) > _MAX_GRID_Y:
+        return (f"B*S = {rows} rows: more than {_MAX_GRID_Y} row tiles of {bm} (the forward and "
+                f"dY kernels' second grid axis); decompress in chunks of S")
     return None
 
 
@@ -509,6 +516,9 @@ def mla_decompress_triton(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: torch.
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton decompression (differentiable; no dispatch: see :func:`mla_decompress`)."""
     _check(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight)
+    why = _unsupported(c_kv, k_rope, w_up, norm_weight)
+    if why:
+        raise ValueError(f"mla_decompress_triton: {why}")
     if c_kv.stride(-1) != 1:
         c_kv = c_kv.contiguous()
     if k_rope.stride(-1) != 1:

@@ -387,6 +387,31 @@ def test_decompress_dispatch_and_errors():
     assert K.dtype == torch.float64
 
 
+@needs_triton
+def test_decompress_rows_past_the_grid_cap_refused(monkeypatch):
+    """More row tiles than CUDA's grid axis 1 takes (B*S over 65535 x 128 rows in half
+    precision): the forced kernel refuses by name before any launch; the auto backend serves the
+    reference. The cap is lowered here so that a small input crosses it."""
+    import mythos_kernels.mla as mla_mod
+
+    B, S, H, R, dn, dv, DR = 2, 40, 2, 16, 8, 8, 8
+    c, kr = rand(B, S, R), rand(B, S, DR)
+    w = rand(H * (dn + dv), R, scale=R ** -0.5)
+    monkeypatch.setattr(mla_mod, "_MAX_GRID_Y", 2)          # fp32 row tile 32: 80 rows -> 3 tiles
+    with use_backend("triton"), pytest.raises(BackendUnavailable, match="row tiles"):
+        mla_decompress(c, kr, w, H, dn, dv)
+    with pytest.raises(ValueError, match="row tiles"):
+        mla_decompress_triton(c, kr, w, H, dn, dv)
+    reset_dispatch_counts()
+    K, V = mla_decompress(c, kr, w, H, dn, dv)               # auto: the reference serves it
+    K2, V2 = mla_decompress_reference(c, kr, w, H, dn, dv)
+    assert torch.equal(K, K2) and torch.equal(V, V2)
+    assert dispatch_counts().get(("mla_decompress", "triton"), 0) == 0
+    monkeypatch.setattr(mla_mod, "_MAX_GRID_Y", 3)          # 3 tiles fit: the kernel runs
+    with use_backend("triton"):
+        mla_decompress(c, kr, w, H, dn, dv)
+
+
 # ----------------------------------------------------------------------------------------------
 # open-mythos 0.5.0 MLAttention with its cache == the kernels
 # ----------------------------------------------------------------------------------------------
