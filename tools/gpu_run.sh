@@ -13,8 +13,9 @@
 #   tools/gpu_run.sh ops-<group>   python -m bench --full --ops <group> (groups: see `list`)
 #   tools/gpu_run.sh ops           every ops-<group> in turn (several commands' worth)
 #   tools/gpu_run.sh model         python -m bench --full --model (decode B=1,32 x context 512..8k)
+#   tools/gpu_run.sh autocast      tools/gpu_autocast_check.py (a training step under bf16 autocast)
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
-#   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
+#   tools/gpu_run.sh all           tests report ops model autocast plots (far more than 10 minutes)
 #
 # Several parts in one call run in order: `tools/gpu_run.sh tests report`.
 # The results rows carry the git commit; where the checkout has no .git, pass it in:
@@ -29,7 +30,7 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 if [ "$#" -eq 0 ]; then
-  sed -n '2,24p' "$0"
+  awk 'NR > 1 && /^set -uo/ {exit} NR > 1' "$0"
   exit 2
 fi
 PY="${PYTHON:-python3}"
@@ -86,7 +87,7 @@ run() {
 part() {
   case "$1" in
     list)
-      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model plots"
+      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model autocast plots"
       ;;
     tests)
       if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -130,12 +131,15 @@ EOF
     model)
       run model "$PY" -m bench --full --model --no-plot --out "$RES" --time-budget "$BENCH_BUDGET"
       ;;
+    autocast)
+      run autocast "$PY" tools/gpu_autocast_check.py --out "$RES/autocast_check.jsonl"
+      ;;
     plots)
       run plots "$PY" -m bench.plot "$RES/results.jsonl" --out "$RES"
       ;;
     all)
       local rc=0
-      for p in tests report ops model plots; do part "$p" || rc=$?; done
+      for p in tests report ops model autocast plots; do part "$p" || rc=$?; done
       return "$rc"
       ;;
     *)
