@@ -157,9 +157,11 @@ def _compiling() -> bool:
 
 
 def cpu_inference(*tensors: torch.Tensor) -> bool:
-    """Every tensor on the CPU, no autograd through any of them, not tracing: the plain-torch CPU
-    inference forms (``linear.dense`` / ``vecmat`` / packed weights, ``moe.moe_experts_cpu``,
-    ``mla_decode``'s bmm absorption) may serve instead of the general path."""
+    """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing:
+    the plain-torch CPU inference forms (``linear.dense`` / ``vecmat`` / packed weights,
+    ``moe.moe_experts_cpu``, ``mla_decode``'s bmm absorption) may serve instead of the general
+    path. Under autocast the general path's ops take autocast's casts, as open-mythos's do (the
+    forms' oneDNN calls would skip them, and their ``out=`` products fail on a cast input)."""
     for t in tensors:
         if t.device.type != "cpu":
             return False
@@ -167,6 +169,8 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
         for t in tensors:
             if t.requires_grad:
                 return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
     return not _compiling()
 
 

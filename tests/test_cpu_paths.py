@@ -615,6 +615,31 @@ def test_cpu_inference_predicate():
     with torch.no_grad():
         assert cpu_inference(a, w)                    # no autograd in no_grad mode
     assert not cpu_inference(a, torch.empty(3, device="meta"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_inference(a)                   # CPU autocast: the general path
+
+
+def test_cpu_autocast_inference_takes_the_general_path():
+    """Under CPU autocast the CPU forms stand aside and the general path's ops take autocast's
+    casts. Before, fp32 inputs under autocast reached the CPU forms, which computed in fp32
+    unlike autocast's ops (and at the mid config the sorted MoE form's out= product raised on a
+    cast input: a forward under autocast failed before c5f9881 cast the experts' inputs)."""
+    N, k, E, D, Fh = 41, 3, 64, 24, 10
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.ones(N, dtype=torch.long), torch.zeros(N, dtype=torch.long),
+                       torch.randint(2, E, (N,))], 1)                   # skewed: sorted form
+    weights = torch.softmax(torch.randn(N, k), -1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = M.moe_experts_reference(x, weights, idx, w13, w2)
+        head_w = _rand(5000, 64)
+        h = _rand(3, 64)
+        logits = K.lm_head(h, head_w)
+    assert torch.equal(out, ref)
+    assert logits.dtype == torch.bfloat16                 # as autocast's F.linear gives
+    ref_logits = h @ head_w.t()
+    assert float((logits.float() - ref_logits).norm() / ref_logits.norm()) <= 1e-2
 
 
 # ----- RMSNorm: F.rms_norm on the CPU in fp32/fp64 (open-mythos's exact values) ---------------
