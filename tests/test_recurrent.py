@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, rel_err
 
 import mythos_kernels as K
 from mythos_kernels import recurrent as R
@@ -296,7 +296,11 @@ def test_loop_input_backward(poison, dtype):
 @pytest.mark.parametrize("n_iter", [1, 4])
 def test_gradients_chain_across_iterations(poison, n_iter):
     """Several fused steps with a stand-in block: gradients flow through h, h_out and cum_p
-    (the remainder weight depends on earlier p's) into every leaf."""
+    (the remainder weight depends on earlier p's) into every leaf. Against the float64
+    reference: each result within 5e-5, or within 4x the fp32 reference's own error where that
+    is larger (the scalar parameters' gradients, b_halt and log_dt, are sums over every element
+    that can nearly cancel: over 300 seeds the fp32 reference itself erred up to 1.1e-5, and a CI
+    run measured the kernel at 5.007e-5 against a fixed 5e-5)."""
     Bn, T, D, thr = 2, 3, 60, 0.7
     P = _params(D)
     P["b_halt"] = torch.full((1,), -0.5, device=DEV)        # rows halt within a few steps
@@ -305,28 +309,30 @@ def test_gradients_chain_across_iterations(poison, n_iter):
 
     def loop(step, h0, e0, Q):
         h, e = h0, e0
-        h_out = torch.zeros(Bn, T, D, device=DEV)
-        cum_p = torch.zeros(Bn, T, device=DEV)
+        h_out = torch.zeros_like(h0)
+        cum_p = torch.zeros(Bn, T, device=DEV, dtype=h0.dtype)
         x = R.loop_input_reference(h, e, 0, Q["norm_w"], EPS, D // 8)
         for t in range(n_iter):
-            out = torch.tanh(x @ Wb)
+            out = torch.tanh(x @ Wb.to(h0.dtype))
             h, h_out, cum_p, x = step(h, e, out, h_out, cum_p, Q["log_A"], Q["log_dt"], Q["B"],
                                       Q["w_halt"], Q["b_halt"], thr,
                                       (t + 1, Q["norm_w"], EPS, D // 8))
         return h_out, cum_p
 
-    def grads(step):
-        leaves = [h0.clone().requires_grad_(), e0.clone().requires_grad_()]
-        Q = {k: v.clone().requires_grad_() for k, v in P.items()}
+    def grads(step, dtype=torch.float32):
+        leaves = [h0.to(dtype).requires_grad_(), e0.to(dtype).requires_grad_()]
+        Q = {k: v.to(dtype).requires_grad_() for k, v in P.items()}
         h_out, cum_p = loop(step, *leaves, Q)
-        loss = (h_out * torch.cos(torch.arange(D, device=DEV))).sum() + cum_p.pow(2).sum()
+        loss = (h_out * torch.cos(torch.arange(D, device=DEV, dtype=dtype))).sum() + \
+            cum_p.pow(2).sum()
         return [h_out, cum_p] + list(torch.autograd.grad(loss, leaves + list(Q.values())))
 
+    exact = grads(R.lti_act_step_and_next_input_reference, torch.float64)
     ref = grads(R.lti_act_step_and_next_input_reference)
     got = grads(R.lti_act_step_and_next_input_triton)
     names = ["h_out", "cum_p", "h0", "e", *P]
-    for name, r, g in zip(names, ref, got):
-        assert_close(name, r, g, 5e-5)
+    for name, x64, r, g in zip(names, exact, ref, got):
+        assert_close(name, x64, g, max(5e-5, 4 * rel_err(x64, r)))
 
 
 def test_gradcheck_reference_float64():
