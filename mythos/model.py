@@ -587,8 +587,9 @@ class OpenMythos(nn.Module):
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
                 it needs a C++ compiler). Meant for the CPU: on a GPU the compiled step runs
                 without a CUDA graph and is slower than the default captured eager step
-                (measured on an H100, mythos_1b dims, B=1: 52 against 128 tokens/s). The first call per configuration and shape compiles (tens of
-                seconds); later calls reuse it. Same tokens as the eager step within fp32
+                (measured on an H100, mythos_1b dims, B=1: 52 against 128 tokens/s). The first
+                call per configuration and shape compiles (tens of seconds); later calls reuse
+                it. Same tokens as the eager step within fp32
                 rounding. On the CPU the compiled step keeps the eager CPU forms that matter
                 for decode: the head multiplies its cached transposed copy (passed in as an
                 input) and the few-row projections run split over two cores

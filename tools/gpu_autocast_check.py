@@ -1,9 +1,11 @@
 """Training under ``torch.autocast("cuda", torch.bfloat16)`` on a GPU: does it run, is it right,
 and what does it cost against bf16 weights?
 
-Under CUDA autocast (on the CPU: CPU autocast, with the kernels through the interpreter) the weights stay fp32 and only autocast's own ops (linear, matmul, SDPA) run in
-bf16; mythos's fused ops take the activations they are given. This tool measures what that means
-for a training step (forward + backward of a cross-entropy loss) of one model, case by case:
+Under CUDA autocast (on the CPU: CPU autocast, with the kernels through the interpreter) the
+weights stay fp32 and autocast's own ops (linear, matmul, SDPA) run in bf16; mythos's fused ops
+take one dtype (the routed experts' GEMMs autocast's, since c5f9881). This tool measures what
+that means for a training step (forward + backward of a cross-entropy loss) of one model, case by
+case:
 
 * ``fp32 reference``   -- fp32, no autocast, ``MYTHOS_BACKEND=reference``: the truth for errors;
 * ``fp32 triton``      -- fp32, no autocast, kernels;
@@ -39,12 +41,12 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import mythos
-import mythos_kernels as K
-from bench._openmythos import load_open_mythos
-from bench.devinfo import default_device, device_slug, run_info
-from bench.harness import append_jsonl
-from bench.model import CONFIGS, CPU_CONFIGS, _sync
+import mythos  # noqa: E402
+import mythos_kernels as K  # noqa: E402
+from bench._openmythos import load_open_mythos  # noqa: E402
+from bench.devinfo import default_device, device_slug, run_info  # noqa: E402
+from bench.harness import append_jsonl  # noqa: E402
+from bench.model import CONFIGS, CPU_CONFIGS, _sync  # noqa: E402
 
 
 def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
