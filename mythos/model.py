@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mythos_kernels as K
+from mythos_kernels._dispatch import _compiling
 
 from .cache import MythosCache, cache_length, layer_cache
 from .config import MythosConfig
@@ -435,7 +436,7 @@ def _weights_unchanged(fn):
     their sources once per call, not once per use); traced code runs it as it is."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if _compiling():
             return fn(*args, **kwargs)
         with K.weights_unchanged():
             return fn(*args, **kwargs)
@@ -520,7 +521,7 @@ class OpenMythos(nn.Module):
                                  f"{cap}")
             for c in kv_cache.values():
                 c.check_append(B, 0)
-        if torch.compiler.is_compiling():  # a host read would break the graph; eager checks it
+        if _compiling():  # a host read would break the graph; eager checks it
             return
         lo, hi = torch.aminmax(input_ids)
         lo, hi = int(lo), int(hi)
