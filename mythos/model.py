@@ -302,7 +302,11 @@ class MoEFFN(nn.Module):
             # kernels in exact fp32: measured on an H100, a mythos_1b training step under bf16
             # autocast took 284 ms against 92 ms with bf16 weights)
             dt = torch.get_autocast_dtype(flat.device.type)
-            xe, w13, w2 = flat.to(dt), w13.to(dt), w2.to(dt)
+            # the weights cast once per forward, not once per loop (as autocast's own weight
+            # cache does for open-mythos's expert layers)
+            w13, w2 = K.scope_memo(("moe_autocast", id(w13), id(w2), dt, torch.is_grad_enabled()),
+                                   lambda: (self.w13.to(dt), self.w2.to(dt)))
+            xe = flat.to(dt)
         out = K.moe_experts(xe, weights, idx, w13, w2)
         shared = _packed_swiglu_sum(flat, self.shared_experts)   # CPU inference: two products
         if shared is not None:

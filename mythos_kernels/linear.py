@@ -134,7 +134,8 @@ def _stamp(t: torch.Tensor) -> tuple:
 
 
 _PROBE_INDEX: dict[tuple, torch.Tensor] = {}
-_LOCAL = threading.local()   # .scope: the innermost weights_unchanged() token of this thread
+# this thread's weights_unchanged() context: .scope (its token) and .memo (scope_memo's values)
+_LOCAL = threading.local()
 
 
 # elements a fingerprint samples. A mid-config decode step through forward() checks 13 weights
@@ -176,12 +177,25 @@ def weights_unchanged():
     model's ``forward`` and ``generate`` enter it; nested entries reuse the outer one."""
     outer = getattr(_LOCAL, "scope", None)
     if outer is None:
-        _LOCAL.scope = object()
+        _LOCAL.scope, _LOCAL.memo = object(), {}
     try:
         yield
     finally:
         if outer is None:
-            _LOCAL.scope = None
+            _LOCAL.scope, _LOCAL.memo = None, None
+
+
+def scope_memo(key, build):
+    """``build()``, computed once per :func:`weights_unchanged` context (this thread) for
+    ``key`` and dropped when the context ends; outside one, or while tracing, on every call.
+    For values derived from weights that every loop of a forward would otherwise recompute
+    (they may carry autograd history: the context spans one forward)."""
+    memo = getattr(_LOCAL, "memo", None)
+    if memo is None or _compiling():
+        return build()
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
 
 
 def derived(tag: str, sources: tuple[torch.Tensor, ...], build) -> torch.Tensor:

@@ -391,14 +391,16 @@ def test_autocast_bf16_training_gradients(om, attn, backend):
 def test_autocast_runs_the_expert_gemms_in_its_dtype(monkeypatch):
     """Under autocast the routed experts' grouped GEMMs take autocast's dtype (as open-mythos's
     expert nn.Linear layers do), not the fp32 of the recurrent state; without autocast, the
-    weights' dtype. The fp32 expert weights still get fp32 gradients."""
+    weights' dtype. The fp32 expert weights still get fp32 gradients; the cast weights are made
+    once per forward."""
     import mythos_kernels as K
 
-    seen = []
+    seen, stacks = [], []
     orig = K.moe_experts
 
     def spy(x, weights, idx, w13, w2):
         seen.append((x.dtype, w13.dtype, w2.dtype))
+        stacks.append(w13)
         return orig(x, weights, idx, w13, w2)
 
     monkeypatch.setattr(K, "moe_experts", spy)
@@ -409,10 +411,15 @@ def test_autocast_runs_the_expert_gemms_in_its_dtype(monkeypatch):
     with torch.autocast(ids.device.type, dtype=torch.bfloat16):
         loss = m(ids, n_loops=2).float().logsumexp(-1).mean()
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    # the cast weights are made once per forward, shared by its loops (prelude/coda: dense FFNs)
+    assert len(stacks) == 2 and stacks[0] is stacks[1]
     loss.backward()
     ffn = m.recurrent.block.ffn
     assert ffn.w13.grad.dtype == torch.float32 and torch.isfinite(ffn.w13.grad).all()
     assert ffn.w13.grad.abs().sum() > 0 and ffn.w2.grad.abs().sum() > 0
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        m(ids, n_loops=2)                       # the next forward casts again (weights may change)
+    assert len(stacks) == 4 and stacks[2] is stacks[3] and stacks[2] is not stacks[0]
     seen.clear()
     with torch.no_grad():
         m(ids, n_loops=2)
