@@ -132,8 +132,7 @@ def main(argv=None) -> int:
             print(f"{name:24s} FAILED {row['error']}", flush=True)
             continue
         counts = {f"{op}:{impl}": n for (op, impl), n in sorted(K.dispatch_counts().items())}
-        grads = {n: p.grad.detach().float().clone() for n, p in _named_params(m, name)
-                 if p.grad is not None}
+        grads = _grads(m, name)
         if name == "fp32 reference":
             truth_grads, truth_logits = grads, logits.float()
         row.update(ok=bool(torch.isfinite(loss)), loss=float(loss), dispatch=counts,
@@ -201,21 +200,17 @@ def main(argv=None) -> int:
     return status
 
 
-def _named_params(m, case: str):
-    """Parameters by mythos's names (open-mythos's per-expert weights are stacked first)."""
+def _grads(m, case: str) -> dict[str, torch.Tensor]:
+    """Gradients by mythos's parameter names, fp32 copies (open-mythos's per-expert weights
+    stacked first; an expert no token reached has no gradient there: zeros, as mythos's stacked
+    weights get)."""
     if case.startswith("open-mythos"):
-        # an expert no token reached has no gradient: zeros, as mythos's stacked weights get
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
                  for n, p in m.named_parameters()}
-        for n, g in mythos.from_open_mythos_state_dict(grads).items():
-            yield n, _GradHolder(g)
-        return
-    yield from m.named_parameters()
-
-
-class _GradHolder:
-    def __init__(self, g):
-        self.grad = g
+        grads = mythos.from_open_mythos_state_dict(grads)
+    else:
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    return {n: g.detach().float().clone() for n, g in grads.items()}
 
 
 if __name__ == "__main__":
