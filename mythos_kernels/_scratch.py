@@ -17,6 +17,9 @@ buffer's pages stay mapped from one call to the next. Only for intermediates tha
 function that asks for them (never returned, never saved for backward), in code that does not call
 itself: the next call with the same tag overwrites the buffer. Buffers over ``MAX_BYTES`` are not
 kept (a plain ``torch.empty``), nor are non-CPU ones. :func:`release_scratch` drops them.
+
+:func:`kept_output` is the same for a result that *is* returned (the forward's logits): it is
+reused only once nothing references it any more.
 """
 
 from __future__ import annotations
@@ -52,11 +55,62 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     return buf[:numel].view(shape)
 
 
+# largest output kept by kept_output, and how many it keeps per tag per thread
+MAX_OUTPUT_BYTES = 512 << 20
+KEPT_OUTPUTS = 2
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """References to ``t``'s storage (every tensor or view of it holds one)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# a lone tensor's count as _storage_refs reads it (the temporary storage object adds one)
+_LONE_REFS = _storage_refs(torch.empty(1)) if hasattr(torch._C, "_storage_Use_Count") else None
+
+
+def kept_output(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor | None:
+    """A contiguous tensor of ``shape`` for a function to fill and *return*: one of this thread's
+    ``KEPT_OUTPUTS`` kept buffers for ``tag`` that no tensor or view references any more (the
+    caller dropped that result), else a new one, kept in place of the oldest. Two, so that
+    ``logits = model(x)`` in a loop, which still holds the previous logits during the call,
+    finds the other one free. Their pages then stay mapped from one call to the next: the mid
+    config's 65 MB logits (B=2, T=256, vocabulary 32000) faulted in 16,000 pages on every forward
+    (glibc maps blocks that large afresh). A result the caller still holds is never written.
+
+    None (the caller allocates as usual) off the CPU, over ``MAX_OUTPUT_BYTES``, or where this
+    torch does not report storage references. :func:`release_scratch` drops them."""
+    numel = math.prod(shape)
+    if (torch.device(device).type != "cpu" or numel * dtype.itemsize > MAX_OUTPUT_BYTES
+            or _LONE_REFS is None):
+        return None
+    outs = getattr(_local, "outs", None)
+    if outs is None:
+        outs = _local.outs = {}
+    ring = outs.setdefault(tag, [])
+    size = torch.Size(shape)
+    for buf in ring:
+        if buf.shape == size and buf.dtype == dtype and _storage_refs(buf) <= _LONE_REFS:
+            break
+    else:
+        with torch.inference_mode(False):   # see scratch: a normal tensor, writable anywhere
+            buf = torch.empty(shape, dtype=dtype)
+        ring.append(buf)
+        del ring[:-KEPT_OUTPUTS]
+    # a view, never the kept tensor itself: whatever holds the result holds a storage reference
+    return buf.view(size)
+
+
 def scratch_bytes() -> int:
-    """Bytes this thread's kept scratch buffers hold."""
-    return sum(b.numel() * b.element_size() for b in getattr(_local, "bufs", {}).values())
+    """Bytes this thread's kept scratch buffers and outputs hold."""
+    kept = [*getattr(_local, "bufs", {}).values(),
+            *(b for ring in getattr(_local, "outs", {}).values() for b in ring)]
+    return sum(b.numel() * b.element_size() for b in kept)
 
 
 def release_scratch() -> None:
-    """Drop this thread's kept scratch buffers (they are allocated again when next needed)."""
+    """Drop this thread's kept scratch buffers and outputs (allocated again when next needed;
+    an output the caller still holds stays valid)."""
     _local.bufs = {}
+    _local.outs = {}

@@ -55,8 +55,18 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import _compiling, choose, cpu_inference
+from ._scratch import kept_output
 
 VOCAB_BLOCK = 4096
+# the forward's head writes logits of more than this into a kept output (_scratch.kept_output):
+# glibc maps blocks over 32 MB afresh on every call, and each page faults in (measured, head
+# alone, 32000 x 512 weight: 93.2 -> 88.1-90.6 ms at 512 rows, 368.6 -> 339.3 at 2048, 913.9
+# -> 685.5 at 4096; smaller outputs come from the heap without faults: 12.6 vs 13.4 ms at 64).
+# oneDNN's product has no out= form: it fills the output in column blocks of about
+# HEAD_BLOCK_BYTES, fresh temporaries that glibc serves from the heap (in the mid forward, 4 MB
+# blocks left ~3,000 of its ~19,000 page faults, 16 MB blocks ~8,000)
+KEPT_HEAD_MIN_BYTES = 32 << 20
+HEAD_BLOCK_BYTES = 4 << 20
 DECODE_ROWS = 64
 SPLIT_ROWS = 8       # at most this many rows: the split (two-core) matrix-vector product
 SPLIT_MIN_OUT = 64   # smaller weights: the bmm's own overhead outweighs the second core
@@ -234,7 +244,11 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., D], weight [V, D] -> [..., V]. Column-blocked on CPU without autograd."""
+    """x [..., D], weight [V, D] -> [..., V]. On the CPU without autograd: up to
+    ``DECODE_ROWS`` rows over the cached transposed copy; more through oneDNN, logits of over
+    ``KEPT_HEAD_MIN_BYTES`` written into a kept output (``_scratch.kept_output``: reused once the
+    caller has dropped the previous logits, so its pages do not fault in again); without
+    oneDNN, MKL in column blocks."""
     V = weight.shape[0]
     if V <= VOCAB_BLOCK or not cpu_inference(x, weight):
         return F.linear(x, weight)
@@ -246,7 +260,17 @@ def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         return vecmat(x2, _transposed(weight)).view(*x.shape[:-1], V)
     if _onednn_ok(x, weight):
-        return onednn_linear(x, weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        out = None
+        if rows * V * x.element_size() > KEPT_HEAD_MIN_BYTES:
+            out = kept_output("lm_head", (rows, V), x.dtype, x.device)
+        if out is None:
+            return onednn_linear(x, weight)
+        nb = max(1024, HEAD_BLOCK_BYTES // (rows * x.element_size()))
+        for i in range(0, V, nb):
+            out[:, i:i + nb] = onednn_linear(x2, weight[i:i + nb])
+        return out.view(*x.shape[:-1], V)
     x2 = x.reshape(-1, x.shape[-1])
     out = torch.empty(x2.shape[0], V, dtype=torch.result_type(x2, weight), device=x.device)
     for i in range(0, V, VOCAB_BLOCK):

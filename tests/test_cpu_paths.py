@@ -1015,6 +1015,112 @@ def test_scratch_buffers_reused_grown_and_released():
     assert S.scratch_bytes() == 0
 
 
+def test_kept_output_reused_only_when_nothing_references_it(monkeypatch):
+    """mythos_kernels._scratch.kept_output: a buffer is handed out again only once no tensor or
+    view of the last result is left; a held result is never handed out; two kept per tag (the
+    oldest dropped), per thread; too big or off the CPU: None; release drops them."""
+    import threading
+
+    S = importlib.import_module("mythos_kernels._scratch")
+    S.release_scratch()
+    cpu = torch.device("cpu")
+    a = S.kept_output("o", (3, 5), torch.float32, cpu)
+    pa = a.data_ptr()
+    del a
+    b = S.kept_output("o", (3, 5), torch.float32, cpu)
+    assert b.data_ptr() == pa and b.shape == (3, 5) and b.is_contiguous()      # reused
+    c = S.kept_output("o", (3, 5), torch.float32, cpu)        # b held: the second buffer
+    assert c.data_ptr() != pa
+    pc = c.data_ptr()
+    row = b[1]                                                # only a view of b left
+    del b
+    d = S.kept_output("o", (3, 5), torch.float32, cpu)        # b's view and c held: a third
+    assert d.data_ptr() not in (pa, pc)
+    assert S.scratch_bytes() == 2 * 15 * 4                    # two kept: b's buffer dropped
+    del row
+    arr = c.numpy()                                           # a numpy view holds c's pages
+    del c
+    e = S.kept_output("o", (3, 5), torch.float32, cpu)
+    assert e.data_ptr() != pc
+    kept = {d.data_ptr(), e.data_ptr()}
+    del arr, d, e
+    assert S.kept_output("o", (3, 5), torch.float32, cpu).data_ptr() in kept
+    f = S.kept_output("o", (5, 3), torch.float32, cpu)        # another shape: a new buffer
+    assert f.shape == (5, 3)
+    assert S.kept_output("o", (3, 5), torch.float32, torch.device("meta")) is None
+    monkeypatch.setattr(S, "MAX_OUTPUT_BYTES", 59)
+    assert S.kept_output("o", (3, 5), torch.float32, cpu) is None             # 60 bytes
+    monkeypatch.undo()
+    other = []
+    g = S.kept_output("p", (4,), torch.float32, cpu)
+    pg = g.data_ptr()
+    del g
+    th = threading.Thread(target=lambda: other.append(
+        S.kept_output("p", (4,), torch.float32, cpu).data_ptr()))
+    th.start()
+    th.join()
+    assert other[0] != pg                                     # per thread
+    assert S.kept_output("p", (4,), torch.float32, cpu).data_ptr() == pg
+    S.release_scratch()
+    assert S.scratch_bytes() == 0
+
+
+def test_lm_head_kept_logits_never_overwrite_held_ones(monkeypatch):
+    """The forward's head writes large logits into a kept output in column blocks (a ragged last
+    one): values as F.linear's; logits the caller holds stay intact through later calls; dropped
+    ones are reused, every column written again (the kept buffers NaN-poisoned in between)."""
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    S = importlib.import_module("mythos_kernels._scratch")
+    S.release_scratch()
+    monkeypatch.setattr(L, "KEPT_HEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(L, "HEAD_BLOCK_BYTES", 1)              # blocks of 1024 columns
+    w = _rand(L.VOCAB_BLOCK + 77, 40, scale=0.1)
+    xs = [_rand(2, 37, 40) for _ in range(3)]
+    refs = [F.linear(x, w) for x in xs]
+    blocks = _spy_fn(monkeypatch, L, "onednn_linear")
+    with torch.no_grad():
+        out0 = K.lm_head(xs[0], w)
+        assert len(blocks) == 5                                # 4 x 1024 + 77 columns
+        out1 = K.lm_head(xs[1], w)
+        out2 = K.lm_head(xs[2], w)                             # out0, out1 held: a third buffer
+        for out, ref in zip((out0, out1, out2), refs):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        ptrs = {out1.data_ptr(), out2.data_ptr()}
+        assert len(ptrs | {out0.data_ptr()}) == 3
+        del out0, out1, out2
+        for buf in S._local.outs["lm_head"]:
+            buf.fill_(float("nan"))
+        out = K.lm_head(xs[0], w)
+    assert out.data_ptr() in ptrs                              # reused
+    torch.testing.assert_close(out, refs[0], rtol=1e-5, atol=1e-5)
+    S.release_scratch()
+
+
+def test_model_logits_held_across_forwards_stay_intact(monkeypatch):
+    """Through the model: held logits of earlier forwards keep their values while later
+    forwards write kept outputs, and match the head without kept outputs."""
+    import mythos
+
+    if not L.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear op")
+    monkeypatch.setattr(L, "KEPT_HEAD_MIN_BYTES", 0)
+    torch.manual_seed(0)
+    kw = dict(vocab_size=L.VOCAB_BLOCK + 131, dim=48, n_heads=4, n_kv_heads=2, max_seq_len=64,
+              max_loop_iters=2, n_experts=5, n_experts_per_tok=2, expert_dim=16, lora_rank=2,
+              attn_type="gqa")
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    ids = [torch.randint(0, kw["vocab_size"], (2, 37)) for _ in range(3)]
+    with torch.no_grad():
+        with monkeypatch.context() as mp:
+            mp.setattr(L, "kept_output", lambda *a: None)
+            refs = [m(i) for i in ids]
+        held = [m(i) for i in ids]
+        again = m(ids[0])
+    for out, ref in zip(held + [again], refs + refs[:1]):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("form", ["sorted", "sorted-pairs", "padded"])
 def test_moe_cpu_forms_ignore_stale_scratch(monkeypatch, form):
     """The MoE CPU forms keep their big intermediates in scratch buffers between calls: with

@@ -4,6 +4,7 @@ alternating order, in one process. Appends one JSON row per (switch, suite) to
 bench/results/cpu/ab.jsonl.
 
     python tools/cpu_ab.py [--switches all] [--suites decode,forward] [--steps 64] [--reps 8]
+                           [--block 1]
 
 A switch that does not apply to a suite (e.g. the few-row paths in a 512-token forward) measures
 this machine's noise floor for that suite.
@@ -23,6 +24,8 @@ Switches (what "off" runs):
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
   moe_scratch  the padded and sorted MoE forms' kept buffers (mythos_kernels._scratch) -> fresh
                torch.empty
+  head_kept    the forward head's kept logits (_scratch.kept_output, column blocks) -> one fresh
+               oneDNN product
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ SWITCHES = {
     "moe_scratch": (_moe, "scratch",
                     lambda tag, shape, dtype, device: torch.empty(shape, dtype=dtype,
                                                                   device=device)),
+    "head_kept": (_lin, "kept_output", lambda *a: None),
 }
 
 
@@ -97,8 +101,11 @@ def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool
     return res
 
 
-def ab_forward(model, sw: Switch, reps: int = 8) -> dict[bool, list[float]]:
-    """Forward B=2, T=256 times, on and off alternating."""
+def ab_forward(model, sw: Switch, reps: int = 8, block: int = 1) -> dict[bool, list[float]]:
+    """Forward B=2, T=256 times, on and off alternating; with ``block`` > 1, in runs of
+    ``block`` forwards per variant whose first is not kept (a switch that changes how memory is
+    allocated, e.g. kept buffers, leaves the allocator in a state that favours or penalizes the
+    next forward of the other variant: alternating single forwards measures the mix)."""
     ids = torch.randint(0, model.cfg.vocab_size, (2, 256))
 
     def run(on: bool):
@@ -107,9 +114,21 @@ def ab_forward(model, sw: Switch, reps: int = 8) -> dict[bool, list[float]]:
 
     with torch.no_grad():
         model(ids)
-        t = time_interleaved({"on": lambda: run(True), "off": lambda: run(False)}, reps,
-                             alternate=True)
-    return {True: t["on"], False: t["off"]}
+        if block <= 1:
+            t = time_interleaved({"on": lambda: run(True), "off": lambda: run(False)}, reps,
+                                 alternate=True)
+            return {True: t["on"], False: t["off"]}
+        res: dict[bool, list[float]] = {True: [], False: []}
+        i = 0
+        while len(res[True]) < reps or len(res[False]) < reps:
+            on = i % 2 == 0
+            i += 1
+            run(on)                                            # the block's first: not kept
+            for _ in range(block - 1):
+                t0 = time.perf_counter()
+                run(on)
+                res[on].append(time.perf_counter() - t0)
+    return {v: res[v][:reps] for v in (True, False)}
 
 
 def main(argv=None) -> int:
@@ -119,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--suites", default="decode,forward")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per variant")
     ap.add_argument("--reps", type=int, default=8, help="forward repetitions per variant")
+    ap.add_argument("--block", type=int, default=1,
+                    help="forward: consecutive forwards per variant (the first of each not kept)")
     ap.add_argument("--out", default=cpu_results("ab.jsonl"))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's own)")
@@ -137,11 +158,12 @@ def main(argv=None) -> int:
         sw = Switch(name)
         for suite in args.suites.split(","):
             res = (ab_decode(model, sw, steps=args.steps) if suite == "decode"
-                   else ab_forward(model, sw, reps=args.reps))
+                   else ab_forward(model, sw, reps=args.reps, block=args.block))
             sw.set(True)
             on, off = statistics.median(res[True]) * 1e3, statistics.median(res[False]) * 1e3
             row = {"switch": name, "suite": suite, "on_ms": round(on, 3), "off_ms": round(off, 3),
                    "saves_ms": round(off - on, 3), "speedup": round(off / on, 4),
+                   "block": args.block if suite == "forward" else 1,
                    "on_s": res[True], "off_s": res[False]}
             row.update(info)
             rows.append(row)
