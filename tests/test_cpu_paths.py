@@ -1022,6 +1022,8 @@ def test_kept_output_reused_only_when_nothing_references_it(monkeypatch):
     import threading
 
     S = importlib.import_module("mythos_kernels._scratch")
+    if S._LONE_REFS is None:
+        pytest.skip("this torch does not report storage references: nothing is kept")
     S.release_scratch()
     cpu = torch.device("cpu")
     a = S.kept_output("o", (3, 5), torch.float32, cpu)
@@ -1069,9 +1071,9 @@ def test_lm_head_kept_logits_never_overwrite_held_ones(monkeypatch):
     """The forward's head writes large logits into a kept output in column blocks (a ragged last
     one): values as F.linear's; logits the caller holds stay intact through later calls; dropped
     ones are reused, every column written again (the kept buffers NaN-poisoned in between)."""
-    if not L.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear op")
     S = importlib.import_module("mythos_kernels._scratch")
+    if not L.onednn_available() or S._LONE_REFS is None:
+        pytest.skip("this torch build has no oneDNN linear op or reports no storage references")
     S.release_scratch()
     monkeypatch.setattr(L, "KEPT_HEAD_MIN_BYTES", 0)
     monkeypatch.setattr(L, "HEAD_BLOCK_BYTES", 1)              # blocks of 1024 columns
