@@ -77,7 +77,8 @@ def kept_output(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     ``logits = model(x)`` in a loop, which still holds the previous logits during the call,
     finds the other one free. Their pages then stay mapped from one call to the next: the mid
     config's 65 MB logits (B=2, T=256, vocabulary 32000) faulted in 16,000 pages on every forward
-    (glibc maps blocks that large afresh). A result the caller still holds is never written.
+    (glibc maps blocks that large afresh). A result the caller still holds is never written, nor
+    one moved to shared memory.
 
     None (the caller allocates as usual) off the CPU, over ``MAX_OUTPUT_BYTES``, or where this
     torch does not report storage references. :func:`release_scratch` drops them."""
@@ -88,7 +89,9 @@ def kept_output(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     outs = getattr(_local, "outs", None)
     if outs is None:
         outs = _local.outs = {}
-    ring = outs.setdefault(tag, [])
+    # a result moved to shared memory (share_memory_(), a torch.multiprocessing queue) may be
+    # read by another process after this one drops it: never reused
+    ring = outs[tag] = [b for b in outs.get(tag, []) if not b.is_shared()]
     size = torch.Size(shape)
     for buf in ring:
         if buf.shape == size and buf.dtype == dtype and _storage_refs(buf) <= _LONE_REFS:

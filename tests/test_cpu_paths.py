@@ -1046,7 +1046,13 @@ def test_kept_output_reused_only_when_nothing_references_it(monkeypatch):
     assert e.data_ptr() != pc
     kept = {d.data_ptr(), e.data_ptr()}
     del arr, d, e
-    assert S.kept_output("o", (3, 5), torch.float32, cpu).data_ptr() in kept
+    h = S.kept_output("o", (3, 5), torch.float32, cpu)
+    assert h.data_ptr() in kept
+    h.share_memory_()                        # another process may read it: never handed out
+    ph = h.data_ptr()
+    del h
+    assert all(S.kept_output("o", (3, 5), torch.float32, cpu).data_ptr() != ph
+               for _ in range(3))
     f = S.kept_output("o", (5, 3), torch.float32, cpu)        # another shape: a new buffer
     assert f.shape == (5, 3)
     assert S.kept_output("o", (3, 5), torch.float32, torch.device("meta")) is None
