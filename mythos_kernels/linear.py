@@ -63,8 +63,8 @@ VOCAB_BLOCK = 4096
 # alone, 32000 x 512 weight: 93.2 -> 88.1-90.6 ms at 512 rows, 368.6 -> 339.3 at 2048, 913.9
 # -> 685.5 at 4096; smaller outputs come from the heap without faults: 12.6 vs 13.4 ms at 64).
 # oneDNN's product has no out= form: it fills the output in column blocks of about
-# HEAD_BLOCK_BYTES, fresh temporaries that glibc serves from the heap (in the mid forward, 4 MB
-# blocks left ~3,000 of its ~19,000 page faults, 16 MB blocks ~8,000)
+# HEAD_BLOCK_BYTES, fresh temporaries that glibc serves from the heap (the mid forward faulted
+# ~2,400-5,800 pages with 1-4 MB blocks, ~8,000 with 16 MB ones, ~18,000-19,500 without kept logits)
 KEPT_HEAD_MIN_BYTES = 32 << 20
 HEAD_BLOCK_BYTES = 4 << 20
 DECODE_ROWS = 64
