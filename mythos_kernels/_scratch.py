@@ -36,6 +36,15 @@ MAX_BYTES = 32 << 20
 _local = threading.local()
 
 
+def _mine(name: str) -> dict:
+    """This thread's dict ``name`` of kept tensors ("bufs": scratch, "outs": kept outputs)."""
+    d = getattr(_local, name, None)
+    if d is None:
+        d = {}
+        setattr(_local, name, d)
+    return d
+
+
 def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
     """An uninitialized contiguous tensor of ``shape``: a view of this thread's kept buffer for
@@ -43,9 +52,7 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     numel = math.prod(shape)
     if torch.device(device).type != "cpu" or numel * dtype.itemsize > MAX_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
+    bufs = _mine("bufs")
     buf = bufs.get((tag, dtype))
     if buf is None or buf.numel() < numel:
         # a normal tensor even under torch.inference_mode(): an inference tensor could not be
@@ -86,9 +93,7 @@ def kept_output(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
     if (torch.device(device).type != "cpu" or numel * dtype.itemsize > MAX_OUTPUT_BYTES
             or _LONE_REFS is None):
         return None
-    outs = getattr(_local, "outs", None)
-    if outs is None:
-        outs = _local.outs = {}
+    outs = _mine("outs")
     # a result moved to shared memory (share_memory_(), a torch.multiprocessing queue) may be
     # read by another process after this one drops it: never reused
     ring = outs[tag] = [b for b in outs.get(tag, []) if not b.is_shared()]
@@ -107,8 +112,7 @@ def kept_output(tag: str, shape: tuple[int, ...], dtype: torch.dtype,
 
 def scratch_bytes() -> int:
     """Bytes this thread's kept scratch buffers and outputs hold."""
-    kept = [*getattr(_local, "bufs", {}).values(),
-            *(b for ring in getattr(_local, "outs", {}).values() for b in ring)]
+    kept = [*_mine("bufs").values(), *(b for ring in _mine("outs").values() for b in ring)]
     return sum(b.numel() * b.element_size() for b in kept)
 
 

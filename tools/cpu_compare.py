@@ -15,7 +15,9 @@ with open-mythos's generate and mythos's eager one.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -45,7 +47,9 @@ def main(argv=None) -> int:
     if args.cold_compile:
         if not args.compiled:
             ap.error("--cold-compile needs --compiled")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mythos-inductor-")
+        cold = tempfile.mkdtemp(prefix="mythos-inductor-")
+        atexit.register(shutil.rmtree, cold, ignore_errors=True)      # the compiled build it holds
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold
     om, _why = load_open_mythos()
     if om is None:
         print("open-mythos 0.5.0 is not installed: pip install --no-deps open-mythos==0.5.0")
