@@ -351,3 +351,31 @@ def test_cli_restores_the_thread_count(tmp_path, monkeypatch):
     assert torch.get_num_threads() == before
     assert bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), "--threads", "1"]) == 2
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_cpu_compare_forward_flops(om, attn_type):
+    """tools/cpu_compare.forward_flops: mythos's count is open-mythos's less half of the attention
+    products (4 B H T^2 d per layer for GQA), and the head adds 2 B T D per vocabulary entry."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from conftest import tiny_kwargs
+    from cpu_compare import forward_flops
+
+    B, T = 2, 5
+    counts = {}
+    for vocab in (50, 80):
+        kw = tiny_kwargs(attn_type, vocab_size=vocab, act_threshold=1e4)  # every loop runs
+        torch.manual_seed(0)
+        a = om.OpenMythos(om.MythosConfig(**kw)).eval()
+        counts[vocab] = forward_flops(a, torch.randint(0, vocab, (B, T)))
+    (om_50, my_50), (om_80, my_80) = counts[50], counts[80]
+    assert om_80 - om_50 == 2 * B * T * kw["dim"] * 30
+    layers = kw["prelude_layers"] + kw["max_loop_iters"] + kw["coda_layers"]
+    H = kw["n_heads"]
+    if attn_type == "gqa":
+        attn = layers * 2 * B * H * T * T * 2 * (kw["dim"] // H)
+    else:  # scores over [nope | rope], then the values
+        q_dim = kw["qk_nope_head_dim"] + kw["qk_rope_head_dim"]
+        attn = layers * 2 * B * H * T * T * (q_dim + kw["v_head_dim"])
+    assert om_50 - my_50 == attn / 2
+    assert om_80 - my_80 == attn / 2

@@ -7,6 +7,10 @@ bench/results/cpu/compare.jsonl.
 ``--config`` takes another of the CPU comparison configurations (``bench.model.CPU_CONFIGS``:
 tiny-gqa, small-mla, mid-gqa, mid-8-experts, wide-768) instead of the issue's mid config.
 
+The forward suite also times a square fp32 matmul (``SQUARE``) in each round and reports each
+implementation's FLOP rate as a percentage of it (:func:`forward_flops` counts the FLOPs), and
+the percentage mythos would need for a 1.5x speedup over that round's open-mythos.
+
 ``--compiled`` adds a suite with mythos's ``generate(..., compiled=True)`` (the decode step through
 torch.compile; its first call, which compiles, is a warm-up outside the timing), interleaved
 with open-mythos's generate and mythos's eager one.
@@ -33,6 +37,23 @@ from bench._openmythos import load_open_mythos  # noqa: E402
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E402
 from bench.model import CPU_CONFIGS, MID  # noqa: E402
+
+SQUARE = 2048   # the square fp32 matmul timed beside the forwards: this machine's matmul rate
+
+
+def forward_flops(om_model, ids: torch.Tensor) -> tuple[float, float]:
+    """FLOPs of one forward: open-mythos's as ``FlopCounterMode`` counts them, and mythos's,
+    which is the same less half of the attention products (the bmms inside ``attn`` modules:
+    open-mythos multiplies the full T x T scores and masks them; SDPA's causal kernel skips the
+    blocks above the diagonal, about half)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
+        om_model(ids)
+    total = fc.get_total_flops()
+    attn = sum(counts.get(torch.ops.aten.bmm, 0) for mod, counts in fc.get_flop_counts().items()
+               if mod.endswith(".attn"))
+    return float(total), float(total - attn / 2)
 
 
 def main(argv=None) -> int:
@@ -61,12 +82,25 @@ def main(argv=None) -> int:
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, kw["vocab_size"], (2, 256))
     rows = []
+    flops_a, flops_b = forward_flops(a, ids)
+    sq = torch.randn(SQUARE, SQUARE)
     with torch.no_grad():
-        a(ids), b(ids)
-        t = time_interleaved({"a": lambda: a(ids), "b": lambda: b(ids)}, args.reps)
+        a(ids), b(ids), torch.mm(sq, sq)
+        t = time_interleaved({"a": lambda: a(ids), "b": lambda: b(ids),
+                              "mm": lambda: torch.mm(sq, sq)}, args.reps)
     ta, tb = t["a"], t["b"]
+    # each forward's rate against the square matmul timed in the same round
+    rate = [2 * SQUARE ** 3 / s for s in t["mm"]]
+    pct_a = [100 * flops_a / s / r for s, r in zip(ta, rate)]
+    pct_b = [100 * flops_b / s / r for s, r in zip(tb, rate)]
+    need = [100 * flops_b / (s / 1.5) / r for s, r in zip(ta, rate)]
     rows.append({"suite": "forward", "shape": {"B": 2, "T": 256}, "open_mythos_s": ta,
-                 "mythos_s": tb, "speedup_median": statistics.median(ta) / statistics.median(tb)})
+                 "mythos_s": tb, "speedup_median": statistics.median(ta) / statistics.median(tb),
+                 "open_mythos_gflop": flops_a / 1e9, "mythos_gflop": flops_b / 1e9,
+                 "matmul_gflops": [r / 1e9 for r in rate],
+                 "open_mythos_pct_of_matmul": statistics.median(pct_a),
+                 "mythos_pct_of_matmul": statistics.median(pct_b),
+                 "pct_of_matmul_for_1_5x": statistics.median(need)})
     prompt = ids[:1, :64]
     def gen(m):
         torch.manual_seed(0)
@@ -106,7 +140,11 @@ def main(argv=None) -> int:
         print(f"{r['suite']:17s} {r['shape']}: open-mythos {statistics.median(r['open_mythos_s']):.3f}s"
               f"  mythos {statistics.median(r['mythos_s']):.3f}s  speedup {r['speedup_median']:.2f}x"
               + (f"  (first call, compiling: {r['first_call_s']:.1f}s, {r['compile_cache']} cache)"
-                 if "first_call_s" in r else ""))
+                 if "first_call_s" in r else "")
+              + (f"\n{'':17s} % of the {SQUARE}^2 matmul rate ({statistics.median(r['matmul_gflops']):.0f}"
+                 f" GFLOP/s): open-mythos {r['open_mythos_pct_of_matmul']:.0f}%, mythos "
+                 f"{r['mythos_pct_of_matmul']:.0f}%; 1.5x needs {r['pct_of_matmul_for_1_5x']:.0f}%"
+                 if "matmul_gflops" in r else ""))
     return 0
 
 
