@@ -42,10 +42,12 @@ SQUARE = 2048   # the square fp32 matmul timed beside the forwards: this machine
 
 
 def forward_flops(om_model, ids: torch.Tensor) -> tuple[float, float]:
-    """FLOPs of one forward: open-mythos's as ``FlopCounterMode`` counts them, and mythos's,
-    which is the same less half of the attention products (the bmms inside ``attn`` modules:
-    open-mythos multiplies the full T x T scores and masks them; SDPA's causal kernel skips the
-    blocks above the diagonal, about half)."""
+    """FLOPs of one forward: open-mythos's as ``FlopCounterMode`` counts them, and the work
+    mythos's needs: the same less half of the attention products (the bmms inside ``attn``
+    modules), since causal attention needs only the scores on and below the diagonal, which
+    open-mythos computes in full and masks. A lower bound on what mythos runs: at T = 256 the CPU
+    SDPA kernel still computes the masked half (it takes the keys in blocks of 512; causal and
+    full measured the same time), so its rate as a % of the matmul's is conservative."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False, depth=None) as fc:
