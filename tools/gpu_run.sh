@@ -68,6 +68,9 @@ env_record() {
     echo "commit: ${MYTHOS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}"
     "$PY" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda); print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'
     "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+    # open-mythos's GQA attention runs flash-attn in bf16 whenever it imports, even for an fp32
+    # model: parity and autocast-error tests read differently with it
+    "$PY" -c 'import importlib.util as u; print("flash_attn", "installed" if u.find_spec("flash_attn") else "absent")' 2>&1
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv 2>&1 || true
   } > "$RES/env.txt" 2>&1
 }
