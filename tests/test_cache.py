@@ -107,3 +107,73 @@ def test_cache_widens_to_a_wider_dtype(fixed):
     assert torch.equal(out[:, 3:7], b)
     if fixed:
         assert c.buffers["k"].shape[1] == 32
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_generate_runs_in_inference_mode_and_returns_normal_tensors(attn, monkeypatch):
+    """Without hooks generate runs under torch.inference_mode (fewer per-op costs); what it returns
+    is a normal tensor all the same (writable, usable in a training forward afterwards), and
+    tensors it leaves behind (routing record) stay readable."""
+    import mythos.model as mm
+
+    modes = []
+    orig = mm.sample
+
+    def spy(logits, temperature, top_k):
+        modes.append(torch.is_inference_mode_enabled())
+        return orig(logits, temperature, top_k)
+
+    monkeypatch.setattr(mm, "sample", spy)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(attn, act_threshold=1e4))).eval()
+    ids = torch.randint(0, 97, (2, 6))
+    out = m.generate(ids, 4, n_loops=2, top_k=1)
+    assert modes and all(modes)
+    assert not out.is_inference() and not torch.is_inference_mode_enabled()
+    out[0, 0] = 3                                                  # writable outside it
+    assert int(m.recurrent.block.ffn.last_counts.sum()) == 2 * m.cfg.n_experts_per_tok
+    m.train()
+    m(out, n_loops=2).logsumexp(-1).mean().backward()
+    assert m.head.weight.grad is not None and torch.isfinite(m.head.weight.grad).all()
+
+
+@pytest.mark.parametrize("hook", ["module", "global"])
+def test_generate_with_forward_hooks_runs_under_no_grad(hook, monkeypatch):
+    """With a forward hook anywhere (a module's or a global one) generate runs under plain
+    no_grad, as open-mythos's does: the captured activations are normal tensors a probe can be
+    trained on. Same tokens as without the hook."""
+    import mythos.model as mm
+
+    modes = []
+    orig = mm.sample
+
+    def spy(logits, temperature, top_k):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return orig(logits, temperature, top_k)
+
+    monkeypatch.setattr(mm, "sample", spy)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla", act_threshold=1e4))).eval()
+    ids = torch.randint(0, 97, (2, 6))
+    torch.manual_seed(5)
+    plain = m.generate(ids, 4, n_loops=2)
+    acts = []
+
+    def keep(mod, inputs, output):
+        if mod is m.recurrent:
+            acts.append(output)
+
+    handle = (m.recurrent.register_forward_hook(keep) if hook == "module"
+              else torch.nn.modules.module.register_module_forward_hook(keep))
+    try:
+        modes.clear()
+        torch.manual_seed(5)
+        hooked = m.generate(ids, 4, n_loops=2)
+    finally:
+        handle.remove()
+    assert torch.equal(plain, hooked)
+    assert modes and all(m_ == (False, False) for m_ in modes)
+    assert acts and not any(a.is_inference() or a.requires_grad for a in acts)
+    probe = torch.nn.Linear(acts[0].shape[-1], 1)
+    probe(acts[0]).sum().backward()
+    assert probe.weight.grad is not None
