@@ -177,3 +177,44 @@ def test_generate_with_forward_hooks_runs_under_no_grad(hook, monkeypatch):
     probe = torch.nn.Linear(acts[0].shape[-1], 1)
     probe(acts[0]).sum().backward()
     assert probe.weight.grad is not None
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_forward_under_no_grad_runs_the_body_in_inference_mode(attn, monkeypatch):
+    """forward under no_grad runs the layers in torch.inference_mode (fewer per-op costs) and the
+    final norm and head outside it: logits and cache buffers are normal tensors (writable,
+    continued with grad enabled); with grad enabled or a forward hook, no inference mode."""
+    import mythos.model as mm
+
+    seen = []
+    orig = mm.RecurrentBlock.forward
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_inference_mode_enabled())
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(mm.RecurrentBlock, "forward", spy)
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(attn, act_threshold=1e4))).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    ref = m(ids[:, :6], n_loops=2).detach()                        # grad enabled: normal mode
+    assert seen == [False]
+    cache = {}
+    with torch.no_grad():
+        logits = m(ids[:, :6], n_loops=2, kv_cache=cache)
+    assert seen[-1] is True
+    assert_close("no_grad vs grad-enabled logits", ref, logits, 1e-6)
+    assert not logits.is_inference()
+    logits[0, 0, 0] = 1.0                                          # writable outside it
+    bufs = [b for c in cache.values() for b in c.buffers.values()]
+    assert bufs and not any(b.is_inference() for b in bufs)
+    step = m(ids[:, 6:], n_loops=2, kv_cache=cache, start_pos=6)   # continued with grad on
+    step.logsumexp(-1).mean().backward()
+    assert seen[-1] is False and m.head.weight.grad is not None
+    handle = m.coda[0].register_forward_hook(lambda *args: None)
+    try:
+        with torch.no_grad():
+            m(ids, n_loops=2)
+    finally:
+        handle.remove()
+    assert seen[-1] is False
