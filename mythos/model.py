@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mythos_kernels as K
-from mythos_kernels._dispatch import _compiling
+from mythos_kernels._dispatch import _compiling, _transformed
 
 from .cache import MythosCache, cache_length, layer_cache
 from .config import MythosConfig
@@ -464,12 +464,13 @@ def _inference_scope(model: nn.Module):
     30 interleaved rounds) and ~1.5 ms of a ~20 ms decode step through ``forward``. Only with
     grad already disabled (no_grad), outside tracing, and when the model has no forward hooks:
     the tensors a hook sees would be inference tensors, which cannot be saved for backward (a
-    probe trained on captured activations) or changed in place outside inference mode. What
+    probe trained on captured activations) or changed in place outside inference mode; nor
+    inside ``torch.func`` transforms or forward-mode AD (:func:`_transformed`). What
     the caller gets back stays a normal tensor (``forward`` computes the logits outside it,
     ``generate`` allocates its output outside it). (Not ``torch.inference_mode(False)`` for the
     other case: that turns grad mode back on.)"""
     if (_compiling() or torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-            or _hooked(model)):
+            or _transformed() or _hooked(model)):
         return contextlib.nullcontext()
     return torch.inference_mode()
 

@@ -30,6 +30,7 @@ from collections import Counter
 from typing import Iterator, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -156,12 +157,24 @@ def _compiling() -> bool:
         return False
 
 
+def _transformed() -> bool:
+    """Inside a ``torch.func`` transform (jvp, vmap...) or a forward-mode AD dual level: where
+    inference mode would fail or drop tangents, and fused kernels without a forward-AD formula
+    (SDPA's flash kernels) fail (True when this torch cannot tell)."""
+    try:
+        return (torch._C._functorch.peek_interpreter_stack() is not None
+                or _forward_ad._current_level >= 0)
+    except AttributeError:  # pragma: no cover - private hooks moved in another torch
+        return True
+
+
 def cpu_inference(*tensors: torch.Tensor) -> bool:
     """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing:
     the plain-torch CPU inference forms (``linear.dense`` / ``vecmat`` / packed weights,
     ``moe.moe_experts_cpu``, ``mla_decode``'s bmm absorption) may serve instead of the general
     path. Under autocast the general path's ops take autocast's casts, as open-mythos's do (the
-    forms' oneDNN calls would skip them, and their ``out=`` products fail on a cast input)."""
+    forms' oneDNN calls would skip them, and their ``out=`` products fail on a cast input). Not
+    inside ``torch.func`` transforms or forward-mode AD (:func:`_transformed`)."""
     for t in tensors:
         if t.device.type != "cpu":
             return False
@@ -171,7 +184,8 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
                 return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    return not _compiling()
+    # forward-mode AD: the forms' out= products have no formula for it
+    return not _compiling() and not _transformed()
 
 
 def dispatch_counts() -> dict[tuple[str, str], int]:

@@ -10,10 +10,12 @@ Backends: flash-attn when installed (CUDA, bf16/fp16, equal head dims), else PyT
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose
+from ._dispatch import _transformed, choose
 
 try:  # optional extra
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
@@ -55,14 +57,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     if Hkv != Hq:
         kt = kt.repeat_interleave(Hq // Hkv, dim=1)
         vt = vt.repeat_interleave(Hq // Hkv, dim=1)
-    if causal and T == S and T > 1:
-        out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, is_causal=True,
-                                             scale=scale)
-    else:
-        mask = causal_mask(T, S, q.device) if causal else attn_mask
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
-                                             scale=scale)
+    # forward-mode AD (torch.func.jvp, dual tensors): SDPA's fused kernels have no formula for
+    # it, its math backend (plain matmuls and softmax) has
+    with _math_sdpa() if _transformed() else contextlib.nullcontext():
+        if causal and T == S and T > 1:
+            out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p,
+                                                 is_causal=True, scale=scale)
+        else:
+            mask = causal_mask(T, S, q.device) if causal else attn_mask
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask,
+                                                 dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)
+
+
+def _math_sdpa():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def attention(q, k, v, scale=None, causal=True, dropout_p=0.0, attn_mask=None):

@@ -218,3 +218,32 @@ def test_forward_under_no_grad_runs_the_body_in_inference_mode(attn, monkeypatch
     finally:
         handle.remove()
     assert seen[-1] is False
+
+
+def test_forward_under_no_grad_keeps_forward_mode_ad():
+    """Inside torch.func.jvp or a forward-AD dual level, forward under no_grad does not switch to
+    inference mode (jvp failed there: "Cannot set version_counter for inference tensor"): the
+    same tangents as with grad enabled."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, jvp
+
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("gqa", act_threshold=1e4))).eval()
+    ids = torch.randint(0, 97, (2, 5))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    tang = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def f(p):
+        return functional_call(m, p, (ids,))
+
+    _, ref = jvp(f, (params,), (tang,))
+    with torch.no_grad():
+        _, t_jvp = jvp(f, (params,), (tang,))
+    assert_close("jvp under no_grad", ref, t_jvp, 1e-5)
+    # a bare dual level (SDPA's CPU kernel has no forward-AD formula, so the check itself)
+    import mythos.model as mm
+
+    assert not mm._transformed()
+    with fwAD.dual_level():
+        assert mm._transformed()
+    assert not mm._transformed()

@@ -461,3 +461,26 @@ def test_components_take_open_mythos_masks(om, attn, mask_kind, cpu_forms):
             ra = a.prelude[0](x, fa, ma, ca, "p")
             rb = b.prelude[0](x, fb, mb, cb, "p")
             assert_close(f"block with a cache ({mask_kind})", ra, rb, 1e-5)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_forward_mode_ad_matches(om, attn, no_grad):
+    """torch.func.jvp of the logits along a random direction in weight space: the same tangent
+    as open-mythos's (SDPA's fused kernels have no forward-AD formula: mythos's attention takes
+    its math backend there), with grad enabled or under no_grad (no inference mode inside)."""
+    from torch.func import functional_call, jvp
+
+    kw = tiny_kwargs(attn, act_threshold=1e4)
+    a, b = make_pair(om, seed=13, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 6), generator=gen(4))
+    pa = {k: v.detach() for k, v in a.named_parameters()}
+    ta = {k: torch.randn(v.shape, generator=gen(100 + i)) for i, (k, v) in enumerate(pa.items())}
+    pb = {k: v.detach() for k, v in b.named_parameters()}
+    tb = mythos.from_open_mythos_state_dict(ta)
+    assert set(tb) >= set(pb)
+    tb = {k: tb[k] for k in pb}
+    with torch.set_grad_enabled(not no_grad):
+        _, da = jvp(lambda p: functional_call(a, p, (ids,), {"n_loops": 3}), (pa,), (ta,))
+        _, db = jvp(lambda p: functional_call(b, p, (ids,), {"n_loops": 3}), (pb,), (tb,))
+    assert_close("logit tangents", da, db, 1e-5)
