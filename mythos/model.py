@@ -475,7 +475,7 @@ def _inference_scope(model: nn.Module):
     return torch.inference_mode()
 
 
-def _inference_unless_hooked(fn):
+def _in_inference_scope(fn):
     """Run the method ``fn`` in :func:`_inference_scope` (generate: grad already disabled)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
@@ -609,7 +609,7 @@ class OpenMythos(nn.Module):
         return x
 
     @torch.no_grad()
-    @_inference_unless_hooked
+    @_in_inference_scope
     @_weights_unchanged
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: int = 8,
                  temperature: float = 1.0, top_k: int = 50,
@@ -685,7 +685,7 @@ class OpenMythos(nn.Module):
         cache = MythosCache(compiled_cache_capacity(total, self.cfg.max_seq_len) if compiled
                             else total)
         # int64 whatever the prompt's integer dtype (open-mythos's torch.cat with the sampled
-        # int64 tokens promotes); a normal tensor even under _inference_unless_hooked
+        # int64 tokens promotes); a normal tensor even under _in_inference_scope
         with torch.inference_mode(False):
             out = input_ids.new_empty(B, prompt_len + max_new_tokens, dtype=torch.long)
         out[:, :prompt_len] = input_ids

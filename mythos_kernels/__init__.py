@@ -16,19 +16,19 @@ from ._registry import KernelConfig, register_kernel, registered_kernels
 from ._scratch import release_scratch, scratch_bytes
 from .attention import attention, attention_reference, causal_mask
 from .linear import (
-                        clear_weight_copies,
-                        compiled_split,
-                        decode_head_weight,
-                        dense,
-                        lm_head,
-                        lm_head_reference,
-                        lm_head_transposed,
-                        packable,
-                        scope_memo,
-                        shared_swiglu_packed,
-                        two_threads,
-                        weight_copies_enabled,
-                        weights_unchanged,
+    clear_weight_copies,
+    compiled_split,
+    decode_head_weight,
+    dense,
+    lm_head,
+    lm_head_reference,
+    lm_head_transposed,
+    packable,
+    scope_memo,
+    shared_swiglu_packed,
+    two_threads,
+    weight_copies_enabled,
+    weights_unchanged,
 )
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference

@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._dispatch import _transformed, choose
 
@@ -59,7 +60,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
         vt = vt.repeat_interleave(Hq // Hkv, dim=1)
     # forward-mode AD (torch.func.jvp, dual tensors): SDPA's fused kernels have no formula for
     # it, its math backend (plain matmuls and softmax) has
-    with _math_sdpa() if _transformed() else contextlib.nullcontext():
+    with sdpa_kernel(SDPBackend.MATH) if _transformed() else contextlib.nullcontext():
         if causal and T == S and T > 1:
             out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p,
                                                  is_causal=True, scale=scale)
@@ -69,11 +70,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
                                                  dropout_p=dropout_p, scale=scale)
     return out.transpose(1, 2)
 
-
-def _math_sdpa():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def attention(q, k, v, scale=None, causal=True, dropout_p=0.0, attn_mask=None):

@@ -252,16 +252,15 @@ def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     V = weight.shape[0]
     if V <= VOCAB_BLOCK or not cpu_inference(x, weight):
         return F.linear(x, weight)
+    x2, lead = x.reshape(-1, x.shape[-1]), x.shape[:-1]
     if x.numel() <= DECODE_ROWS * x.shape[-1]:
         if x.dtype != weight.dtype or weight.is_inference():   # inference tensors: no version
             return F.linear(x, weight)
         if not weight_copies_enabled():
             return dense(x, weight)
-        x2 = x.reshape(-1, x.shape[-1])
-        return vecmat(x2, _transposed(weight)).view(*x.shape[:-1], V)
+        return vecmat(x2, _transposed(weight)).view(*lead, V)
+    rows = x2.shape[0]
     if _onednn_ok(x, weight):
-        x2 = x.reshape(-1, x.shape[-1])
-        rows = x2.shape[0]
         out = None
         if rows * V * x.element_size() > KEPT_HEAD_MIN_BYTES:
             out = kept_output("lm_head", (rows, V), x.dtype, x.device)
@@ -270,12 +269,11 @@ def lm_head_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         nb = max(1024, HEAD_BLOCK_BYTES // (rows * x.element_size()))
         for i in range(0, V, nb):
             out[:, i:i + nb] = onednn_linear(x2, weight[i:i + nb])
-        return out.view(*x.shape[:-1], V)
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape[0], V, dtype=torch.result_type(x2, weight), device=x.device)
+        return out.view(*lead, V)
+    out = torch.empty(rows, V, dtype=torch.result_type(x2, weight), device=x.device)
     for i in range(0, V, VOCAB_BLOCK):
         torch.mm(x2, weight[i:i + VOCAB_BLOCK].t(), out=out[:, i:i + VOCAB_BLOCK])
-    return out.view(*x.shape[:-1], V)
+    return out.view(*lead, V)
 
 
 def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -519,6 +519,11 @@ def mla_decompress_triton(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: torch.
     why = _unsupported(c_kv, k_rope, w_up, norm_weight)
     if why:
         raise ValueError(f"mla_decompress_triton: {why}")
+    return _decompress_launch(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight, eps)
+
+
+def _decompress_launch(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight, eps):
+    """:func:`mla_decompress_triton` on inputs already checked (the dispatcher checked them)."""
     if c_kv.stride(-1) != 1:
         c_kv = c_kv.contiguous()
     if k_rope.stride(-1) != 1:
@@ -550,8 +555,7 @@ def mla_decompress(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: torch.Tensor,
     impl = choose("mla_decompress", c_kv, k_rope, w_up, norm_weight,
                   supported=_unsupported(c_kv, k_rope, w_up, norm_weight))
     if impl == "triton":
-        return mla_decompress_triton(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim,
-                                     norm_weight, eps)
+        return _decompress_launch(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim, norm_weight, eps)
     return mla_decompress_reference(c_kv, k_rope, w_up, n_heads, nope_dim, v_dim,
                                     norm_weight, eps)
 
