@@ -75,6 +75,26 @@ class LayerCache:
         self.length = end
         return {name: buf[:, :end] for name, buf in self.buffers.items()}
 
+    def append_next(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`append` of ``new[name]`` ([B, T, ...]) into buffers that already hold them: same
+        writes, same returned views, without the growth and dtype handling (a planned decode step,
+        ``mythos.decode``, whose cache a prefill filled). Raises, writing nothing, if a buffer is
+        missing, too small or of another dtype or batch."""
+        T = next(iter(new.values())).shape[1]
+        end = self.length + T
+        for name, x in new.items():
+            buf = self.buffers.get(name)
+            if buf is None or buf.shape[1] < end or buf.dtype != x.dtype or \
+                    buf.shape[0] != x.shape[0]:
+                raise ValueError(f"append_next: buffer {name!r} cannot take {T} more "
+                                 f"{x.dtype} positions for batch {x.shape[0]} (use append)")
+        if end > (self.capacity if self.fixed else self.max_capacity):
+            self.check_append(next(iter(new.values())).shape[0], T)       # raises
+        for name, x in new.items():
+            self.buffers[name][:, self.length:end] = x
+        self.length = end
+        return {name: buf[:, :end] for name, buf in self.buffers.items()}
+
     def write_at(self, positions: torch.Tensor, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Static-shape write for a captured decode step: ``buf[:, positions] = new`` (positions an
         int64 device tensor [T]) and return the full-capacity buffers. Needs a fixed-capacity

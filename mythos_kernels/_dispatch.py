@@ -150,6 +150,13 @@ def choose(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
     return impl
 
 
+def record(op: str, impl: str = "reference", n: int = 1) -> None:
+    """Add ``n`` calls of ``op`` served by ``impl`` to the dispatch record, for a caller that
+    decided once where :func:`choose` decides per call (the CPU decode plan, ``mythos.decode``,
+    records each reference op it runs, as the module path's calls would)."""
+    _counts[(op, impl)] += n
+
+
 def _compiling() -> bool:
     try:
         return torch.compiler.is_compiling()

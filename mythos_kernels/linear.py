@@ -50,6 +50,7 @@ import math
 import os
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -353,19 +354,47 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         if _onednn_ok(x, weight):
             return onednn_linear(x, weight, bias)
         return F.linear(x, weight, bias)
+    return _split_product(x, _row_halves(weight), weight.shape[0], bias)
+
+
+def _row_halves(weight: torch.Tensor) -> torch.Tensor:
+    """A contiguous weight [N, K]'s two row halves as [2, K, N/2] column blocks (a view)."""
     N, Kd = weight.shape
+    return torch.as_strided(weight, (2, Kd, N // 2), ((N // 2) * Kd, 1, Kd))
+
+
+def _split_product(x: torch.Tensor, halves: torch.Tensor, N: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``dense``'s split form: x [..., K] times :func:`_row_halves` of the weight, one bmm."""
+    Kd = x.shape[-1]
     M = x.numel() // Kd
     if not x.is_contiguous():
         x = x.contiguous()
     # one strided view each (this path is per-call overhead bound at decode sizes): the rows of
-    # x for both halves, and the weight's two row halves as [2, K, N/2] column blocks, no copy
+    # x for both halves, no copy
     xs = torch.as_strided(x, (2, M, Kd), (0, Kd, 1))
-    halves = torch.as_strided(weight, (2, Kd, N // 2), ((N // 2) * Kd, 1, Kd))
     y = torch.bmm(xs, halves)                                         # [2, M, N/2]
     y = y.view(*x.shape[:-1], N) if M == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], N)
     if bias is not None:
         y = y + bias
     return y
+
+
+def dense_plan(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: int = 1,
+               lead: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``lambda x: dense(x, weight, bias)`` for inputs of ``rows`` rows (x of ``lead`` + 1
+    dims), with ``dense``'s form chosen once, now, instead of on every call: the same product,
+    the same values, for a caller that repeats one call many times in one setting (the CPU
+    decode plan, ``mythos.decode``). Valid while the setting holds (autograd, threads, dtypes,
+    ``$MYTHOS_CPU_ONEDNN``)."""
+    shape = (rows,) + (1,) * (lead - 1) + (weight.shape[1],)
+    probe = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+    if _split_rows_ok(probe, weight):
+        halves, N = _row_halves(weight), weight.shape[0]
+        return lambda x: _split_product(x, halves, N, bias)
+    if _onednn_ok(probe, weight):
+        return lambda x: onednn_linear(x, weight, bias)
+    return lambda x: F.linear(x, weight, bias)
 
 
 def vecmat(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -422,10 +451,37 @@ def shared_swiglu_packed(x: torch.Tensor, gates: list[torch.Tensor], ups: list[t
         raise ValueError("shared_swiglu_packed: every gate/up must be [H, D] and every down [D, H]")
     if x.shape[-1] != D:
         raise ValueError(f"shared_swiglu_packed: x's last dim {x.shape[-1]} != the weights' D {D}")
+    w_gu, w_d = _packed_swiglu_weights(gates, ups, downs)
+    return _swiglu_packed_run(x, lambda t: dense(t, w_gu), lambda t: dense(t, w_d), S, H)
+
+
+def _packed_swiglu_weights(gates, ups, downs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`shared_swiglu_packed`'s cached packed copies: ``[gate_0; up_0; ...]``, ``[down_0 |
+    down_1 | ...]``."""
+    S = len(gates)
     w_gu = derived("shared_gu", tuple(gates) + tuple(ups),
                    lambda *w: torch.cat([t for i in range(S) for t in (w[i], w[S + i])]))
     w_d = derived("shared_down", tuple(downs), lambda *w: torch.cat(w, dim=1))
-    lead = x.shape[:-1]
-    gu = dense(x.reshape(-1, D), w_gu).view(-1, S, 2, H)
+    return w_gu, w_d
+
+
+def _swiglu_packed_run(x: torch.Tensor, gate_up, down, S: int, H: int) -> torch.Tensor:
+    """The packed SwiGLU sum given its two products (callables on [rows, K])."""
+    lead, D = x.shape[:-1], x.shape[-1]
+    gu = gate_up(x.reshape(-1, D)).view(-1, S, 2, H)
     a = (F.silu(gu[:, :, 0]) * gu[:, :, 1]).reshape(-1, S * H)
-    return dense(a, w_d).view(*lead, D)
+    return down(a).view(*lead, D)
+
+
+def swiglu_plan(gates: list[torch.Tensor], ups: list[torch.Tensor], downs: list[torch.Tensor],
+                rows: int = 1) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``lambda x: shared_swiglu_packed(x, gates, ups, downs)`` for inputs of ``rows`` rows with
+    its products planned once (:func:`dense_plan`), or None where :func:`packable` refuses them
+    (the caller then runs the experts one by one, as the model does)."""
+    probe = torch.empty(rows, gates[0].shape[1], dtype=gates[0].dtype, device=gates[0].device)
+    if not packable(probe, *gates, *ups, *downs):
+        return None
+    w_gu, w_d = _packed_swiglu_weights(gates, ups, downs)
+    gate_up, down = dense_plan(w_gu, rows=rows, lead=1), dense_plan(w_d, rows=rows, lead=1)
+    S, H = len(gates), gates[0].shape[0]
+    return lambda x: _swiglu_packed_run(x, gate_up, down, S, H)

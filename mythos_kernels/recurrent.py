@@ -107,7 +107,7 @@ def loop_input_reference(h: torch.Tensor, e: torch.Tensor, loop_t: int, norm_wei
 def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
                            h_out: torch.Tensor, cum_p: torch.Tensor, log_A: torch.Tensor,
                            log_dt: torch.Tensor, B: torch.Tensor, w_halt: torch.Tensor,
-                           b_halt: torch.Tensor, threshold: float
+                           b_halt: torch.Tensor, threshold: float, A: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LTI update + ACT accumulation (formula in the module docstring).
 
@@ -117,11 +117,14 @@ def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
         cum_p:     [B, T] cumulative halting probability (the same dtype).
         log_A [D], log_dt [1], B [D]: LTI parameters; w_halt [1, D] or [D], b_halt [1]: halting head.
         threshold: ACT threshold.
+        A: ``get_A(log_A, log_dt)`` if the caller has it already (a decode plan computes it
+           once per step, not once per loop); computed here otherwise.
 
     Returns:
         (h' [B, T, D] in h's dtype, h_out', cum_p' in ``acc_dtype(h.dtype)``)
     """
-    A = get_A(log_A, log_dt)
+    if A is None:
+        A = get_A(log_A, log_dt)
     h_new = A * h + B * e + out
     p = torch.sigmoid(torch.nn.functional.linear(h_new, w_halt.reshape(1, -1), b_halt)).squeeze(-1)
     still = (cum_p < threshold).to(cum_p.dtype)
@@ -133,14 +136,14 @@ def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
 
 
 def lti_act_step_and_next_input_reference(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt,
-                                          b_halt, threshold, next_loop):
+                                          b_halt, threshold, next_loop, A=None):
     """:func:`lti_act_step_reference` followed by :func:`loop_input_reference` of the new h.
 
     ``next_loop = (t_next, norm_weight, eps, loop_dim)``. Returns (h', h_out', cum_p', x_next).
     """
     t_next, norm_w, eps, loop_dim = next_loop
     h_new, h_out, cum_p = lti_act_step_reference(h, e, out, h_out, cum_p, log_A, log_dt, B,
-                                                 w_halt, b_halt, threshold)
+                                                 w_halt, b_halt, threshold, A)
     return h_new, h_out, cum_p, loop_input_reference(h_new, e, t_next, norm_w, eps, loop_dim)
 
 
