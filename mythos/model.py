@@ -26,6 +26,7 @@ from mythos_kernels._dispatch import _compiling, _transformed
 
 from .cache import MythosCache, cache_length, layer_cache
 from .config import MythosConfig
+from .decode import decode_plan
 
 
 class RMSNorm(nn.Module):
@@ -632,6 +633,10 @@ class OpenMythos(nn.Module):
                 attention over the full preallocated cache masked by length, no host sync);
                 default: the same as ``cuda_graph``. Otherwise each step appends to the cache
                 and attends over the valid prefix (fewer ops: faster eagerly, e.g. on CPU).
+                On the CPU those steps run through a decode plan (``mythos.decode``: each
+                step's forms and checks settled once, after the prefill; bitwise the same
+                values) where its conditions hold (fp32, no hooks, backend not forced to triton;
+                ``MYTHOS_CPU_DECODE_PLAN=0`` turns it off).
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
                 it needs a C++ compiler). Meant for the CPU: on a GPU the compiled step runs
                 without a CUDA graph and is slower than the default captured eager step
@@ -694,9 +699,14 @@ class OpenMythos(nn.Module):
         if max_new_tokens == 1:
             return out
         if not static:
+            # on the CPU, the steps' per-call decisions taken once (mythos.decode): same values
+            plan = decode_plan(self, B, n_loops, input_ids)
             for i in range(1, max_new_tokens):
                 cur = out[:, prompt_len + i - 1:prompt_len + i]
-                h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
+                if plan is not None:
+                    h = plan.hidden(cur, cache, prompt_len + i - 1)
+                else:
+                    h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
                 out[:, prompt_len + i] = sample(self._logits(h), temperature, top_k)
             return out
         # static inputs (fresh [B, 1]: a clone of the slice would keep its row stride, which
