@@ -240,22 +240,18 @@ def test_step_with_lora_delta(poison, dtype, fused):
             _close_abs_floor(f"grad {name}", ref[name], got[name].float(), GTOL[dtype],
                              _sum_floor(name, ref))
         else:
-            assert_close(f"grad {name}", ref[name], got[name].float(), _delta_gtol(name, dtype))
-
-
-def _delta_gtol(name: str, dtype: torch.dtype) -> float:
-    """grad w_halt (a sum over the 6 rows of dz * h', the kernel's h' rounded to bf16, the fp32
-    reference's not) partly cancels here: measured for this test in bf16 (Triton kernel under
-    the interpreter, 100 seeds) median 6.3e-3, 95th percentile 1.5e-2, max 2.3e-2 relative
-    against 2e-2, every other gradient at most 5.3e-3. So 5e-2 for it in bf16."""
-    return 5e-2 if name == "w_halt" and dtype == torch.bfloat16 else GTOL[dtype]
+            assert_close(f"grad {name}", ref[name], got[name].float(), GTOL[dtype])
 
 
 # Gradients that are sums of many O(1) terms (dcum_p = ... - sum_D(gh_out * h'),
-# dlog_dt = sum_D dlog_A, db_halt = sum_rows dz) can cancel to near zero while their rounding
-# errors add up like a random walk; their error is judged against
-# max(rms(ref), sqrt(number of terms) x term size) instead of rms(ref) alone.
-_SUMS = ("cum_p", "log_dt", "b_halt")
+# dlog_dt = sum_D dlog_A, db_halt = sum_rows dz, dw_halt = sum_rows dz * h') can cancel to near
+# zero while their rounding errors add up like a random walk; their error is judged against
+# max(rms(ref), sqrt(number of terms) x term size) instead of rms(ref) alone. (dw_halt: each
+# row's dz is itself such a sum over D; with one row its relative error is dz's, measured over
+# 300 draws at (1, 1, 96) fp32: median 9e-8, 99th percentile 1.1e-5, worst 2.0e-5; a test run once
+# failed at 2.9e-5 against the plain 2e-5; with the LoRA delta in bf16, 2.3e-2 at worst over 100
+# seeds; judged this way, 240 draws of the delta test (both dtypes, fused or not) passed.)
+_SUMS = ("cum_p", "log_dt", "b_halt", "w_halt")
 
 
 def _sum_floor(name, ref):
