@@ -72,7 +72,7 @@ def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
     return None
 
 
-def decode_plan(model, batch: int, n_loops: int, input_ids: torch.Tensor
+def decode_plan(model, batch: int, n_loops: Optional[int], input_ids: torch.Tensor
                 ) -> Optional["DecodePlan"]:
     """A :class:`DecodePlan` for ``batch`` rows and ``n_loops`` loops, or None (see
     :func:`why_not`). Build it where the steps will run (same autograd state, threads)."""
@@ -243,7 +243,8 @@ class DecodePlan:
     """``OpenMythos._hidden`` for ``[B, 1]`` tokens appended to a filled cache (``generate``'s
     eager decode), its per-call decisions taken once at construction (module docstring)."""
 
-    def __init__(self, model, batch: int, n_loops: int):
+    def __init__(self, model, batch: int, n_loops: Optional[int]):
+        n_loops = n_loops or model.cfg.max_loop_iters          # as RecurrentBlock.forward
         self.model, self.batch, self.n_loops = model, batch, n_loops
         cfg = model.cfg
         self.prelude = [_Block(b, batch) for b in model.prelude]

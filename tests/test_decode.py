@@ -51,7 +51,7 @@ def _compare_steps(m, B, prompt, steps, n_loops, seed=0):
 
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
-@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("B", [1, 3, 9])
 def test_plan_matches_the_modules_bitwise(attn, B, cpu_forms):
     # n_loops above max_loop_iters (LoRA scale index clamped), odd sizes, two shared experts
     m = _model(attn_type=attn, n_shared_experts=2, prelude_layers=2, coda_layers=1)
@@ -95,14 +95,16 @@ def test_generate_with_and_without_plan(attn, monkeypatch):
     outs, counts = [], []
     for env in ("1", "0"):
         monkeypatch.setenv("MYTHOS_CPU_DECODE_PLAN", env)
-        for kw in (dict(top_k=5), dict(temperature=0)):
+        # n_loops=None: the config's max_loop_iters, as in the module path
+        for kw in (dict(top_k=5, n_loops=3), dict(temperature=0, n_loops=None)):
             torch.manual_seed(3)
             K.reset_dispatch_counts()
-            outs.append(m.generate(ids, 6, n_loops=3, **kw))
+            outs.append(m.generate(ids, 6, **kw))
             counts.append(K.dispatch_counts())
     assert len(calls) == 2 * 5                               # 5 planned steps per plan-on call
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     assert counts[0] == counts[2] and counts[1] == counts[3]  # every op recorded as before
+    assert counts[1][("lti_act_step", "reference")] == 6 * m.cfg.max_loop_iters
 
 
 def test_plan_refused_where_its_decisions_would_not_hold(monkeypatch):
