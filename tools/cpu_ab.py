@@ -6,6 +6,10 @@ bench/results/cpu/ab.jsonl.
     python tools/cpu_ab.py [--switches all] [--suites decode,forward] [--steps 64] [--reps 8]
                            [--block 1]
 
+Suites: ``decode`` (per-step times of the decode step through the modules, head included),
+``forward`` (B=2, T=256), ``generate`` (prompt 64 + 32 new tokens, B=1: through the decode plan
+where it serves, so the suite for the ``decode_plan`` switch).
+
 A switch that does not apply to a suite (e.g. the few-row paths in a 512-token forward) measures
 this machine's noise floor for that suite.
 
@@ -26,6 +30,7 @@ Switches (what "off" runs):
                torch.empty
   head_kept    the forward head's kept logits (_scratch.kept_output, column blocks) -> one fresh
                oneDNN product
+  decode_plan  generate's planned decode step (mythos.decode) -> the steps through the modules
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ _lin = importlib.import_module("mythos_kernels.linear")
 _moe = importlib.import_module("mythos_kernels.moe")
 _mla = importlib.import_module("mythos_kernels.mla_decode")
 _rms = importlib.import_module("mythos_kernels.rmsnorm")
+_plan = importlib.import_module("mythos.decode")
 
 SWITCHES = {
     "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
@@ -70,6 +76,7 @@ SWITCHES = {
                     lambda tag, shape, dtype, device: torch.empty(shape, dtype=dtype,
                                                                   device=device)),
     "head_kept": (_lin, "kept_output", lambda *a: None),
+    "decode_plan": (_plan, "enabled", lambda: False),
 }
 
 
@@ -131,13 +138,34 @@ def ab_forward(model, sw: Switch, reps: int = 8, block: int = 1) -> dict[bool, l
     return {v: res[v][:reps] for v in (True, False)}
 
 
+def ab_generate(model, sw: Switch, reps: int = 8) -> dict[bool, list[float]]:
+    """``generate`` (prompt 64, 32 new tokens, 8 loops, B=1) times, on and off alternating."""
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 64))
+
+    def run(on: bool):
+        sw.set(on)
+        torch.manual_seed(0)
+        model.generate(ids, 32, n_loops=8)
+
+    run(True), run(False)
+    t = time_interleaved({"on": lambda: run(True), "off": lambda: run(False)}, reps,
+                         alternate=True)
+    return {True: t["on"], False: t["off"]}
+
+
+SUITES = {"decode": lambda m, sw, a: ab_decode(m, sw, steps=a.steps),
+          "forward": lambda m, sw, a: ab_forward(m, sw, reps=a.reps, block=a.block),
+          "generate": lambda m, sw, a: ab_generate(m, sw, reps=a.reps)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--switches", default="all")
     ap.add_argument("--suites", default="decode,forward")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per variant")
-    ap.add_argument("--reps", type=int, default=8, help="forward repetitions per variant")
+    ap.add_argument("--reps", type=int, default=8,
+                    help="forward / generate repetitions per variant")
     ap.add_argument("--block", type=int, default=1,
                     help="forward: consecutive forwards per variant (the first of each not kept)")
     ap.add_argument("--out", default=cpu_results("ab.jsonl"))
@@ -150,20 +178,23 @@ def main(argv=None) -> int:
     bad = [n for n in names if n not in SWITCHES]
     if bad:
         ap.error(f"unknown switch(es) {bad}; known: {list(SWITCHES)}")
+    suites = args.suites.split(",")
+    if any(s not in SUITES for s in suites):
+        ap.error(f"unknown suite(s) in {suites}; known: {list(SUITES)}")
     torch.manual_seed(0)
     model = mythos.OpenMythos(mythos.MythosConfig(**MID)).eval()
     info = run_info(torch.device("cpu"))
     rows = []
     for name in names:
         sw = Switch(name)
-        for suite in args.suites.split(","):
-            res = (ab_decode(model, sw, steps=args.steps) if suite == "decode"
-                   else ab_forward(model, sw, reps=args.reps, block=args.block))
+        for suite in suites:
+            res = SUITES[suite](model, sw, args)
             sw.set(True)
             on, off = statistics.median(res[True]) * 1e3, statistics.median(res[False]) * 1e3
             row = {"switch": name, "suite": suite, "on_ms": round(on, 3), "off_ms": round(off, 3),
                    "saves_ms": round(off - on, 3), "speedup": round(off / on, 4),
                    "block": args.block if suite == "forward" else 1,
+                   "reps": args.reps if suite != "decode" else args.steps,
                    "on_s": res[True], "off_s": res[False]}
             row.update(info)
             rows.append(row)
