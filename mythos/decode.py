@@ -15,7 +15,9 @@ config, B = 1, ``tools/cpu_decode_anatomy.py``): the hidden-state pass of a step
 It serves ``generate``'s eager append-mode decode when everything it settles stays settled:
 CPU tensors, an fp32 model, no autograd or autocast, no torch.func transform or tracing
 (``mythos_kernels._dispatch.cpu_inference``), no forward hooks (a plan calls no modules, so a hook
-would miss its calls), the backend not forced to ``triton``, no active dropout, and
+would miss its calls), only mythos's own module types with their own ``forward`` (a submodule
+swapped for another class, e.g. an adapter library's LoRA wrapper around a Linear, would be
+bypassed), the backend not forced to ``triton``, no active dropout, and
 ``$MYTHOS_CPU_DECODE_PLAN`` not 0. Otherwise :func:`decode_plan` returns None and the steps run
 through the modules as before. Each step adds the ops it runs to the dispatch record
 (``mythos_kernels.dispatch_counts``), as the module path's calls would.
@@ -67,8 +69,31 @@ def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
         return "the triton backend is forced"
     if _hooked(model):
         return "the model has forward hooks"
+    custom = _custom_module(model)
+    if custom is not None:
+        return f"{custom} is not one of mythos's own modules (the plan would bypass its forward)"
     if model.training and model.cfg.dropout > 0:
         return "dropout is active"
+    return None
+
+
+def _custom_module(model) -> Optional[str]:
+    """The first module whose computation a plan would not reproduce: a type other than the
+    model's own (a subclass too, or e.g. an adapter library's wrapper around a Linear), a
+    ``forward`` set on the instance, or a model class overriding ``_hidden``; None if none."""
+    from . import model as M
+
+    if type(model)._hidden is not M.OpenMythos._hidden:
+        return f"{type(model).__name__}._hidden"
+    stock = (M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN,
+             M.LoRAAdapter, M.TransformerBlock, M.LTIInjection, M.ACTHalting, M.RecurrentBlock,
+             torch.nn.ModuleList, torch.nn.Embedding, torch.nn.Dropout)
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        ok = type(mod) in stock or (name == "head" and type(mod) is torch.nn.Linear)
+        if not ok or "forward" in vars(mod):
+            return f"module {name!r} ({type(mod).__name__})"
     return None
 
 

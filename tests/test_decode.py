@@ -133,6 +133,57 @@ def test_plan_refused_where_its_decisions_would_not_hold(monkeypatch):
         assert "autocast" in why_not(m, ids)
 
 
+def test_swapped_or_overridden_modules_skip_the_plan(monkeypatch):
+    """A submodule of another class (an adapter wrapping a Linear, say) or a forward set on an
+    instance is not what a plan computes: generate then runs the modules, whose output shows
+    the change."""
+    from mythos.model import Linear
+
+    class Scaled(Linear):                        # e.g. an adapter library's wrapper
+        def forward(self, x):
+            return -3 * super().forward(x)
+
+    ids = torch.randint(0, 97, (1, 3))
+    calls = []
+    hidden = DecodePlan.hidden
+    monkeypatch.setattr(DecodePlan, "hidden", lambda self, *a: calls.append(1) or hidden(self, *a))
+
+    def gen(m):            # sampled over the whole vocabulary: any change of the logits shows
+        torch.manual_seed(0)
+        return m.generate(ids, 8, n_loops=2, top_k=0)
+
+    gen(_model())
+    assert calls
+    calls.clear()
+    for edit in ("swap", "instance_forward"):
+        m = _model()
+        q = m.recurrent.block.attn.wo
+        if edit == "swap":
+            new = Scaled(q.in_features, q.out_features, bias=False)
+            new.weight = q.weight
+            m.recurrent.block.attn.wo = new
+        else:
+            q.forward = lambda x, q=q: -3 * Linear.forward(q, x)
+        with torch.no_grad():
+            assert "recurrent.block.attn.wo" in why_not(m, ids)
+        monkeypatch.setenv("MYTHOS_CPU_DECODE_PLAN", "0")
+        ref = gen(m)
+        monkeypatch.delenv("MYTHOS_CPU_DECODE_PLAN")
+        assert torch.equal(gen(m), ref) and not calls
+        with pytest.raises(AssertionError, match="hidden differs"):
+            _compare_steps(m, 1, 3, 1, 2)       # a plan forced here would miss the edit
+        calls.clear()
+    class Sub(mythos.OpenMythos):
+        def _hidden(self, *a, **k):
+            return super()._hidden(*a, **k)
+
+    with torch.no_grad():
+        assert "_hidden" in why_not(Sub(mythos.MythosConfig(**tiny_kwargs())).eval(), ids)
+        m = _model()
+        m.head = torch.nn.Linear(60, 97, bias=False)      # the head is not in the plan
+        assert why_not(m, ids) is None
+
+
 def test_generate_with_a_hook_skips_the_plan(monkeypatch):
     m = _model()
     ids = torch.randint(0, m.cfg.vocab_size, (1, 3))
