@@ -76,24 +76,24 @@ class LayerCache:
         return {name: buf[:, :end] for name, buf in self.buffers.items()}
 
     def append_next(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`append` of ``new[name]`` ([B, T, ...]) into buffers that already hold them: same
-        writes, same returned views, without the growth and dtype handling (a planned decode step,
-        ``mythos.decode``, whose cache a prefill filled). Raises, writing nothing, if a buffer is
-        missing, too small or of another dtype or batch."""
-        T = next(iter(new.values())).shape[1]
-        end = self.length + T
+        """:meth:`append`, with its checks done in one pass when the buffers can already take
+        ``new`` (they exist with this dtype and batch and have room: a planned decode step,
+        ``mythos.decode``, after a prefill); otherwise :meth:`append` itself (growth, dtype
+        widening, the capacity error). The same writes, the same returned views either way."""
+        x0 = next(iter(new.values()))
+        end = self.length + x0.shape[1]
+        bufs = self.buffers
+        if len(bufs) != len(new) or end > (self.capacity if self.fixed else self.max_capacity):
+            return self.append(**new)
         for name, x in new.items():
-            buf = self.buffers.get(name)
+            buf = bufs.get(name)
             if buf is None or buf.shape[1] < end or buf.dtype != x.dtype or \
                     buf.shape[0] != x.shape[0]:
-                raise ValueError(f"append_next: buffer {name!r} cannot take {T} more "
-                                 f"{x.dtype} positions for batch {x.shape[0]} (use append)")
-        if end > (self.capacity if self.fixed else self.max_capacity):
-            self.check_append(next(iter(new.values())).shape[0], T)       # raises
+                return self.append(**new)
         for name, x in new.items():
-            self.buffers[name][:, self.length:end] = x
+            bufs[name][:, self.length:end] = x
         self.length = end
-        return {name: buf[:, :end] for name, buf in self.buffers.items()}
+        return {name: buf[:, :end] for name, buf in bufs.items()}
 
     def write_at(self, positions: torch.Tensor, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Static-shape write for a captured decode step: ``buf[:, positions] = new`` (positions an

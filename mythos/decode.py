@@ -1,4 +1,4 @@
-"""The eager CPU decode step, planned once per ``generate`` call.
+"""The eager CPU decode step, planned once per ``generate`` call (or ``forward`` decode call).
 
 A decode step (one new token per row over the KV cache) through the module tree spends about as
 much time in Python as in its ops: ~150 module calls, a dispatch decision and an input check per
@@ -10,10 +10,13 @@ packed SwiGLU weights, the absorbed MLA weights, the LoRA scale rows, the loop-i
 attention, routing, the expert forms, the LTI + ACT step) on the same values in the same order
 as ``OpenMythos._hidden``: the hidden state, hence the logits and tokens, are bitwise the same
 (``tests/test_decode.py`` checks it over configurations). Measured on the 2-core machine (mid
-config, B = 1, ``tools/cpu_decode_anatomy.py``): the hidden-state pass of a step 15.6 -> 9.1 ms.
+config, B = 1, interleaved): the hidden-state pass of a step in 0.65-0.73 of the module path's
+time; a 64 + 32-token generate 834.7 -> 664.1 ms (``tools/cpu_ab.py --switches decode_plan
+--suites generate``).
 
-It serves ``generate``'s eager append-mode decode when everything it settles stays settled:
-CPU tensors, an fp32 model, no autograd or autocast, no torch.func transform or tracing
+It serves ``generate``'s eager append-mode decode, and ``forward`` with one token per row onto a
+cache that holds every layer the call uses (a plan per call), when everything it settles stays
+settled: CPU tensors, an fp32 model, no autograd or autocast, no torch.func transform or tracing
 (``mythos_kernels._dispatch.cpu_inference``), no forward hooks (a plan calls no modules, so a hook
 would miss its calls), only mythos's own module types with their own ``forward`` (a submodule
 swapped for another class, e.g. an adapter library's LoRA wrapper around a Linear, would be

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import mythos_kernels as K
 from mythos_kernels._dispatch import _compiling, _transformed
 
-from .cache import MythosCache, cache_length, layer_cache
+from .cache import LayerCache, MythosCache, cache_length, layer_cache
 from .config import MythosConfig
 from .decode import decode_plan
 
@@ -584,8 +584,25 @@ class OpenMythos(nn.Module):
         n_loops, start_pos = _as_index("n_loops", n_loops, True), _as_index("start_pos", start_pos)
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
         with _inference_scope(self):             # under no_grad: see _inference_scope
-            h = self._hidden(input_ids, n_loops, kv_cache, start_pos)
+            plan = self._decode_plan(input_ids, n_loops, kv_cache)
+            if plan is not None:   # one token per row onto a filled cache, on the CPU
+                h = plan.hidden(input_ids, kv_cache, start_pos).unsqueeze(1)
+            else:
+                h = self._hidden(input_ids, n_loops, kv_cache, start_pos)
         return self._logits(h)                   # a normal tensor whatever the scope
+
+    def _decode_plan(self, input_ids, n_loops, kv_cache):
+        """A decode plan (``mythos.decode``) for this call: one token per row appended to a
+        cache that holds every layer this call uses, where the plan serves (None otherwise)."""
+        if input_ids.shape[1] != 1 or not kv_cache:
+            return None
+        cfg = self.cfg
+        keys = ([f"prelude_{i}" for i in range(cfg.prelude_layers)]
+                + [f"recurrent_loop_{t}" for t in range(n_loops or cfg.max_loop_iters)]
+                + [f"coda_{i}" for i in range(cfg.coda_layers)])
+        if not all(isinstance(kv_cache.get(k), LayerCache) for k in keys):
+            return None
+        return decode_plan(self, input_ids.shape[0], n_loops, input_ids)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final RMSNorm and the tied head."""

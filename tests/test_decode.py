@@ -107,6 +107,36 @@ def test_generate_with_and_without_plan(attn, monkeypatch):
     assert counts[1][("lti_act_step", "reference")] == 6 * m.cfg.max_loop_iters
 
 
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_forward_decode_with_and_without_plan(attn, monkeypatch, cpu_forms):
+    """forward with one token per row onto a filled cache (a dict growing by doubling, or a
+    MythosCache) takes the plan: logits, caches and dispatch record as without it. A call whose
+    loops the cache does not hold yet (more n_loops than the prefill's) runs the modules."""
+    m = _model(attn_type=attn)
+    calls = []
+    hidden = DecodePlan.hidden
+    monkeypatch.setattr(DecodePlan, "hidden", lambda self, *a: calls.append(1) or hidden(self, *a))
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 12))
+    runs = {}
+    for env in ("1", "0"):
+        monkeypatch.setenv("MYTHOS_CPU_DECODE_PLAN", env)
+        for kind in ("dict", "fixed"):
+            cache = {} if kind == "dict" else MythosCache(12)
+            K.reset_dispatch_counts()
+            with torch.no_grad():
+                outs = [m(ids[:, :5], n_loops=2, kv_cache=cache)]
+                outs += [m(ids[:, p:p + 1], n_loops=2, kv_cache=cache, start_pos=p)
+                         for p in range(5, 11)]
+                outs.append(m(ids[:, 11:], n_loops=3, kv_cache=cache, start_pos=11))
+            runs[env, kind] = outs, K.dispatch_counts(), cache
+    assert len(calls) == 2 * 6                    # the 6 single-token calls, both caches
+    for kind in ("dict", "fixed"):
+        (a, ca, cache_a), (b, cb, cache_b) = runs["1", kind], runs["0", kind]
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and ca == cb
+        for key, lc in cache_b.items():
+            assert all(torch.equal(cache_a[key].buffers[n], buf) for n, buf in lc.buffers.items())
+
+
 def test_plan_refused_where_its_decisions_would_not_hold(monkeypatch):
     m = _model()
     ids = torch.randint(0, m.cfg.vocab_size, (1, 3))
@@ -194,24 +224,29 @@ def test_generate_with_a_hook_skips_the_plan(monkeypatch):
     assert len(seen) == 2 * 3            # prefill + 2 decode steps, 2 loops each
 
 
-def test_append_next_writes_like_append_or_raises_untouched():
-    from mythos.cache import LayerCache
+def test_append_next_is_append():
+    """The same writes, views and errors as append, whether the buffers can take the new
+    positions (the one-pass path) or not (growth, dtype widening, a new name, over capacity)."""
+    from mythos.cache import CacheCapacityError, LayerCache
 
-    a, b = LayerCache(6, 6, fixed=True), LayerCache(6, 6, fixed=True)
+    torch.manual_seed(0)
     x = torch.randn(2, 3, 4)
-    a.append(k=x)
-    b.append(k=x)
-    y = torch.randn(2, 1, 4)
-    va, vb = a.append(k=y), b.append_next(k=y)
-    assert a.length == b.length == 4 and torch.equal(va["k"], vb["k"])
-    before = b.buffers["k"].clone()
-    with pytest.raises(ValueError, match="cannot take"):
-        b.append_next(k=y.double())
-    with pytest.raises(ValueError, match="cannot take"):
-        b.append_next(k=torch.randn(2, 3, 4))          # past the buffer's 6 positions
-    with pytest.raises(ValueError, match="cannot take"):
-        b.append_next(k=y, v=y)                         # no v buffer yet
-    assert b.length == 4 and torch.equal(b.buffers["k"], before)
+    for fixed, cap in ((True, 8), (False, 64)):
+        caches = [LayerCache(cap if fixed else 0, cap, fixed) for _ in range(2)]
+        for c in caches:
+            c.append(k=x)
+        for y in (torch.randn(2, 1, 4), torch.randn(2, 2, 4).double(), torch.randn(2, 1, 4)):
+            a, b = caches[0].append(k=y), caches[1].append_next(k=y)
+            assert caches[0].length == caches[1].length and torch.equal(a["k"], b["k"])
+        with pytest.raises(CacheCapacityError):
+            caches[1].append_next(k=torch.randn(2, cap, 4))
+        assert caches[1].length == caches[0].length
+        with pytest.raises(ValueError, match="batch size"):
+            caches[1].append_next(k=torch.randn(3, 1, 4))
+    c = LayerCache(8, 8, True)
+    c.append(k=x)
+    v = c.append_next(k=x[:, :1], v=x[:, :1])       # a name the cache did not hold: append's way
+    assert set(v) == {"k", "v"} and c.length == 4
 
 
 @pytest.mark.parametrize("rows", [1, 3, 9, 70])
