@@ -253,10 +253,11 @@ class _Block:
     """``TransformerBlock.forward`` (eval: no residual dropout)."""
 
     def __init__(self, block, rows: int):
+        from .model import MLAttention, MoEFFN
+
         self.attn_norm, self.ffn_norm = _Norm(block.attn_norm), _Norm(block.ffn_norm)
-        self.attn = (_MLA if block.attn.__class__.__name__ == "MLAttention" else _GQA)(
-            block.attn, rows)
-        if hasattr(block.ffn, "router"):
+        self.attn = (_MLA if isinstance(block.attn, MLAttention) else _GQA)(block.attn, rows)
+        if isinstance(block.ffn, MoEFFN):
             self.ffn = _MoE(block.ffn, rows)
         else:
             dense = _SwiGLU([block.ffn], rows)
@@ -290,7 +291,7 @@ class DecodePlan:
         the final norm and head), appending this position to every layer's cache."""
         model, rb = self.model, self.model.recurrent
         freqs = self.freqs[pos:pos + 1].unsqueeze(0).unsqueeze(2)        # [1, 1, 1, d/2]
-        x = F.embedding(tokens, model.embed.weight)
+        x = model.embed(tokens)
         for i, block in enumerate(self.prelude):
             x = block(x, freqs, cache[f"prelude_{i}"])
         h = e = x

@@ -594,7 +594,7 @@ class OpenMythos(nn.Module):
     def _decode_plan(self, input_ids, n_loops, kv_cache):
         """A decode plan (``mythos.decode``) for this call: one token per row appended to a
         cache that holds every layer this call uses, where the plan serves (None otherwise)."""
-        if input_ids.shape[1] != 1 or not kv_cache:
+        if input_ids.shape[1] != 1 or not kv_cache or _compiling():
             return None
         cfg = self.cfg
         keys = ([f"prelude_{i}" for i in range(cfg.prelude_layers)]
