@@ -97,3 +97,47 @@ def test_expert_count_mismatch_names_both_counts(om, delta):
                                                      n_experts_per_tok=2)))
     with pytest.raises(RuntimeError, match=f"holds {E} routed experts .* n_experts={E + delta}"):
         m.load_state_dict(a.state_dict())
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_convert_checkpoint_tool(om, tmp_path, capsys):
+    """tools/convert_checkpoint.py: open-mythos file -> mythos layout -> back, each loading
+    strictly into its model with the same logits; a wrapping dict keeps its other entries; bad
+    files and an existing OUT are refused with a message."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "tools"))
+    from convert_checkpoint import main
+
+    kw = tiny_kwargs("mla")
+    a, b = make_pair(om, **kw)
+    src, mid, back = (str(tmp_path / n) for n in ("om.pt", "mythos.pt", "back.pt"))
+    torch.save({"model": a.state_dict(), "step": 7}, src)
+    assert main([src, mid]) == 0 and "open-mythos layout" in capsys.readouterr().out
+    conv = torch.load(mid, weights_only=True)
+    assert conv["step"] == 7
+    assert not any("routed_experts" in k for k in conv["model"])
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    m.load_state_dict(conv["model"], strict=True)
+    ids = torch.randint(0, kw["vocab_size"], (2, 5))
+    with torch.no_grad():
+        assert torch.equal(m(ids), b(ids))
+    assert main([mid, back]) == 0
+    o = om.OpenMythos(om.MythosConfig(**kw)).eval()
+    o.load_state_dict(torch.load(back, weights_only=True)["model"], strict=True)
+    with torch.no_grad():
+        assert torch.equal(o(ids), a(ids))
+    # refusals: existing OUT, same file, a state_dict of neither model, not a checkpoint
+    assert main([mid, back, "--to", "open-mythos", "--force"]) == 0
+    with pytest.raises(SystemExit):
+        main([mid, back])
+    with pytest.raises(SystemExit):
+        main([mid, mid])
+    other = str(tmp_path / "other.pt")
+    torch.save({"w": torch.zeros(2)}, other)
+    assert main([other, str(tmp_path / "x.pt")]) == 2
+    assert "no routed-expert weights" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main([str(junk), str(tmp_path / "y.pt")]) == 2
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
