@@ -57,8 +57,6 @@ def enabled() -> bool:
 
 def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
     """Why :func:`decode_plan` would not plan this model's decode here, or None if it would."""
-    from .model import _hooked
-
     if not enabled():
         return "MYTHOS_CPU_DECODE_PLAN=0"
     if not input_ids.is_cpu:
@@ -70,33 +68,41 @@ def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
         return "autograd, autocast, a torch.func transform or tracing is active"
     if K.get_backend() == "triton":
         return "the triton backend is forced"
-    if _hooked(model):
-        return "the model has forward hooks"
-    custom = _custom_module(model)
-    if custom is not None:
-        return f"{custom} is not one of mythos's own modules (the plan would bypass its forward)"
+    bypassed = _bypassed_module(model)
+    if bypassed is not None:
+        return bypassed
     if model.training and model.cfg.dropout > 0:
         return "dropout is active"
     return None
 
 
-def _custom_module(model) -> Optional[str]:
-    """The first module whose computation a plan would not reproduce: a type other than the
-    model's own (a subclass too, or e.g. an adapter library's wrapper around a Linear), a
-    ``forward`` set on the instance, or a model class overriding ``_hidden``; None if none."""
+def _bypassed_module(model) -> Optional[str]:
+    """Why a plan, which calls no modules, would skip computation or hooks the model has, or
+    None: a forward hook (global or on a submodule: it would miss its calls), a module of
+    another type than the model's own (a subclass too, or e.g. an adapter library's wrapper
+    around a Linear), a ``forward`` set on an instance, a model class overriding ``_hidden``.
+    One pass over the modules."""
+    from torch.nn.modules import module as _m
+
     from . import model as M
 
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return "the model has forward hooks"
     if type(model)._hidden is not M.OpenMythos._hidden:
-        return f"{type(model).__name__}._hidden"
+        return (f"{type(model).__name__}._hidden is not one of mythos's own modules (the plan "
+                "would bypass its forward)")
     stock = (M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN,
              M.LoRAAdapter, M.TransformerBlock, M.LTIInjection, M.ACTHalting, M.RecurrentBlock,
              torch.nn.ModuleList, torch.nn.Embedding, torch.nn.Dropout)
     for name, mod in model.named_modules():
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return "the model has forward hooks"
         if not name:
             continue
         ok = type(mod) in stock or (name == "head" and type(mod) is torch.nn.Linear)
         if not ok or "forward" in vars(mod):
-            return f"module {name!r} ({type(mod).__name__})"
+            return (f"module {name!r} ({type(mod).__name__}) is not one of mythos's own modules "
+                    "(the plan would bypass its forward)")
     return None
 
 
@@ -146,8 +152,7 @@ class _SwiGLU:
             for e in experts:
                 one = swiglu_plan([e.gate.weight], [e.up.weight], [e.down.weight], rows) \
                     if len(experts) > 1 else None
-                self.each.append(one or tuple(dense_plan(lin.weight, lin.bias, rows)
-                                              for lin in (e.gate, e.up, e.down)))
+                self.each.append(one or _plain_swiglu(e, rows))
 
     def add_to(self, out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``out + sum(experts(x))`` (``experts(x)`` when out is None), in the model's order."""
@@ -155,9 +160,15 @@ class _SwiGLU:
             y = self.packed(x)
             return y if out is None else out + y
         for f in self.each:
-            y = f(x) if callable(f) else f[2](F.silu(f[0](x)) * f[1](x))
+            y = f(x)
             out = y if out is None else out + y
         return out
+
+
+def _plain_swiglu(e, rows: int):
+    """``Expert.forward``'s unpacked form, ``down(silu(gate(x)) * up(x))``, planned."""
+    gate, up, down = (dense_plan(lin.weight, lin.bias, rows) for lin in (e.gate, e.up, e.down))
+    return lambda x: down(F.silu(gate(x)) * up(x))
 
 
 class _MoE:
@@ -274,7 +285,7 @@ class DecodePlan:
 
     def __init__(self, model, batch: int, n_loops: Optional[int]):
         n_loops = n_loops or model.cfg.max_loop_iters          # as RecurrentBlock.forward
-        self.model, self.batch, self.n_loops = model, batch, n_loops
+        self.model, self.n_loops = model, n_loops
         cfg = model.cfg
         self.prelude = [_Block(b, batch) for b in model.prelude]
         self.coda = [_Block(b, batch) for b in model.coda]
