@@ -25,6 +25,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def cpu_id() -> str | None:
+    """``"family F model M"`` from /proc/cpuinfo (the model name alone, e.g. "AMD EPYC", does not
+    tell one host generation from another), or None where it is not there."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break
+    except OSError:
+        return None
+    if "cpu family" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields.get('model', '?')}"
+
+
 def device_name(device: torch.device | str) -> str:
     """Human name: ``torch.cuda.get_device_name`` on CUDA, ``"CPU <model>"`` on a CPU."""
     device = torch.device(device)
@@ -93,6 +112,9 @@ def run_info(device: torch.device | str) -> dict:
         "commit": git_commit(),
         "timestamp": timestamp(),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        # which host generation and vector ISA the CPU rows ran on (timings differ by host)
+        "cpu_id": cpu_id() if device.type == "cpu" else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
         "host": platform.node(),
         "load_avg": load_avg(),
     }
