@@ -3,7 +3,10 @@
 A short calibration measures, once per device name (and CPU thread count):
 
 * ``copy_gbps``     -- device-to-device copy ``dst.copy_(src)``, counted as read + write bytes;
-* ``matmul_tflops`` -- square matmul rate per dtype (fp32 always; bf16/fp16 on CUDA), 2·n³ FLOPs.
+* ``matmul_tflops`` -- square matmul rate per dtype (fp32 always; bf16/fp16 on CUDA), 2·n³ FLOPs;
+  on a CPU the faster of MKL (``torch.mm``) and oneDNN (the op mythos's CPU products use), which
+  differ by host: on an AVX-512 AMD host (family 26) MKL's fp32 GEMM ran at ~160 GFLOP/s and
+  oneDNN's at ~470, so MKL's rate alone would overstate every "% of ceiling" there.
 
 Results are cached in ``$MYTHOS_CACHE_DIR/ceilings.json`` (default ``~/.cache/mythos``) keyed by
 device name, so every later run reuses them; ``python -m bench --recalibrate`` measures again.
@@ -24,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .devinfo import device_name
+from .devinfo import cpu_id, device_name
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the CPU rate is the faster of MKL and oneDNN; keyed by CPU id
 
 
 def cache_path() -> Path:
@@ -88,6 +91,14 @@ def calibrate(device: torch.device | str = "cpu") -> dict:
         a = torch.randn(size, size, device=device).to(dt)
         b = torch.randn(size, size, device=device).to(dt)
         t = _best(lambda a=a, b=b: torch.mm(a, b), device, reps=10 if cuda else 3, rounds=2)
+        if not cuda and dt == torch.float32:
+            from mythos_kernels.linear import onednn_available, onednn_linear
+
+            if onednn_available():
+                bt = b.t().contiguous()       # oneDNN's linear takes the weight as [N, K]
+                with torch.no_grad():
+                    t = min(t, _best(lambda a=a, bt=bt: onednn_linear(a, bt), device, reps=3,
+                                     rounds=2))
         mm[str(dt).replace("torch.", "")] = 2 * size ** 3 / t / 1e12
     if not cuda:
         # CPU bf16 matmul is often emulated and far slower: use fp32's rate as the compute ceiling
@@ -116,7 +127,7 @@ def calibrate(device: torch.device | str = "cpu") -> dict:
 def _key(device: torch.device) -> str:
     name = device_name(device)
     if device.type == "cpu":
-        name += f" x{torch.get_num_threads()}t"
+        name += f" ({cpu_id()}) x{torch.get_num_threads()}t"
     return name
 
 
