@@ -27,6 +27,7 @@ from mythos_kernels._dispatch import _compiling, _transformed
 from .cache import LayerCache, MythosCache, cache_length, layer_cache
 from .config import MythosConfig
 from .decode import decode_plan
+from .sampling import multinomial_one
 
 
 class RMSNorm(nn.Module):
@@ -859,11 +860,13 @@ def _warn_if_scalar_inductor() -> None:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """logits [B, V] -> next token [B]: open-mythos's temperature / top-k / multinomial rule."""
+    """logits [B, V] -> next token [B]: open-mythos's temperature / top-k / multinomial rule, with
+    open-mythos's random draws (:func:`mythos.sampling.multinomial_one` on the CPU)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k > 0:
         v, _ = logits.topk(min(top_k, logits.shape[-1]))
         logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(-1)
+    # torch.multinomial(probs, 1), the same tokens and random stream (mythos.sampling)
+    return multinomial_one(F.softmax(logits, dim=-1)).squeeze(-1)

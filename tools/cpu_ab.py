@@ -31,6 +31,8 @@ Switches (what "off" runs):
   head_kept    the forward head's kept logits (_scratch.kept_output, column blocks) -> one fresh
                oneDNN product
   decode_plan  generate's planned decode step (mythos.decode) -> the steps through the modules
+  fast_multinomial  generate's sampling draw (mythos.sampling.multinomial_one: uniform_ + vectorized
+               log1p) -> torch.multinomial (same tokens)
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ _moe = importlib.import_module("mythos_kernels.moe")
 _mla = importlib.import_module("mythos_kernels.mla_decode")
 _rms = importlib.import_module("mythos_kernels.rmsnorm")
 _plan = importlib.import_module("mythos.decode")
+_samp = importlib.import_module("mythos.sampling")
 
 SWITCHES = {
     "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
@@ -77,6 +80,7 @@ SWITCHES = {
                                                                   device=device)),
     "head_kept": (_lin, "kept_output", lambda *a: None),
     "decode_plan": (_plan, "enabled", lambda: False),
+    "fast_multinomial": (_samp, "enabled", lambda: False),
 }
 
 

@@ -1,0 +1,152 @@
+"""mythos.sampling.multinomial_one against torch.multinomial: the same tokens and the same
+generator state afterwards, torch's errors on bad probabilities, torch's op where the fast form
+does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mythos import sampling
+from mythos.model import sample
+
+
+def _probs(g: torch.Generator, B: int, V: int, top_k: int, scale: float) -> torch.Tensor:
+    logits = torch.randn(B, V, generator=g) * scale
+    if top_k:
+        v, _ = logits.topk(min(top_k, V))
+        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
+    return torch.softmax(logits, -1)
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The fast form enabled, its probe passed, and torch.multinomial made to fail the test if
+    the fast form hands a draw to it."""
+    monkeypatch.setenv("MYTHOS_CPU_FAST_MULTINOMIAL", "1")
+    assert sampling.exact(), "this torch build's multinomial is not the documented draw"
+    real = torch.multinomial
+
+    def spy(*a, **k):
+        raise AssertionError("torch.multinomial called where the fast form should serve")
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return real
+
+
+@pytest.mark.parametrize("B,V", [(1, 32000), (3, 1000), (2, 7), (1, 1), (5, 2), (2, 50257)])
+@pytest.mark.parametrize("top_k", [0, 1, 50])
+def test_same_tokens_and_generator_state(fast, B, V, top_k):
+    for seed in range(6):
+        p = _probs(torch.Generator().manual_seed(seed), B, V, top_k, scale=0.5 + seed)
+        ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            want = fast(p, 1, generator=ga)
+            got = sampling.multinomial_one(p, generator=gb)
+            assert got.dtype == torch.int64 and got.shape == (B, 1)
+            assert torch.equal(got, want)
+        assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_default_generator_stream(fast):
+    """sample() draws from the default generator as torch.multinomial would: same tokens, and
+    the default generator's next numbers agree afterwards."""
+    p = _probs(torch.Generator().manual_seed(0), 2, 32000, 50, 2.0)
+    torch.manual_seed(7)
+    want = [fast(p, 1) for _ in range(4)]
+    after_want = torch.rand(4)
+    torch.manual_seed(7)
+    got = [sampling.multinomial_one(p) for _ in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert torch.equal(torch.rand(4), after_want)
+
+
+def test_sample_temperature_top_k(fast):
+    """mythos.model.sample with temperature and top-k: open-mythos's rule with torch's draw."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5000, generator=g) * 4
+    for temperature, top_k in ((1.0, 50), (0.7, 0), (1.3, 1), (2.0, 4999)):
+        ref = logits / temperature
+        if top_k > 0:
+            v, _ = ref.topk(min(top_k, ref.shape[-1]))
+            ref = ref.masked_fill(ref < v[:, -1:], float("-inf"))
+        torch.manual_seed(11)
+        want = fast(torch.softmax(ref, -1), 1).squeeze(-1)
+        torch.manual_seed(11)
+        assert torch.equal(sample(logits, temperature, top_k), want)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "negative", "zero_row"])
+def test_bad_probabilities_raise_torchs_error_before_drawing(fast, bad):
+    p = _probs(torch.Generator().manual_seed(1), 2, 64, 0, 1.0)
+    if bad == "nan":
+        p[1, 3] = float("nan")
+    elif bad == "inf":
+        p[0, 0] = float("inf")
+    elif bad == "negative":
+        p[0, 5] = -0.1
+    else:
+        p[1] = 0
+    with pytest.raises(RuntimeError) as want:
+        fast(p, 1)
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError) as got:
+        sampling.multinomial_one(p)
+    assert str(got.value) == str(want.value)
+    assert torch.equal(torch.get_rng_state(), state)          # nothing drawn
+
+
+def _count_torch_calls(monkeypatch):
+    calls = []
+    real = torch.multinomial
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "multinomial", spy)
+    return calls, real
+
+
+@pytest.mark.parametrize("case", ["float64", "strided", "one_dim", "switched_off", "probe_failed"])
+def test_torchs_op_serves_elsewhere(monkeypatch, case):
+    p = _probs(torch.Generator().manual_seed(2), 3, 300, 20, 1.0)
+    if case == "float64":
+        p = p.double()
+    elif case == "strided":
+        p = p.t().contiguous().t()
+    elif case == "one_dim":
+        p = p[0]
+    elif case == "switched_off":
+        monkeypatch.setenv("MYTHOS_CPU_FAST_MULTINOMIAL", "0")
+    else:
+        monkeypatch.setattr(sampling, "_EXACT", [False])
+    calls, real = _count_torch_calls(monkeypatch)
+    torch.manual_seed(5)
+    got = sampling.multinomial_one(p)
+    torch.manual_seed(5)
+    assert torch.equal(got, real(p, 1))
+    assert calls == [1]
+
+
+def test_probe_catches_a_different_draw(monkeypatch):
+    """exact() compares with torch.multinomial itself: a draw that differs (here the
+    exponential sample without its sign) makes it answer False."""
+    monkeypatch.setattr(sampling, "_EXACT", [])
+    monkeypatch.setattr(sampling, "_draw", lambda p, g: torch.div(
+        p, torch.empty(p.shape, dtype=torch.float64).uniform_(generator=g).log1p_().float()
+    ).argmax(-1, keepdim=True))
+    assert sampling.exact() is False
+
+
+@pytest.mark.parametrize("shape", [(1_000_003,), (7, 50257), (1,)])
+def test_exponential_draw_bitwise(shape):
+    """The draw behind the tokens: every value equals exponential_'s (a perturbation of q that
+    rarely changes a token would pass the token tests; this one would not), same state after."""
+    for seed in (0, 1):
+        ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        want = torch.empty(shape).exponential_(generator=ga)
+        got = sampling._exponential(shape, gb)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert torch.equal(ga.get_state(), gb.get_state())
