@@ -127,7 +127,8 @@ def calibrate(device: torch.device | str = "cpu") -> dict:
 def _key(device: torch.device) -> str:
     name = device_name(device)
     if device.type == "cpu":
-        name += f" ({cpu_id()}) x{torch.get_num_threads()}t"
+        cid = cpu_id()
+        name += (f" ({cid})" if cid else "") + f" x{torch.get_num_threads()}t"
     return name
 
 
