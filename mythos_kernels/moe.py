@@ -165,33 +165,54 @@ def _expert_pair(w: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
                             w.storage_offset() + e0 * R * C)
 
 
+_ORDER_TENSORS: dict[tuple[int, ...], torch.Tensor] = {}   # pair orders of few pairs, made once
+
+
+def _order_tensor(order: list[int], device: torch.device) -> torch.Tensor:
+    """``torch.tensor(order)``, kept for CPU orders of up to 8 pairs (a decode step sorts the same
+    few orders again and again: a new tensor each time costs four dispatched ops)."""
+    if len(order) > 8 or device.type != "cpu":
+        return torch.tensor(order, device=device)
+    key = tuple(order)
+    t = _ORDER_TENSORS.get(key)
+    if t is None:
+        if len(_ORDER_TENSORS) >= 4096:
+            _ORDER_TENSORS.clear()
+        with torch.inference_mode(False):       # a normal tensor, usable in any later mode
+            t = _ORDER_TENSORS[key] = torch.tensor(order)
+    return t
+
+
 def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The pairs sorted by expert and multiplied two at a time: one bmm over a strided view of
     two experts' weights (:func:`_expert_pair`) runs one expert per core, in 2 bmms per two pairs
     where the split-K form took 4 bmms and 4 sums (an odd last pair uses :func:`vecmat`); SwiGLU
     and the routing weights are applied to all pairs at once. Each token's slots are summed in
-    expert order (the last bits may differ from the reference's slot order)."""
+    expert order (the last bits may differ from the reference's slot order). The rows live in
+    [P, 1, ...] buffers so each bmm's operands are plain slices (a decode step is bound by its
+    number of dispatched ops as much as by its weight reads)."""
     N, k = idx.shape
     D, Fh = x.shape[1], w2.shape[1]
     P = N * k
     flat = idx.reshape(-1).tolist()
     order = sorted(range(P), key=flat.__getitem__)                           # pairs by expert
     es = [flat[p] for p in order]
-    order_t = torch.tensor(order, device=x.device)
-    tok = order_t // k
+    order_t = _order_tensor(order, x.device)
+    tok = None if N == 1 else order_t // k
     xs = x.expand(P, D) if N == 1 else x.index_select(0, tok)               # [P, D] sorted rows
-    hg = x.new_empty(P, 2 * Fh)
-    y = x.new_empty(P, D)
-    for src, dst, w in ((xs, hg, w13), (None, y, w2)):
+    hg = x.new_empty(P, 1, 2 * Fh)
+    y = x.new_empty(P, 1, D)
+    for src, dst, w in ((xs.unsqueeze(1), hg, w13), (None, y, w2)):
         if src is None:
-            src = _swiglu(hg)                                                   # [P, F]
+            src = _swiglu(hg)                                                   # [P, 1, F]
         for i in range(0, P - 1, 2):
-            torch.bmm(src[i:i + 2].unsqueeze(1), _expert_pair(w, es[i], es[i + 1]),
-                      out=dst[i:i + 2].unsqueeze(1))
+            torch.bmm(src[i:i + 2], _expert_pair(w, es[i], es[i + 1]), out=dst[i:i + 2])
         if P % 2:
-            dst[P - 1:] = vecmat(src[P - 1:], w[es[P - 1]])
-    y.mul_(weights.reshape(-1).index_select(0, order_t).to(x.dtype).unsqueeze(1))
+            dst[P - 1] = vecmat(src[P - 1], w[es[P - 1]])
+    y = y.view(P, D)
+    wts = weights.reshape(-1).index_select(0, order_t)
+    y.mul_((wts if wts.dtype == x.dtype else wts.to(x.dtype)).unsqueeze(1))
     if N == 1:
         return y.sum(0, keepdim=True)
     return torch.zeros_like(x).index_add_(0, tok, y)
