@@ -41,7 +41,8 @@ def enabled() -> bool:
 def _exponential(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> torch.Tensor:
     """``torch.empty(shape).exponential_(generator=generator)`` (float32, rate 1): the same values
     and generator state, from ``uniform_`` and a vectorized ``log1p`` (module docstring)."""
-    u = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator)
+    # on the CPU whatever the default device (torch.set_default_device("cuda") elsewhere)
+    u = torch.empty(shape, dtype=torch.float64, device="cpu").uniform_(generator=generator)
     return u.neg_().log1p_().neg_().to(torch.float32)          # -log1p(-u)
 
 
@@ -60,12 +61,12 @@ def exact() -> bool:
         ok = True
         try:
             ga, gb = torch.Generator().manual_seed(99), torch.Generator().manual_seed(99)
-            ok = torch.equal(torch.empty(1 << 16).exponential_(generator=ga),
+            ok = torch.equal(torch.empty(1 << 16, device="cpu").exponential_(generator=ga),
                              _exponential((1 << 16,), gb))
             for seed, (B, V, k) in enumerate(((1, 32000, 50), (3, 4099, 0), (2, 50257, 7),
                                               (4, 5, 1))):
                 g = torch.Generator().manual_seed(1000 + seed)
-                logits = torch.randn(B, V, generator=g) * 3
+                logits = torch.randn(B, V, generator=g, device="cpu") * 3
                 if k:
                     v, _ = logits.topk(k)
                     logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))

@@ -10,6 +10,9 @@ import torch
 from mythos import sampling
 from mythos.model import sample
 
+# CPU draws (on a GPU machine the suite's default device is CUDA)
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
 
 def _probs(g: torch.Generator, B: int, V: int, top_k: int, scale: float) -> torch.Tensor:
     logits = torch.randn(B, V, generator=g) * scale
@@ -150,3 +153,21 @@ def test_exponential_draw_bitwise(shape):
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.equal(got, want)
         assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_default_device_elsewhere(monkeypatch):
+    """The probe and the draw make their tensors on the CPU whatever the default device (here
+    "meta", standing for the GPU suite's CUDA default): a CPU draw stays exact."""
+    monkeypatch.setattr(sampling, "_EXACT", [])
+    p = _probs(torch.Generator().manual_seed(4), 2, 3000, 50, 1.0)
+    torch.manual_seed(8)
+    want = torch.multinomial(p, 1)
+    prev = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        assert sampling.exact()
+        torch.manual_seed(8)
+        got = sampling.multinomial_one(p)
+    finally:
+        torch.set_default_device(prev)
+    assert got.device.type == "cpu" and torch.equal(got, want)
