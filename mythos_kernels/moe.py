@@ -179,7 +179,7 @@ def _order_tensor(order: list[int], device: torch.device) -> torch.Tensor:
         if len(_ORDER_TENSORS) >= 4096:
             _ORDER_TENSORS.clear()
         with torch.inference_mode(False):       # a normal tensor, usable in any later mode
-            t = _ORDER_TENSORS[key] = torch.tensor(order)
+            t = _ORDER_TENSORS[key] = torch.tensor(order, device="cpu")
     return t
 
 

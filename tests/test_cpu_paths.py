@@ -713,6 +713,26 @@ def test_moe_pairs_two_by_two_matches_reference(monkeypatch, N, k):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_moe_pairs_two_by_two_default_device_elsewhere(monkeypatch):
+    """The kept pair-order tensors are made on the CPU whatever the default device (the GPU
+    suite's is CUDA; "meta" stands for it here): CPU decode pairs still compute, same values."""
+    E, D, Fh = 6, 40, 12
+    x = _rand(1, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx, weights = torch.tensor([[4, 1, 5, 0]]), torch.softmax(torch.randn(1, 4), -1)
+    with torch.no_grad():
+        want = M._pairs_two_by_two(x, weights, idx, w13, w2)
+        monkeypatch.setattr(M, "_ORDER_TENSORS", {})
+        prev = torch.get_default_device()
+        torch.set_default_device("meta")
+        try:
+            got = M._pairs_two_by_two(x, weights, idx, w13, w2)
+        finally:
+            torch.set_default_device(prev)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+    assert all(t.device.type == "cpu" for t in M._ORDER_TENSORS.values())
+
+
 @pytest.mark.parametrize("case", ["one_pair", "noncontig", "offset_stack", "bf16"])
 def test_moe_few_pairs_other_layouts(monkeypatch, case):
     """One pair, a non-contiguous stack, bf16: the per-pair form; a stack that is a view at a
