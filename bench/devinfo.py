@@ -15,33 +15,32 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo, keys lower-cased ({} where unreadable)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip() and fields:
+                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    return fields
+
+
+def cpu_model() -> str:
+    return (_cpuinfo().get("model name") or platform.processor() or platform.machine()
+            or "cpu")
 
 
 def cpu_id() -> str | None:
     """``"family F model M"`` from /proc/cpuinfo (the model name alone, e.g. "AMD EPYC", does not
     tell one host generation from another), or None where it is not there."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("cpu family", "model") and key not in fields:
-                fields[key] = value.strip()
-            if not line.strip() and fields:
-                break
-    except OSError:
+    info = _cpuinfo()
+    if "cpu family" not in info:
         return None
-    if "cpu family" not in fields:
-        return None
-    return f"family {fields['cpu family']} model {fields.get('model', '?')}"
+    return f"family {info['cpu family']} model {info.get('model', '?')}"
 
 
 def device_name(device: torch.device | str) -> str:

@@ -27,7 +27,7 @@ from mythos_kernels._dispatch import _compiling, _transformed
 from .cache import LayerCache, MythosCache, cache_length, layer_cache
 from .config import MythosConfig
 from .decode import decode_plan
-from .sampling import multinomial_one
+from .sampling import multinomial_one, top_k_filter
 
 
 class RMSNorm(nn.Module):
@@ -864,9 +864,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor
     open-mythos's random draws (:func:`mythos.sampling.multinomial_one` on the CPU)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        v, _ = logits.topk(min(top_k, logits.shape[-1]))
-        logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
+    logits = top_k_filter(logits / temperature, top_k)
     # torch.multinomial(probs, 1), the same tokens and random stream (mythos.sampling)
     return multinomial_one(F.softmax(logits, dim=-1)).squeeze(-1)

@@ -38,6 +38,15 @@ def enabled() -> bool:
     return os.environ.get("MYTHOS_CPU_FAST_MULTINOMIAL", "1") != "0"
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """open-mythos's top-k rule: logits below the k-th largest of their row set to -inf (ties
+    at the k-th kept); ``top_k`` <= 0 keeps every logit."""
+    if top_k <= 0:
+        return logits
+    v, _ = logits.topk(min(top_k, logits.shape[-1]))
+    return logits.masked_fill(logits < v[:, -1:], float("-inf"))
+
+
 def _exponential(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> torch.Tensor:
     """``torch.empty(shape).exponential_(generator=generator)`` (float32, rate 1): the same values
     and generator state, from ``uniform_`` and a vectorized ``log1p`` (module docstring)."""
@@ -67,10 +76,7 @@ def exact() -> bool:
                                               (4, 5, 1))):
                 g = torch.Generator().manual_seed(1000 + seed)
                 logits = torch.randn(B, V, generator=g, device="cpu") * 3
-                if k:
-                    v, _ = logits.topk(k)
-                    logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
-                p = torch.softmax(logits, -1)
+                p = torch.softmax(top_k_filter(logits, k), -1)
                 ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
                 for _ in range(3):
                     ok = ok and torch.equal(torch.multinomial(p, 1, generator=ga), _draw(p, gb))
@@ -101,4 +107,4 @@ def multinomial_one(probs: torch.Tensor, generator: Optional[torch.Generator] = 
     return _draw(probs, generator)
 
 
-__all__ = ["enabled", "exact", "multinomial_one"]
+__all__ = ["enabled", "exact", "multinomial_one", "top_k_filter"]
