@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-model", dest="model", action="store_false",
                     help="skip the model-level suites")
     ap.add_argument("--suites", help="model suites: prefill,decode,generate,generate_compiled "
-                    "(default all; the compiled one is in the full plans only)")
+                    "(default all; the compiled one is in the full plans only); CPU suites run "
+                    "only when named: compare,linear_split,moe_forms (bench/suites.py)")
     ap.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--compile", action="store_true",
@@ -120,9 +121,15 @@ def _main(argv=None) -> int:
         left = None
         if args.time_budget is not None:
             left = max(0.0, args.time_budget - (time.perf_counter() - t0))
-        suites = tuple(_csv(args.suites) or SUITES)
-        run_model_suite(level, device, out_path=results, suites=suites,
-                        progress=not args.quiet, time_budget_s=left)
+        from .suites import NAMED_SUITES, run_named_suites
+
+        requested = _csv(args.suites) or list(SUITES)
+        suites = tuple(s for s in requested if s not in NAMED_SUITES)
+        if suites:
+            run_model_suite(level, device, out_path=results, suites=suites,
+                            progress=not args.quiet, time_budget_s=left)
+        named = [s for s in requested if s in NAMED_SUITES]      # CPU measurements, any --device
+        run_named_suites(named, level, out_dir if args.out else REPO / "bench" / "results" / "cpu")
     print(f"\nresults appended to {results}")
     if not args.no_plot and results.exists():
         try:

@@ -23,7 +23,8 @@ from collections import OrderedDict
 
 import torch
 
-_EXPERT_RE = re.compile(r"^(.*)routed_experts\.(\d+)\.(gate|up|down)\.weight$")
+# an open-mythos routed-expert weight key: (prefix, expert index, gate|up|down)
+EXPERT_KEY_RE = re.compile(r"^(.*)routed_experts\.(\d+)\.(gate|up|down)\.weight$")
 
 
 def moe_load_hook(module, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -33,7 +34,7 @@ def moe_load_hook(module, state_dict, prefix, local_metadata, strict, missing_ke
     if not keys:
         return
     E = module.n_experts
-    found = {int(m.group(2)) for k in keys if (m := _EXPERT_RE.match(k[len(prefix):]))}
+    found = {int(m.group(2)) for k in keys if (m := EXPERT_KEY_RE.match(k[len(prefix):]))}
     if found and max(found) + 1 != E:
         error_msgs.append(f"open-mythos checkpoint holds {max(found) + 1} routed experts under "
                           f"{prefix!r}, the model's config has n_experts={E}")
@@ -93,9 +94,9 @@ def to_open_mythos_state_dict(state_dict_or_model) -> "OrderedDict[str, torch.Te
 def from_open_mythos_state_dict(state_dict) -> "OrderedDict[str, torch.Tensor]":
     """An open-mythos state_dict in mythos's layout (what the load hook does, as a function)."""
     sd = OrderedDict(state_dict)
-    prefixes = sorted({m.group(1) for k in sd if (m := _EXPERT_RE.match(k))})
+    prefixes = sorted({m.group(1) for k in sd if (m := EXPERT_KEY_RE.match(k))})
     for p in prefixes:
-        E = 1 + max(int(m.group(2)) for k in sd if (m := _EXPERT_RE.match(k)) and m.group(1) == p)
+        E = 1 + max(int(m.group(2)) for k in sd if (m := EXPERT_KEY_RE.match(k)) and m.group(1) == p)
         g = torch.stack([sd.pop(f"{p}routed_experts.{e}.gate.weight") for e in range(E)])
         u = torch.stack([sd.pop(f"{p}routed_experts.{e}.up.weight") for e in range(E)])
         d = torch.stack([sd.pop(f"{p}routed_experts.{e}.down.weight") for e in range(E)])

@@ -355,11 +355,11 @@ def test_cli_restores_the_thread_count(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_cpu_compare_forward_flops(om, attn_type):
-    """tools/cpu_compare.forward_flops: mythos's count is open-mythos's less half of the attention
+    """bench.suites.forward_flops: mythos's count is open-mythos's less half of the attention
     products (4 B H T^2 d per layer for GQA), and the head adds 2 B T D per vocabulary entry."""
-    sys.path.insert(0, str(REPO / "tools"))
     from conftest import tiny_kwargs
-    from cpu_compare import forward_flops
+
+    from bench.suites import forward_flops
 
     B, T = 2, 5
     counts = {}
@@ -379,3 +379,32 @@ def test_cpu_compare_forward_flops(om, attn_type):
         attn = layers * 2 * B * H * T * T * (q_dim + kw["v_head_dim"])
     assert om_50 - my_50 == attn / 2
     assert om_80 - my_80 == attn / 2
+
+
+def test_named_suites_tiny(tmp_path, om, capsys):
+    """``--suites compare,linear_split,moe_forms`` run only when named, each appending its rows
+    (compare: the forward and generate rows with both implementations' times) to its own file."""
+    from bench.__main__ import main
+
+    assert main(["--model", "--level", "tiny", "--suites", "compare,linear_split,moe_forms",
+                 "--out", str(tmp_path), "--no-plot", "--quiet", "--device", "cpu"]) == 0
+    assert not (tmp_path / "results.jsonl").exists()        # no model suite was named
+    rows = {n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+            for n in ("compare", "linear_split", "moe_forms")}
+    assert [r["suite"] for r in rows["compare"]] == ["forward", "generate"]
+    for r in rows["compare"]:
+        assert r["speedup_median"] > 0 and r["open_mythos_s"] and r["mythos_s"]
+        assert r["config"] == "tiny-gqa" and r["device_type"] == "cpu" and "commit" in r
+    fwd = rows["compare"][0]
+    assert 0 < fwd["mythos_gflop"] < fwd["open_mythos_gflop"]
+    assert {(r["rows"], r["N"]) for r in rows["linear_split"]} == {(1, 160), (8, 160)}
+    assert all(r["linear_us"] > 0 and r["split_us"] > 0 for r in rows["linear_split"])
+    assert len(rows["moe_forms"]) == 2
+    assert all(r["cpu_over_best"] > 0 and r["nonempty"] <= r["E"] for r in rows["moe_forms"])
+
+
+def test_unknown_named_suite_raises(tmp_path):
+    from bench.suites import run_named_suites
+
+    with pytest.raises(ValueError, match="named suites are"):
+        run_named_suites(["nope"], "tiny", tmp_path)

@@ -24,11 +24,8 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mythos.checkpoint import (  # noqa: E402
-    _EXPERT_RE,
+from mythos.checkpoint import (
+    EXPERT_KEY_RE,
     from_open_mythos_state_dict,
     to_open_mythos_state_dict,
 )
@@ -39,7 +36,7 @@ _STACKED = re.compile(r"(^|\.)ffn\.(w13|w2)$")
 
 def layout(sd: dict) -> str:
     """``"open-mythos"`` or ``"mythos"``: which layout a state_dict's routed experts use."""
-    is_open = any(isinstance(k, str) and _EXPERT_RE.match(k) for k in sd)
+    is_open = any(isinstance(k, str) and EXPERT_KEY_RE.match(k) for k in sd)
     stacked = any(isinstance(k, str) and _STACKED.search(k) for k in sd)
     if is_open and stacked:
         raise ValueError("the state_dict holds routed experts in both layouts (per-expert "

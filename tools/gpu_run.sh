@@ -13,9 +13,8 @@
 #   tools/gpu_run.sh ops-<group>   python -m bench --full --ops <group> (groups: see `list`)
 #   tools/gpu_run.sh ops           every ops-<group> in turn (several commands' worth)
 #   tools/gpu_run.sh model         python -m bench --full --model (decode B=1,32 x context 512..8k)
-#   tools/gpu_run.sh autocast      tools/gpu_autocast_check.py (a training step under bf16 autocast)
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
-#   tools/gpu_run.sh all           tests report ops model autocast plots (far more than 10 minutes)
+#   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
 #
 # Several parts in one call run in order: `tools/gpu_run.sh tests report`.
 # The results rows carry the git commit; where the checkout has no .git, pass it in:
@@ -23,8 +22,7 @@
 # Environment: PYTHON (default python3), PART_TIMEOUT (seconds, default 570), BENCH_BUDGET
 # (seconds of measurements per benchmark part, default 460), OUT (extra copy of the results),
 # RESULTS_DIR (default bench/results/<device-slug>), PYTEST_ARGS (more pytest arguments for
-# `tests`, e.g. "-n 8" with pytest-xdist: the 16-core H100 machine ran the 777 tests in 193-221 s
-# that way in Nov 2026, against ~370 s for 382 tests serially).
+# `tests`, e.g. "-n 8" with pytest-xdist on a 16-core machine).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,7 +88,7 @@ run() {
 part() {
   case "$1" in
     list)
-      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model autocast plots"
+      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model plots"
       ;;
     tests)
       if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -100,7 +98,7 @@ part() {
       local extra=()
       if "$PY" -c 'import pytest_benchmark' 2>/dev/null; then extra+=(--benchmark-disable); fi
       # -rfE: failure summaries in the log even when the part is cut by its timeout later;
-      # --durations: where the time goes (the suite took ~370 s on an H100 in Nov 2026);
+      # --durations: where the time goes;
       # noshrink: a failing hypothesis example is reported at once, not shrunk for minutes
       HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-noshrink}" \
       # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
@@ -110,9 +108,8 @@ part() {
     report)
       run report bash -c "\"$PY\" tools/kernel_report.py --json --progress > \"$RES/kernel_report.json\""
       local rc=$?
-      "$PY" - "$RES/kernel_report.json" > "$RES/kernel_report.txt" <<'EOF' || true
+      PYTHONPATH="$REPO/tools:$PYTHONPATH" "$PY" - "$RES/kernel_report.json" > "$RES/kernel_report.txt" <<'EOF' || true
 import json, sys
-sys.path.insert(0, "tools")
 from kernel_report import format_table
 print(format_table(json.load(open(sys.argv[1]))))
 EOF
@@ -134,15 +131,12 @@ EOF
     model)
       run model "$PY" -m bench --full --model --no-plot --out "$RES" --time-budget "$BENCH_BUDGET"
       ;;
-    autocast)
-      run autocast "$PY" tools/gpu_autocast_check.py --out "$RES/autocast_check.jsonl"
-      ;;
     plots)
       run plots "$PY" -m bench.plot "$RES/results.jsonl" --out "$RES"
       ;;
     all)
       local rc=0
-      for p in tests report ops model autocast plots; do part "$p" || rc=$?; done
+      for p in tests report ops model plots; do part "$p" || rc=$?; done
       return "$rc"
       ;;
     *)

@@ -50,10 +50,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 DEFAULT_ARCHS = (90, 80)
 KEYS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "hgmma")
 
