@@ -5,7 +5,7 @@ training latent decompression (``mythos_kernels/mla.py``).
 the layout attention wants. ``eager`` is open-mythos's op sequence (its RMSNorm, ``kv_up``, view,
 split, the RoPE key expanded to every head and concatenated); ``triton`` the fused kernel
 (forward and backward). Bytes: ``mla_decompress_bytes`` (latent + rope key read, K and V written);
-FLOPs: the kv_up GEMM. Shapes: the roofline table in ``bench/roofline_mla.md``.
+FLOPs: the kv_up GEMM. Shapes: the roofline table in ``docs/roofline_mla.md``.
 
 ``mla_decode``: one decode token per sequence attends over a cache of S positions and returns the
 per-head output before ``wo`` ([B, 1, H, dv]).

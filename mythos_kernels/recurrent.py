@@ -149,7 +149,7 @@ def lti_act_step_and_next_input_reference(h, e, out, h_out, cum_p, log_A, log_dt
 
 def all_halted(cum_p: torch.Tensor, threshold: float) -> torch.Tensor:
     """Device-side 0-dim bool: every row has halted (``cum_p >= threshold``). No host sync; the
-    caller decides when to read it (see ``bench/roofline_recurrent.md``, "early exit")."""
+    caller decides when to read it (see ``docs/roofline_recurrent.md``, "early exit")."""
     return (cum_p >= threshold).all()
 
 
