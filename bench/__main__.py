@@ -1,4 +1,4 @@
-"""``python -m bench``: the quick benchmark (a few minutes on a 2-core CPU); ``--full`` for the
+"""``python -m bench``: the quick benchmark (a few minutes on a CPU); ``--full`` for the
 performance-target shapes. See ``bench/README.md``."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Time eager (open-mythos ops) / reference / torch.compile / Triton side by "
                     "side per op, and mythos vs open-mythos end to end.")
     ap.add_argument("--full", action="store_true",
-                    help="the performance-target shapes of the kernel issues (meant for a GPU)")
+                    help="the performance-target shapes (meant for a GPU)")
     ap.add_argument("--level", choices=LEVELS, help="tiny | quick | full (overrides --full)")
     ap.add_argument("--ops", help="comma list of ops or groups (default: all); see --list")
     ap.add_argument("--providers", help="comma list, e.g. eager,reference,compile,triton")

@@ -5,14 +5,10 @@ A short calibration measures, once per device name (and CPU thread count):
 * ``copy_gbps``     -- device-to-device copy ``dst.copy_(src)``, counted as read + write bytes;
 * ``matmul_tflops`` -- square matmul rate per dtype (fp32 always; bf16/fp16 on CUDA), 2·n³ FLOPs;
   on a CPU the faster of MKL (``torch.mm``) and oneDNN (the op mythos's CPU products use), which
-  differ by host: on an AVX-512 AMD host (family 26) MKL's fp32 GEMM ran at ~160 GFLOP/s and
-  oneDNN's at ~470, so MKL's rate alone would overstate every "% of ceiling" there.
+  differ by host (on AVX-512 hosts oneDNN's fp32 GEMM can be several times MKL's).
 
 Results are cached in ``$MYTHOS_CACHE_DIR/ceilings.json`` (default ``~/.cache/mythos``) keyed by
 device name, so every later run reuses them; ``python -m bench --recalibrate`` measures again.
-
-For orientation only (the cache always holds what *this* machine measured): an H100 measured about
-3.0 TB/s device copy and 798 TFLOP/s bf16 matmul, an H200 about 4.3 TB/s.
 
 The floor of an op is ``max(bytes / copy_bw, flops / matmul_rate[dtype])``; % of ceiling is
 ``100 * floor / measured_time``. The larger term names the bound ("memory" or "compute").

@@ -80,7 +80,7 @@ class OpBench:
 
     shapes:      ``{"tiny": [...], "cpu": [...], "cuda": [...], "full": [...]}``; each shape a dict
                  of ints. ``tiny`` feeds pytest, ``cpu`` the CPU runs, ``cuda`` the quick GPU run,
-                 ``full`` the ``--full`` GPU run (the kernel issues' performance targets). Missing
+                 ``full`` the ``--full`` GPU run (the kernels' performance targets). Missing
                  keys fall back: full -> cuda -> cpu -> tiny.
     make_inputs: ``make_inputs(shape, dtype, device) -> dict`` of tensors and plain values.
     flops:       ``flops(shape) -> float``, forward FLOPs.

@@ -48,7 +48,7 @@ MID = dict(vocab_size=32000, dim=512, n_heads=8, attn_type="mla", kv_lora_rank=1
            n_experts=64, n_experts_per_tok=4, expert_dim=128, n_shared_experts=2,
            prelude_layers=1, coda_layers=1, max_loop_iters=8, act_threshold=100.0,
            max_seq_len=1024)
-# the CPU comparisons' other configurations (tools/cpu_config_sweep.py, cpu_compare.py --config)
+# other CPU configurations (the ``compare`` suite's tiny level uses tiny-gqa)
 CPU_CONFIGS = {
     "tiny-gqa": dict(vocab_size=300, dim=64, n_heads=4, n_kv_heads=2, attn_type="gqa",
                      n_experts=8, n_experts_per_tok=2, expert_dim=32, n_shared_experts=1,

@@ -18,7 +18,7 @@ per-head output before ``wo`` ([B, 1, H, dv]).
 * ``triton``: the same through the flash-decoding kernel.
 
 Bytes for the "% of ceiling" are the latent cache (``c_kv`` + one rope key) read once plus the
-queries and output: the issue's measure (% of HBM bandwidth over the bytes of the latent cache).
+queries and output: the measure (% of HBM bandwidth over the bytes of the latent cache).
 Shapes: open-mythos's default MLA dims (r=512, dr=64, H=16, dn=dv=128); B in {1, 64},
 S in {512, 4096, 32768}.
 """

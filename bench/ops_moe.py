@@ -2,12 +2,12 @@
 
 * ``moe_route``:   softmax router + biased top-k selection + renormalized weights.
 * ``moe_experts``: routed SwiGLU experts combined with the routing weights.
-* ``moe_shared``:  routed + always-on shared experts, the two designs the kernel issue asks to
-  choose between by measurement: ``dense`` (what the model does: routed grouped GEMMs, then each
-  shared expert as a dense cuBLAS SwiGLU) and ``folded`` (each shared expert of hidden k*F split
-  into k always-on experts of hidden F with weight 1, run in the same grouped GEMM launches).
+* ``moe_shared``:  routed + always-on shared experts, two designs side by side: ``dense`` (what the
+  model does: routed grouped GEMMs, then each shared expert as a dense cuBLAS SwiGLU) and ``folded``
+  (each shared expert of hidden k*F split into k always-on experts of hidden F with weight 1, run in
+  the same grouped GEMM launches).
 
-Performance targets (kernel issue): 64 experts, top-4, D = F = 2048, 512 / 4k / 16k tokens, bf16,
+Performance targets: 64 experts, top-4, D = F = 2048, 512 / 4k / 16k tokens, bf16,
 forward and forward+backward. The CPU shapes are the mid model config (D=512, F=128).
 """
 

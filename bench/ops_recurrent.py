@@ -2,14 +2,14 @@
 
 * ``lti_act_step``: LTI update ``h' = A*h + B*e + out`` + ACT halting accumulation.
 * ``loop_input``:   ``RMSNorm(h + loop_emb(t) + e)`` on the way into the block.
-* ``loop_tail``:    the whole per-iteration tail the kernel issue names: ``lti_act_step`` followed by
+* ``loop_tail``:    the whole per-iteration tail: ``lti_act_step`` followed by
   the next iteration's ``loop_input``. Eager is open-mythos's op sequence for both; Triton is the
   fused kernel (one pass: the step and the next input, ``lti_act_step(..., next_loop=...)``).
 
 Bytes are what the Triton kernels must move (``mk.lti_act_step_bytes``: each row read or written
 once, h_out fp32), so "% of ceiling" is the kernel's share of the copy bandwidth.
 
-Tokens N = B*T are laid out as [1, N, D]. Performance targets (kernel issue): N in {1k, 16k, 64k}
+Tokens N = B*T are laid out as [1, N, D]. Performance targets: N in {1k, 16k, 64k}
 x D in {2048, 4096}, fp32 and bf16, forward and backward.
 """
 

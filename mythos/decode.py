@@ -9,10 +9,8 @@ packed SwiGLU weights, the absorbed MLA weights, the LoRA scale rows, the loop-i
 :meth:`DecodePlan.hidden` then runs the references' own functions (RMSNorm, RoPE, the latent
 attention, routing, the expert forms, the LTI + ACT step) on the same values in the same order
 as ``OpenMythos._hidden``: the hidden state, hence the logits and tokens, are bitwise the same
-(``tests/test_decode.py`` checks it over configurations). Measured on the 2-core machine (mid
-config, B = 1, interleaved): the hidden-state pass of a step in 0.65-0.73 of the module path's
-time; a 64 + 32-token generate 834.7 -> 664.1 ms (``tools/cpu_ab.py --switches decode_plan
---suites generate``).
+(``tests/test_decode.py`` checks it over configurations). ``tools/cpu_ab.py --switches
+decode_plan`` times it against the module path.
 
 It serves ``generate``'s eager append-mode decode, and ``forward`` with one token per row onto a
 cache that holds every layer the call uses (a plan per call), when everything it settles stays

@@ -3,10 +3,9 @@
 For one sample, torch's CPU ``multinomial`` (``aten/src/ATen/native/Distributions.cpp``, the
 "gumbel" fast path) returns ``argmax(probs / q)`` with ``q = empty_like(probs).exponential_(1)``.
 Its CPU ``exponential_`` draws, element by element in memory order, one 64-bit number ``x`` from
-the generator, takes ``u = (x & (2^53 - 1)) * 2^-53`` and returns ``float(-log1p(-u))``, on one core
-(0.49 ms for 32,000 elements on the 2-core development machine). ``uniform_`` on a float64
-tensor draws the same ``u`` from the same numbers, and then ``log1p`` runs vectorized over the
-row (0.19 ms for the whole sample against 0.53 ms). :func:`multinomial_one` does that, so it
+the generator, takes ``u = (x & (2^53 - 1)) * 2^-53`` and returns ``float(-log1p(-u))``, on one core.
+``uniform_`` on a float64 tensor draws the same ``u`` from the same numbers, and then ``log1p``
+runs vectorized over the row. :func:`multinomial_one` does that, so it
 returns the same tokens and leaves the generator in the same state as ``torch.multinomial``.
 Sampling in ``generate`` therefore follows open-mythos's random stream, seed for seed.
 
@@ -63,7 +62,7 @@ def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Te
 
 def exact() -> bool:
     """Whether this torch build's ``torch.multinomial(p, 1)`` on the CPU is :func:`_draw`: checked
-    once per process (~17 ms), on private generators: 65,536 exponential draws bitwise, then tokens over a
+    once per process, on private generators: 65,536 exponential draws bitwise, then tokens over a
     few shapes (vocabularies up to 50,257, top-k filtered and not), each with the generator's
     state after the draw."""
     if not _EXACT:

@@ -3,14 +3,8 @@
 torch allocates CPU tensors with plain ``malloc``. glibc hands blocks of a few MB back to the
 kernel when they are freed (above its mmap threshold, or by trimming the top of the heap), so
 the next call's buffer of the same size faults in again, page by page, and every fault zeroes
-4 KB. At the mid config (B=2, T=256, 2-core VM, minor faults counted per op):
-
-- random-init (skewed) routing, the sorted MoE form: its gathered rows and outputs (4 MB each)
-  faulted in on every loop, ~10,000 of the forward's ~31,000 faults; kept, the forward went
-  from 413.8 to 403.2 ms (``tools/cpu_ab.py --switches moe_scratch``, 20 interleaved reps);
-- balanced routing (a trained model's; routing replaced by random permutations), the padded
-  form: its slab, products and selected rows faulted ~37,000 times a forward; kept, 525 -> 457
-  ms (16 interleaved reps against the former code, bitwise the same logits).
+4 KB. At the mid config the MoE forms' gathered rows, slab and products (a few MB each) would
+fault in on every loop; ``tools/cpu_ab.py --switches moe_scratch`` times keeping them.
 
 :func:`scratch` keeps one buffer per (tag, dtype) per thread and hands out views of it, so a
 buffer's pages stay mapped from one call to the next. Only for intermediates that die inside the

@@ -165,12 +165,10 @@ class HaltCheck:
     stops one iteration later than open-mythos (same output: a halted row gets weight exactly 0,
     h_out and cum_p unchanged, zero gradient through that iteration).
 
-    Measured on an H100 (mythos_1b dims, 16 loops, ``tools/halt_check_bench.py``): with every loop
-    running, lag 1 saves 0-7% of the forward (0.8 ms per iteration at 16k tokens, nothing
-    measurable at 256); when every row halts early it costs the extra iteration, 10-33%. So lag 0
-    is the default and lag 1 is for workloads where early exit is rare (large-batch training,
-    a high ``act_threshold``): ``HaltCheck(device, lag=1)``, ``RecurrentBlock.halt_lag = 1`` or
-    ``MYTHOS_HALT_LAG=1``::
+    Lag 1 saves a few % of a forward when every loop runs and costs a whole extra iteration when every
+    row halts early (``docs/performance-gpu.md``, "Early exit"), so lag 0 is the default and lag 1
+    is for workloads where early exit is rare (large-batch training, a high ``act_threshold``):
+    ``HaltCheck(device, lag=1)``, ``RecurrentBlock.halt_lag = 1`` or ``MYTHOS_HALT_LAG=1``::
 
         check = HaltCheck(cum_p.device)
         for t in range(n_loops):

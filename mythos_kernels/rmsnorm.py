@@ -19,13 +19,10 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Plain-torch RMSNorm, as open-mythos computes it. x: [..., D], weight: [D].
 
-    On the CPU in fp32/fp64 this is ``F.rms_norm``, which gives bitwise the same values and
-    gradients as open-mythos's ``x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt() * weight``
-    (tests/test_cpu_paths.py checks it) in one call: ~10.5 us against ~13 us per decode-sized row
-    on the 2-core machine; in the model the difference is within that machine's noise (interleaved
-    A/B, ``tools/cpu_ab.py --switches rmsnorm``: -1.3 to +2.5 ms of a ~365 ms forward, +-0.3 ms of
-    a decode step). Half types upcast inside ``F.rms_norm`` (not open-mythos's rounding) and CUDA
-    may fuse it, so they keep the formula."""
+    On the CPU in fp32/fp64 this is ``F.rms_norm``, which gives bitwise the same values and gradients as
+    open-mythos's ``x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt() * weight``
+    (tests/test_cpu_paths.py checks it) in one call. Half types upcast inside ``F.rms_norm`` (not
+    open-mythos's rounding) and CUDA may fuse it, so they keep the formula."""
     if _fused_ok(x, weight):
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     rms = x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
