@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="mid", choices=["mid", *CPU_CONFIGS])
     ap.add_argument("--out", default=cpu_results("compare.jsonl"))
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    if os.path.isdir(args.out):
+        ap.error(f"--out {args.out} is a folder: give the JSON-lines file to append to")
     if args.cold_compile:
         if not args.compiled:
             ap.error("--cold-compile needs --compiled")
