@@ -4,8 +4,10 @@ performance-target shapes. See ``bench/README.md``."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,11 +15,34 @@ import torch
 
 from . import ceilings as _ceil
 from .devinfo import REPO, default_device, device_slug, git_commit, load_avg, triton_version
-from .harness import CUDA_ONLY_REASON, LEVELS, MODES, all_ops, run_ops, select_ops
+from .harness import CUDA_ONLY_REASON, LEVELS, MODES, all_ops, check_selection, run_ops, select_ops
 
 
 def _csv(s: str | None) -> list[str] | None:
     return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def _threads(s: str) -> str:
+    """--threads: ``auto`` or an int >= 1 (argparse type)."""
+    if s != "auto":
+        try:
+            n = int(s)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'auto', got {s!r}")
+    return s
+
+
+def _seconds(s: str) -> float:
+    """--time-budget: a finite number of seconds > 0 (argparse type)."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (0 < v < math.inf):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {s!r}")
+    return v
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,17 +67,82 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--compile", action="store_true",
                     help="include torch.compile on CPU in quick mode (slow to compile)")
-    ap.add_argument("--threads", default="auto",
+    ap.add_argument("--threads", default="auto", type=_threads,
                     help="torch CPU threads: a number, or auto (default): torch's choice, but 1 "
                          "when other processes already load the CPUs (OpenMP threads then stall "
                          "on every parallel region and timings jump by whole scheduler ticks)")
     ap.add_argument("--recalibrate", action="store_true", help="measure the ceilings again")
-    ap.add_argument("--time-budget", type=float,
+    ap.add_argument("--time-budget", type=_seconds,
                     help="seconds; measurements past it are skipped (reported as such)")
     ap.add_argument("--no-plot", action="store_true", help="do not draw PNGs")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--list", action="store_true", help="list ops, groups and providers")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    _check_args(ap, args)
+    return args
+
+
+def _writable_dir(path: Path) -> str | None:
+    """Why results cannot be written under ``path`` (a folder, made if missing), or None. Writes
+    nothing: an existing file is only opened for append, a new folder only probed with a
+    temporary file in its nearest existing parent."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+        results = path / "results.jsonl"
+        if results.exists():
+            with open(results, "a"):
+                pass
+    except OSError as exc:
+        return f"cannot write in {parent} ({exc.strerror or exc})"
+    return None
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every value checked before anything is measured or written: ``ap.error`` (exit 2) on a
+    name that selects nothing, an unknown device, or an output folder that cannot be written."""
+    if args.list:
+        return
+    try:
+        args.device_ = torch.device(args.device) if args.device else default_device()
+    except RuntimeError:
+        ap.error(f"--device must be cpu or cuda (cuda:N), got {args.device!r}")
+    if args.device_.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device_.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    args.level = args.level or ("full" if args.full else "quick")
+    run_opsuite, run_model = args.model is not True, args.model is not False
+    if not run_opsuite and (args.ops or args.providers or args.modes):
+        ap.error("--ops, --providers and --modes select op suites: not with --model")
+    if not run_model and args.suites:
+        ap.error("--suites selects model suites: not with --no-model")
+    if run_opsuite:
+        try:
+            args.ops_ = select_ops(_csv(args.ops))
+            check_selection(args.ops_, args.level, args.device_, _csv(args.providers),
+                            _csv(args.modes))
+        except (KeyError, ValueError) as exc:
+            ap.error(str(exc.args[0] if exc.args else exc))
+    if run_model:
+        from .model import SUITES
+        from .suites import NAMED_SUITES
+
+        for name in _csv(args.suites) or ():
+            if name not in SUITES and name not in NAMED_SUITES:
+                ap.error(f"--suites: unknown suite {name!r}; known: "
+                         f"{', '.join((*SUITES, *NAMED_SUITES))}")
+    args.out_dir = Path(args.out) if args.out else REPO / "bench" / "results" / device_slug(args.device_)
+    why = _writable_dir(args.out_dir)
+    if why:
+        ap.error(f"--out: {why}")
 
 
 def main(argv=None) -> int:
@@ -74,9 +164,7 @@ def _main(argv=None) -> int:
             print(f"{op.name:14s} group={op.group:10s} providers={','.join(op.providers)}  "
                   f"modes={','.join(op.modes)}  -- {op.description}")
         return 0
-    device = torch.device(args.device) if args.device else default_device()
-    level = args.level or ("full" if args.full else "quick")
-    out_dir = Path(args.out) if args.out else REPO / "bench" / "results" / device_slug(device)
+    device, level, out_dir = args.device_, args.level, args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     t0 = time.perf_counter()
@@ -106,12 +194,7 @@ def _main(argv=None) -> int:
     run_model = args.model is not False
     run_opsuite = args.model is not True
     if run_opsuite:
-        try:
-            ops = select_ops(_csv(args.ops))
-        except KeyError as exc:
-            print(f"bench: {exc}", file=sys.stderr)
-            return 2
-        run_ops(ops, level=level, device=device, out_path=results,
+        run_ops(args.ops_, level=level, device=device, out_path=results,
                 providers=_csv(args.providers), modes=_csv(args.modes),
                 compile_on_cpu=args.compile, ceil=ceil, progress=not args.quiet,
                 time_budget_s=args.time_budget)

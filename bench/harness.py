@@ -640,6 +640,28 @@ def plan(ops: Iterable[OpBench], level: str, device: torch.device,
     return groups
 
 
+def check_selection(ops: Iterable[OpBench], level: str, device: torch.device,
+                    providers: Iterable[str] | None = None, modes: Iterable[str] | None = None
+                    ) -> None:
+    """Raise ValueError naming the value when ``providers`` or ``modes`` hold a name no selected
+    op offers, or when the selection measures nothing (the level's shapes, modes and providers
+    of these ops have no group in common)."""
+    ops = list(ops)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    known_p = sorted({n for op in ops for n in op.providers})
+    for n in providers or ():
+        if n not in known_p:
+            raise ValueError(f"unknown provider {n!r}; the selected ops offer: {', '.join(known_p)}")
+    for m in modes or ():
+        if m not in MODES:
+            raise ValueError(f"unknown mode {m!r}; known: {', '.join(MODES)}")
+    if not any(g[4] for g in plan(ops, level, device, providers, modes)):
+        raise ValueError(f"ops {', '.join(op.name for op in ops) or '(none)'} with providers "
+                         f"{','.join(providers or ()) or 'any'} and modes {','.join(modes or ()) or 'any'}"
+                         f" at level {level!r} select no measurement")
+
+
 def run_ops(ops: Iterable[OpBench], level: str = "quick", device: torch.device | str = "cpu",
             out_path: Path | str | None = None, providers: Iterable[str] | None = None,
             modes: Iterable[str] | None = None, compile_on_cpu: bool = False,
@@ -651,6 +673,11 @@ def run_ops(ops: Iterable[OpBench], level: str = "quick", device: torch.device |
     ``error`` rows are written to the file). Prints one table per op when ``echo``.
     """
     device = torch.device(device)
+    ops = list(ops)
+    check_selection(ops, level, device, providers, modes)
+    if time_budget_s is not None and not (0 <= time_budget_s < math.inf):
+        raise ValueError(f"time_budget_s must be a finite number of seconds >= 0 or None, got "
+                         f"{time_budget_s!r}")
     RunOptions.current.compile_on_cpu = compile_on_cpu or level == "full"
     ceil = ceil or _ceil.get_ceilings(device)
     info = run_info(device)

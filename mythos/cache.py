@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import check_int
+
 
 class CacheCapacityError(ValueError):
     """Writing past a cache's capacity."""
@@ -115,9 +117,8 @@ class MythosCache(dict):
 
     def __init__(self, capacity: int):
         super().__init__()
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        self.capacity = capacity
+        # checked here; the buffers are allocated on the first write, per layer
+        self.capacity = check_int("capacity", capacity, lo=1)
 
     @property
     def length(self) -> int:

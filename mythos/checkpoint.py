@@ -77,6 +77,8 @@ def to_open_mythos_state_dict(state_dict_or_model) -> "OrderedDict[str, torch.Te
     for k, v in sd.items():
         if k.endswith("ffn.w13"):
             prefix = k[: -len("w13")]
+            if prefix + "w2" not in sd:
+                raise ValueError(f"mythos state_dict has {k} but no {prefix}w2")
             F = v.shape[-1] // 2
             w = v.transpose(1, 2)                                   # [E, 2F, D]
             for e in range(v.shape[0]):
@@ -97,6 +99,11 @@ def from_open_mythos_state_dict(state_dict) -> "OrderedDict[str, torch.Tensor]":
     prefixes = sorted({m.group(1) for k in sd if (m := EXPERT_KEY_RE.match(k))})
     for p in prefixes:
         E = 1 + max(int(m.group(2)) for k in sd if (m := EXPERT_KEY_RE.match(k)) and m.group(1) == p)
+        missing = [k for e in range(E) for w in ("gate", "up", "down")
+                   if (k := f"{p}routed_experts.{e}.{w}.weight") not in sd]
+        if missing:
+            raise ValueError(f"open-mythos state_dict is missing routed expert weight(s) "
+                             f"{', '.join(missing)} ({E} experts under {p!r})")
         g = torch.stack([sd.pop(f"{p}routed_experts.{e}.gate.weight") for e in range(E)])
         u = torch.stack([sd.pop(f"{p}routed_experts.{e}.up.weight") for e in range(E)])
         d = torch.stack([sd.pop(f"{p}routed_experts.{e}.down.weight") for e in range(E)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._validate import check_choice, check_float, check_int
+
 
 @dataclass
 class MythosConfig:
@@ -16,7 +18,8 @@ class MythosConfig:
     max_output_tokens, dropout.
 
     Raises:
-        ValueError naming the field on an invalid combination.
+        ArgumentTypeError (a TypeError) naming the field for a wrong type, ValueError naming
+        the field for a value out of range or an invalid combination (:mod:`mythos._validate`).
     """
 
     vocab_size: int = 32000
@@ -47,25 +50,25 @@ class MythosConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check the configuration; raise ValueError naming the offending field."""
+        """Check every field by the rule of :mod:`mythos._validate` and normalize it in place
+        (numpy / tensor integers to int, numbers to float): ArgumentTypeError (a TypeError) for a
+        wrong type, ValueError for a bad value or combination, naming the field."""
+        check_choice("attn_type", self.attn_type, ("gqa", "mla"))
         positive = ["vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters", "n_experts",
                     "n_experts_per_tok", "expert_dim", "lora_rank", "max_output_tokens"]
-        non_negative = ["prelude_layers", "coda_layers", "n_shared_experts"]
-        if self.attn_type not in ("gqa", "mla"):
-            raise ValueError(f"attn_type must be 'gqa' or 'mla', got {self.attn_type!r}")
-        if self.attn_type == "gqa":
-            positive.append("n_kv_heads")
-        else:
-            positive += ["kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
-                         "v_head_dim"]
-        for name in positive + non_negative:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-            if name in positive and v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-            if name in non_negative and v < 0:
-                raise ValueError(f"{name} must be >= 0, got {v}")
+        # fields the other attention type never reads stay unchecked, as open-mythos ignores them
+        positive += (["n_kv_heads"] if self.attn_type == "gqa" else
+                     ["kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim",
+                      "v_head_dim"])
+        for name in positive:
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts"):
+            setattr(self, name, check_int(name, getattr(self, name), lo=0))
+        # +inf: never halt, every loop runs (open-mythos runs it so)
+        self.act_threshold = check_float("act_threshold", self.act_threshold, lo=0, lo_open=True,
+                                         inf_ok=True)
+        self.rope_theta = check_float("rope_theta", self.rope_theta, lo=0, lo_open=True)
+        self.dropout = check_float("dropout", self.dropout, lo=0, hi=1, hi_open=True)
         if self.attn_type == "gqa":
             if self.dim % self.n_heads:
                 raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
@@ -80,9 +83,47 @@ class MythosConfig:
         if self.n_experts_per_tok > self.n_experts:
             raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts "
                              f"({self.n_experts})")
-        if not (self.act_threshold > 0):  # also rejects NaN
-            raise ValueError(f"act_threshold must be > 0, got {self.act_threshold}")
-        if not (self.rope_theta > 0):
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def allocation_terms(cfg: MythosConfig, dtype_bytes: int = 4) -> dict[str, int]:
+    """Approximate bytes ``OpenMythos(cfg)`` allocates, per term, keyed by the fields that size
+    it: weights of ``dtype_bytes`` each (norms and other vectors left out) and the complex64 RoPE
+    tables over ``max_seq_len`` positions. Python ints: exact arithmetic for any size."""
+    D, H = cfg.dim, cfg.n_heads
+    if cfg.attn_type == "gqa":
+        hd = D // H
+        attn = 2 * D * H * hd + 2 * D * cfg.n_kv_heads * hd
+    else:
+        r, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+        attn = (D * cfg.q_lora_rank + cfg.q_lora_rank * H * (nope + r)
+                + D * (cfg.kv_lora_rank + r) + cfg.kv_lora_rank * H * (nope + cfg.v_head_dim)
+                + H * cfg.v_head_dim * D)
+    dense = 3 * D * (D * 4 // 3)
+    F = cfg.expert_dim
+    routed = cfg.n_experts * (D + 3 * D * F)
+    shared = cfg.n_shared_experts * 3 * D * F * cfg.n_experts_per_tok
+    lora = 2 * D * cfg.lora_rank + cfg.max_loop_iters * cfg.lora_rank
+    rope_entries = (D // H) // 2 + cfg.qk_rope_head_dim // 2
+    return {
+        "vocab_size x dim (embedding)": cfg.vocab_size * D * dtype_bytes,
+        "prelude_layers + coda_layers (dense blocks)":
+            (cfg.prelude_layers + cfg.coda_layers) * (attn + dense) * dtype_bytes,
+        "n_experts x expert_dim (routed experts)": routed * dtype_bytes,
+        "n_shared_experts x n_experts_per_tok x expert_dim (shared experts)": shared * dtype_bytes,
+        "dim and attention sizes (recurrent block)": (attn + lora) * dtype_bytes,
+        "max_seq_len (RoPE tables)": cfg.max_seq_len * rope_entries * 8,
+    }
+
+
+def check_allocation(cfg: MythosConfig, limit_bytes: int | None, dtype_bytes: int = 4,
+                     where: str = "its device") -> None:
+    """Raise ValueError naming the fields of the largest term if :func:`allocation_terms` add up
+    to more than ``limit_bytes`` (None: no limit), before anything is allocated."""
+    terms = allocation_terms(cfg, dtype_bytes)
+    total = sum(terms.values())
+    if limit_bytes is None or total <= limit_bytes:
+        return
+    big = max(terms, key=terms.get)
+    raise ValueError(f"this config needs about {total / 2**30:.4g} GiB for the model, more than "
+                     f"the {limit_bytes / 2**30:.4g} GiB of memory of {where}; the largest term, "
+                     f"{terms[big] / 2**30:.4g} GiB, is sized by {big}")

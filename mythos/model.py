@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import operator
 import warnings
 from typing import Optional
 
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 import mythos_kernels as K
 from mythos_kernels._dispatch import _compiling, _transformed
 
+from ._validate import ArgumentTypeError, check_bool, check_float, check_int, device_memory_bytes
 from .cache import LayerCache, MythosCache, cache_length, layer_cache
-from .config import MythosConfig
+from .config import MythosConfig, check_allocation
 from .decode import decode_plan
 from .sampling import multinomial_one, top_k_filter
 
@@ -425,19 +425,6 @@ class RecurrentBlock(nn.Module):
         return h_out.to(h.dtype)
 
 
-def _as_index(name: str, v, none_ok: bool = False):
-    """An int from an index-like ``v`` (int, numpy integer, one-element integer tensor), as
-    open-mythos's slicing and ``range`` accept; bools, floats and the rest raise ValueError."""
-    if v is None and none_ok:
-        return None
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise ValueError(f"{name} must be an int{' or None' if none_ok else ''}, got {v!r}")
-
-
 def _weights_unchanged(fn):
     """Run ``fn`` inside ``K.weights_unchanged()`` (the CPU forms' cached weight copies check
     their sources once per call, not once per use); traced code runs it as it is."""
@@ -491,7 +478,13 @@ class OpenMythos(nn.Module):
 
     def __init__(self, cfg: MythosConfig):
         super().__init__()
+        if not isinstance(cfg, MythosConfig):
+            raise ArgumentTypeError(f"cfg must be a mythos.MythosConfig, got {type(cfg).__name__}")
         cfg.validate()
+        # refuse before allocating what the device cannot hold (meta: nothing is allocated)
+        dev = torch.get_default_device()
+        check_allocation(cfg, device_memory_bytes(dev), torch.get_default_dtype().itemsize,
+                         f"the default device ({dev})")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         for name, table in self._rope_tables().items():
@@ -537,26 +530,24 @@ class OpenMythos(nn.Module):
         """Validate before any compute, so a bad call leaves the cache untouched."""
         cfg = self.cfg
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or \
-                input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+            raise ArgumentTypeError(f"input_ids must be a torch.Tensor of int64 or int32 token "
+                                    f"ids, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32):   # what the embedding takes
+            raise ArgumentTypeError(f"input_ids must be an integer tensor of dtype int64 or "
+                                    f"int32, got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if B < 1 or T < 1:
             raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
-        if n_loops is not None and (isinstance(n_loops, bool) or not isinstance(n_loops, int)
-                                    or n_loops < 1):
-            raise ValueError(f"n_loops must be a positive int or None, got {n_loops!r}")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        check_int("n_loops", n_loops, lo=1, none_ok=True)
+        check_int("start_pos", start_pos, lo=0)
         if start_pos + T > cfg.max_seq_len:
             raise ValueError(f"start_pos + seq_len = {start_pos} + {T} exceeds max_seq_len "
                              f"{cfg.max_seq_len}")
         if kv_cache is not None:
             if not isinstance(kv_cache, dict):
-                raise ValueError(f"kv_cache must be a dict or None, got {type(kv_cache).__name__}")
+                raise ArgumentTypeError(f"kv_cache must be a dict or None, got {type(kv_cache).__name__}")
             S0 = cache_length(kv_cache)
             cap = kv_cache.capacity if isinstance(kv_cache, MythosCache) else cfg.max_seq_len
             if S0 + T > cap:
@@ -582,7 +573,8 @@ class OpenMythos(nn.Module):
             kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding.
             start_pos: position of input_ids[:, 0] in the sequence (selects RoPE frequencies).
         """
-        n_loops, start_pos = _as_index("n_loops", n_loops, True), _as_index("start_pos", start_pos)
+        n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
+        start_pos = check_int("start_pos", start_pos, lo=0)
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
         with _inference_scope(self):             # under no_grad: see _inference_scope
             plan = self._decode_plan(input_ids, n_loops, kv_cache)
@@ -676,12 +668,15 @@ class OpenMythos(nn.Module):
                 ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that
                 it runs the step eagerly (torch logs a warning), same tokens, eager speed.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        if not (temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        n_loops = _as_index("n_loops", n_loops, True)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
+        # +inf: uniform sampling, as open-mythos's logits / inf
+        temperature = check_float("temperature", temperature, lo=0, inf_ok=True)
+        top_k = check_int("top_k", top_k, none_ok=True)       # <= 0 or None: no top-k filter
+        top_k = 0 if top_k is None else top_k
+        n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
+        cuda_graph = check_bool("cuda_graph", cuda_graph, none_ok=True)
+        static = check_bool("static", static, none_ok=True)
+        compiled = check_bool("compiled", compiled)
         self._check_inputs(input_ids, n_loops, None, 0)
         if max_new_tokens == 0:
             return input_ids

@@ -29,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from ._validate import check_int
+
 _EXACT: list[bool] = []     # [agrees with torch.multinomial], probed on first use
 
 
@@ -39,8 +41,9 @@ def enabled() -> bool:
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """open-mythos's top-k rule: logits below the k-th largest of their row set to -inf (ties
-    at the k-th kept); ``top_k`` <= 0 keeps every logit."""
-    if top_k <= 0:
+    at the k-th kept); ``top_k`` <= 0 (or None) keeps every logit."""
+    top_k = check_int("top_k", top_k, none_ok=True)
+    if top_k is None or top_k <= 0:
         return logits
     v, _ = logits.topk(min(top_k, logits.shape[-1]))
     return logits.masked_fill(logits < v[:, -1:], float("-inf"))

@@ -654,8 +654,10 @@ def _check_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thres
     _check_vec("B", B, D)
     _check_vec("w_halt", w_halt, D)
     _check_vec("b_halt", b_halt, 1)
-    if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-        raise ValueError(f"threshold must be a finite float, got {threshold!r}")
+    # +inf is a threshold no cum_p reaches: every loop runs (as in open-mythos)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or math.isnan(threshold) or threshold == -math.inf:
+        raise ValueError(f"threshold must be a float, not NaN or -inf, got {threshold!r}")
     devs = {t.device for t in (h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt)}
     if len(devs) > 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devs))}")

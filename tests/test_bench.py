@@ -230,7 +230,58 @@ def test_cli_list_and_tiny_run(tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {r["provider"] for r in rows} == {"eager", "reference"}
     assert (tmp_path / "rmsnorm.png").exists()
-    assert main(["--ops", "nope", "--no-model", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--ops", "nope", "--no-model", "--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--providers", "bogus", "--no-model"], "unknown provider 'bogus'"),
+    (["--ops", "rmsnorm", "--providers", "folded", "--no-model"], "unknown provider 'folded'"),
+    (["--modes", "sideways", "--no-model"], "unknown mode 'sideways'"),
+    (["--suites", "nope", "--model"], "unknown suite 'nope'"),
+    (["--model", "--providers", "eager"], "not with --model"),
+    (["--time-budget", "-1"], "--time-budget"),
+    (["--time-budget", "nan"], "--time-budget"),
+    (["--threads", "0"], "--threads"),
+    (["--threads", "two"], "--threads"),
+    (["--device", "tpu"], "--device"),
+    (["--level", "huge"], "--level"),
+    (["--ops", "nope"], "unknown op 'nope'"),
+])
+def test_cli_rejects_what_selects_nothing(tmp_path, capsys, args, msg):
+    """A value that selects nothing, or a bad one, is an argparse error (exit 2, the message on
+    stderr) before anything is measured or written."""
+    from bench.__main__ import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(out), "--quiet",
+              *([] if "--device" in args else ["--device", "cpu"])])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_unwritable_out_is_an_argparse_error(tmp_path, capsys):
+    """--out under a file, or where nothing can be created, fails before any measurement."""
+    import subprocess
+
+    from bench.__main__ import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub", Path("/proc/mythos_bench_out")):
+        with pytest.raises(SystemExit) as e:
+            main(["--ops", "rmsnorm", "--no-model", "--out", str(out), "--device", "cpu"])
+        assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+    # the command itself: exit code 2, the message on stderr, no results file
+    r = subprocess.run([sys.executable, "-m", "bench", "--providers", "bogus", "--no-model",
+                        "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "unknown provider 'bogus'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- CPU fallback cases
@@ -347,10 +398,10 @@ def test_cli_restores_the_thread_count(tmp_path, monkeypatch):
 
     before = torch.get_num_threads()
     monkeypatch.setattr(bm, "load_avg", lambda: 1e9)                 # a busy machine
-    assert bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), "--device", "cpu"]) == 2
-    assert torch.get_num_threads() == before
-    assert bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), "--threads", "1"]) == 2
-    assert torch.get_num_threads() == before
+    for args in (["--device", "cpu"], ["--threads", "1"]):
+        with pytest.raises(SystemExit):
+            bm.main(["--ops", "nope", "--no-model", "--out", str(tmp_path), *args])
+        assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])

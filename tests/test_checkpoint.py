@@ -141,3 +141,46 @@ def test_convert_checkpoint_tool(om, tmp_path, capsys):
     junk.write_bytes(b"not a checkpoint")
     assert main([str(junk), str(tmp_path / "y.pt")]) == 2
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
+
+
+def _convert(*args: str, cwd):
+    """Run tools/convert_checkpoint.py in ``cwd``; the CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
+    return subprocess.run([sys.executable, str(tool), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_convert_checkpoint_cli_refusals(tmp_path):
+    """The command line: an empty IN, an expert weight missing, and OUT naming IN under another
+    name (./IN, a symlink, a hard link; even with --force) each exit non-zero with a message
+    naming the problem, no traceback, and leave every file as it was."""
+    import os
+
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla")))
+    sd = mythos.to_open_mythos_state_dict(m)
+    torch.save(sd, tmp_path / "om.pt")
+    missing = next(k for k in sd if "routed_experts.2.down" in k)
+    del sd[missing]
+    torch.save(sd, tmp_path / "broken.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    os.symlink("om.pt", tmp_path / "link.pt")
+    os.link(tmp_path / "om.pt", tmp_path / "hard.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for args, msg in [(["empty.pt", "o.pt"], "empty"),
+                      (["broken.pt", "o.pt"], missing),
+                      (["om.pt", "./om.pt", "--force"], "input"),
+                      (["om.pt", "link.pt", "--force"], "input"),
+                      (["om.pt", "hard.pt", "--force"], "input"),
+                      (["om.pt", f"../{tmp_path.name}/om.pt", "--force"], "input"),
+                      (["om.pt", "no_dir/o.pt"], "folder")]:
+        r = _convert(*args, cwd=tmp_path)
+        assert r.returncode != 0, args
+        assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    r = _convert("om.pt", "ok.pt", cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "ok.pt").exists(), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "ok.pt"])   # no temp left

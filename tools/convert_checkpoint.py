@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 
 import torch
 
@@ -86,17 +87,36 @@ def main(argv=None) -> int:
     ap.add_argument("--to", choices=["mythos", "open-mythos"], default=None)
     ap.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = ap.parse_args(argv)
-    if os.path.abspath(args.src) == os.path.abspath(args.dst):
-        ap.error("IN and OUT are the same file")
+    if not os.path.isfile(args.src):
+        ap.error(f"IN {args.src}: no such file")
+    if os.path.getsize(args.src) == 0:
+        ap.error(f"IN {args.src}: the file is empty (not a torch.save checkpoint)")
+    # the same file however OUT names it: a symlink, a hard link, another relative path
+    same = os.path.realpath(args.src) == os.path.realpath(args.dst) or \
+        (os.path.exists(args.dst) and os.path.samefile(args.src, args.dst))
+    if same:
+        ap.error(f"OUT {args.dst} is the input file {args.src}: a conversion never overwrites its "
+                 "input")
     if os.path.exists(args.dst) and not args.force:
-        ap.error(f"{args.dst} exists (--force to overwrite)")
+        ap.error(f"OUT {args.dst} exists (--force to overwrite)")
+    out_dir = os.path.dirname(os.path.abspath(args.dst))
+    if os.path.isdir(args.dst) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        ap.error(f"OUT {args.dst}: not a writable file path (its folder {out_dir} must exist)")
     try:
         obj = torch.load(args.src, map_location="cpu", weights_only=True)
         new, src, dst = convert(obj, args.to)
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        print(f"convert_checkpoint: {args.src}: {exc}", file=sys.stderr)
+        print(f"convert_checkpoint: {args.src}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
-    torch.save(new, args.dst)
+    # written whole or not at all: a temporary file beside OUT, renamed over it
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".convert_checkpoint.", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(new, f)
+        os.replace(tmp, args.dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     same = " (already in that layout: copied)" if src == dst else ""
     print(f"{args.src} ({src} layout) -> {args.dst} ({dst} layout){same}")
     return 0

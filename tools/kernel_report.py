@@ -365,11 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_report: unset TRITON_INTERPRET (the report compiles for real GPUs)",
               file=sys.stderr)
         return 2
-    try:
-        for m in args.module:
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
+    for m in args.module:
+        try:
             import_extra(m)
+        except ImportError as exc:
+            ap.error(f"--module {m}: {exc}")
+    try:
         rows = report(args.arch or DEFAULT_ARCHS, args.kernel, progress=args.progress,
-                      jobs=max(1, args.jobs))
+                      jobs=args.jobs)
     except KeyError as exc:
         print(f"kernel_report: {exc}", file=sys.stderr)
         return 2
