@@ -25,17 +25,18 @@ torch's own errors: NaN, inf or a negative probability, or a row summing to 0.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from mythos_kernels._env import env_flag
 
 _EXACT: list[bool] = []     # [agrees with torch.multinomial], probed on first use
 
 
 def enabled() -> bool:
-    """``$MYTHOS_CPU_FAST_MULTINOMIAL`` (default 1)."""
-    return os.environ.get("MYTHOS_CPU_FAST_MULTINOMIAL", "1") != "0"
+    """``$MYTHOS_CPU_FAST_MULTINOMIAL`` (a switch, default on: ``mythos_kernels._env``)."""
+    return env_flag("MYTHOS_CPU_FAST_MULTINOMIAL", True)
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
