@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
+from mythos_kernels._env import env_str
+
 from .devinfo import cpu_id, device_name
 
 CACHE_VERSION = 2   # 2: the CPU rate is the faster of MKL and oneDNN; keyed by CPU id
 
 
 def cache_path() -> Path:
-    base = os.environ.get("MYTHOS_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "mythos")
+    base = env_str("MYTHOS_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mythos"))
     return Path(base) / "ceilings.json"
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mythos_kernels._env import env_str
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,7 +71,7 @@ def default_device() -> torch.device:
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     """``HEAD`` short hash (``+dirty`` when the tree has changes); ``$MYTHOS_COMMIT`` overrides."""
-    env = os.environ.get("MYTHOS_COMMIT")
+    env = env_str("MYTHOS_COMMIT", "")
     if env:
         return env
     try:

@@ -19,14 +19,13 @@ settled: CPU tensors, an fp32 model, no autograd or autocast, no torch.func tran
 would miss its calls), only mythos's own module types with their own ``forward`` (a submodule
 swapped for another class, e.g. an adapter library's LoRA wrapper around a Linear, would be
 bypassed), the backend not forced to ``triton``, no active dropout, and
-``$MYTHOS_CPU_DECODE_PLAN`` not 0. Otherwise :func:`decode_plan` returns None and the steps run
+``$MYTHOS_CPU_DECODE_PLAN`` not off. Otherwise :func:`decode_plan` returns None and the steps run
 through the modules as before. Each step adds the ops it runs to the dispatch record
 (``mythos_kernels.dispatch_counts``), as the module path's calls would.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 import mythos_kernels as K
 from mythos_kernels import moe as _moe
 from mythos_kernels._dispatch import cpu_inference, record
+from mythos_kernels._env import env_flag
 from mythos_kernels.attention import attention_reference
 from mythos_kernels.linear import dense_plan, swiglu_plan
 from mythos_kernels.mla_decode import _per_head, mla_absorb_weights, mla_decode_attention_reference
@@ -49,14 +49,15 @@ from mythos_kernels.recurrent import (
 
 
 def enabled() -> bool:
-    """``$MYTHOS_CPU_DECODE_PLAN`` (default 1): whether ``generate`` may plan its CPU decode."""
-    return os.environ.get("MYTHOS_CPU_DECODE_PLAN", "1") != "0"
+    """``$MYTHOS_CPU_DECODE_PLAN`` (a switch, default on: ``mythos_kernels._env``): whether
+    ``generate`` may plan its CPU decode."""
+    return env_flag("MYTHOS_CPU_DECODE_PLAN", True)
 
 
 def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
     """Why :func:`decode_plan` would not plan this model's decode here, or None if it would."""
     if not enabled():
-        return "MYTHOS_CPU_DECODE_PLAN=0"
+        return "MYTHOS_CPU_DECODE_PLAN is off"
     if not input_ids.is_cpu:
         return "not on the CPU"
     if any(t.dtype != torch.float32 for t in model.parameters()) or any(

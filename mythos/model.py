@@ -557,6 +557,7 @@ class OpenMythos(nn.Module):
                 c.check_append(B, 0)
         if _compiling():  # a host read would break the graph; eager checks it
             return
+        K.check_environment()   # every MYTHOS_* variable parsed now, before any compute
         lo, hi = torch.aminmax(input_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= cfg.vocab_size:

@@ -24,10 +24,11 @@ torch's own errors: NaN, inf or a negative probability, or a row summing to 0.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
+
+from mythos_kernels._env import env_flag
 
 from ._validate import check_int
 
@@ -35,8 +36,8 @@ _EXACT: list[bool] = []     # [agrees with torch.multinomial], probed on first u
 
 
 def enabled() -> bool:
-    """``$MYTHOS_CPU_FAST_MULTINOMIAL`` (default 1)."""
-    return os.environ.get("MYTHOS_CPU_FAST_MULTINOMIAL", "1") != "0"
+    """``$MYTHOS_CPU_FAST_MULTINOMIAL`` (a switch, default on: ``mythos_kernels._env``)."""
+    return env_flag("MYTHOS_CPU_FAST_MULTINOMIAL", True)
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from ._dispatch import (
                         triton_available,
                         use_backend,
 )
+from ._env import check_environment
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from ._scratch import release_scratch, scratch_bytes
 from .attention import attention, attention_reference, causal_mask
@@ -68,7 +69,7 @@ from .rope import apply_rope, apply_rope_reference, precompute_rope_freqs
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "dispatch_counts", "get_backend", "interpreter_active",
-    "reset_dispatch_counts", "set_backend", "triton_available", "use_backend",
+    "reset_dispatch_counts", "set_backend", "triton_available", "use_backend", "check_environment",
     "KernelConfig", "register_kernel", "registered_kernels", "release_scratch", "scratch_bytes",
     "attention", "attention_reference", "causal_mask",
     "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "lm_head",

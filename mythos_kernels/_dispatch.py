@@ -10,6 +10,11 @@ Backend setting, from the environment variable ``MYTHOS_BACKEND`` or from Python
 
 An op that has no Triton kernel yet uses its reference under every setting.
 
+Three layers decide, the first that is set wins: a :func:`use_backend` block, which belongs to
+the thread (or asyncio task) that entered it; :func:`set_backend`'s process-wide default; the
+environment variable, read on each call (``mythos_kernels._env`` lists every variable and how
+it is parsed).
+
 Every eager decision is recorded in a counter keyed ``(op, impl)`` so tests can assert that a
 kernel path really ran (under ``torch.compile`` the choice is made at trace time and not
 counted)::
@@ -27,58 +32,92 @@ import contextlib
 import os
 import threading
 from collections import Counter
+from contextvars import ContextVar
 from typing import Iterator, Sequence
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-BACKENDS = ("auto", "triton", "reference")
+from ._env import BACKEND_CHOICES, env_choice
 
-_lock = threading.Lock()
+BACKENDS = BACKEND_CHOICES
+
+_lock = threading.Lock()      # guards _counts
 _counts: Counter = Counter()
-_override: list[str] = []  # stack of context-manager / set_backend() choices
+_block: ContextVar[str | None] = ContextVar("mythos_backend_block", default=None)
+_default: str | None = None   # set_backend's choice, process-wide
+_compile_view: str | None = None   # the block choice last entered or left, any thread (see get_backend)
 
 
 class BackendUnavailable(RuntimeError):
     """Raised when the Triton backend is forced but a kernel cannot run on the given inputs."""
 
 
-def _validate(name: str) -> str:
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        raise ValueError(f"MYTHOS_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+def _validate(name: object, arg: str) -> str:
+    """A backend name from Python, lower-cased (any case accepted)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{arg} must be a str, one of {BACKENDS} (as for MYTHOS_BACKEND), "
+                        f"got {type(name).__name__}")
+    low = name.strip().lower()
+    if low not in BACKENDS:
+        raise ValueError(f"{arg} must be one of {BACKENDS} (as for MYTHOS_BACKEND), got {name!r}")
+    return low
 
 
 def get_backend() -> str:
-    """The backend in force: the innermost :func:`use_backend`, else ``$MYTHOS_BACKEND``, else auto."""
-    if _override:
-        return _override[-1]
-    return _validate(os.environ.get("MYTHOS_BACKEND", "auto") or "auto")
+    """The backend in force: the innermost :func:`use_backend` block of this thread or task, else
+    :func:`set_backend`'s choice, else ``$MYTHOS_BACKEND`` (read now), else ``auto``.
+
+    Under ``torch.compile`` it is read at trace time and the compiled code keeps it; dynamo cannot
+    read a ``ContextVar``, so there the block choice is the one last entered or left in any
+    thread, a module global the compiled code guards on (a change recompiles). With one thread
+    switching backends that is that thread's block; compiled code run from several threads under
+    different blocks may get another thread's choice.
+    """
+    if _compiling():
+        b = _compile_view
+    else:
+        b = _block.get()
+    if b is not None:
+        return b
+    b = _default
+    if b is not None:
+        return b
+    return env_choice("MYTHOS_BACKEND", BACKENDS, "auto")
 
 
 def set_backend(name: str | None) -> None:
-    """Set the process-wide backend (``None`` goes back to the environment variable)."""
-    with _lock:
-        _override.clear()
-        if name is not None:
-            _override.append(_validate(name))
+    """Set the process-wide default backend, seen by every thread (``None``: back to
+    ``$MYTHOS_BACKEND``). A :func:`use_backend` block still wins inside itself; the default
+    stays after the block."""
+    global _default
+    _default = None if name is None else _validate(name, "set_backend(name)")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager: run the enclosed code with the given backend."""
-    name = _validate(name)
-    _override.append(name)
+    """Context manager: run the enclosed code with the given backend.
+
+    The choice belongs to the current thread (asyncio task, ``contextvars`` context): other
+    threads keep theirs. A thread started inside the block starts with a fresh context, so it
+    sees :func:`set_backend`'s default or ``$MYTHOS_BACKEND``, not this block; an asyncio task
+    created inside the block copies the context and sees the block. Blocks nest.
+    """
+    global _compile_view
+    name = _validate(name, "use_backend(name)")
+    token = _block.set(name)
+    _compile_view = name
     try:
         yield
     finally:
-        _override.pop()
+        _block.reset(token)
+        _compile_view = _block.get()
 
 
 def interpreter_active() -> bool:
-    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run through the CPU interpreter: ``TRITON_INTERPRET`` read by
+    Triton's own rule (``1``, ``true``, ``on``, ``yes``, ``y`` in any case)."""
+    return (os.environ.get("TRITON_INTERPRET") or "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 _triton_ok: bool | None = None
@@ -146,7 +185,8 @@ def choose(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
         if on_cuda and supported is None and _why_not_triton(tensors) is None:
             impl = "triton"
     if not _compiling():  # under torch.compile the choice is made once, at trace time
-        _counts[(op, impl)] += 1
+        with _lock:
+            _counts[(op, impl)] += 1
     return impl
 
 
@@ -154,7 +194,8 @@ def record(op: str, impl: str = "reference", n: int = 1) -> None:
     """Add ``n`` calls of ``op`` served by ``impl`` to the dispatch record, for a caller that
     decided once where :func:`choose` decides per call (the CPU decode plan, ``mythos.decode``,
     records each reference op it runs, as the module path's calls would)."""
-    _counts[(op, impl)] += n
+    with _lock:
+        _counts[(op, impl)] += n
 
 
 def _compiling() -> bool:

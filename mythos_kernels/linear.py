@@ -32,7 +32,7 @@ measured 1.1-1.3x on every GEMM shape of the mid config (e.g. 512 x 512 x 4096: 
 GFLOP/s; the 32000-column head 122 -> 100 ms at 512 rows) for weights of at least 2^17
 elements or products of at least 2^24 multiply-adds (smaller ones run slower through it). Its
 sums are blocked differently (relative error vs fp64 4e-7 against MKL's 2.4e-7).
-``$MYTHOS_CPU_ONEDNN=0`` turns it off; torch builds without the op (checked once, against
+``$MYTHOS_CPU_ONEDNN=0`` (or ``off``) turns it off; torch builds without the op (checked once, against
 ``F.linear``) use ``F.linear``.
 
 Inside ``torch.compile`` these forms are off by default (their caches of derived weights and the
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -56,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import _compiling, choose, cpu_inference
+from ._env import env_flag
 from ._scratch import kept_output
 
 VOCAB_BLOCK = 4096
@@ -114,7 +114,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[-1] == weight.shape[1] and x.numel() > SPLIT_ROWS * x.shape[-1]
             and (weight.numel() >= ONEDNN_MIN_WEIGHT
                  or x.numel() // x.shape[-1] * weight.numel() >= ONEDNN_MIN_MACS)
-            and os.environ.get("MYTHOS_CPU_ONEDNN", "1") != "0"
+            and env_flag("MYTHOS_CPU_ONEDNN", True)
             and cpu_inference(x, weight) and onednn_available())
 
 
@@ -132,7 +132,7 @@ def weight_copies_enabled() -> bool:
     """Whether CPU inference may keep derived copies of weights (the head's transposed copy, the
     packed shared-expert and FFN weights): ``$MYTHOS_CPU_WEIGHT_COPIES``, default 1. Set it to 0
     to trade their speed for memory (up to one more copy of those weights)."""
-    return os.environ.get("MYTHOS_CPU_WEIGHT_COPIES", "1") != "0"
+    return env_flag("MYTHOS_CPU_WEIGHT_COPIES", True)
 
 
 def clear_weight_copies() -> None:

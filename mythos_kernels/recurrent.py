@@ -41,11 +41,11 @@ h_out (4 B) = 18 D bytes (+ 2 D with the LoRA delta, + 12 B of ACT state); see
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from ._dispatch import choose
+from ._env import env_int
 from .rmsnorm import rms_norm_reference
 
 try:
@@ -180,10 +180,7 @@ class HaltCheck:
     def __init__(self, device: torch.device | str, lag: int | None = None):
         # ``device`` stays in the signature for callers; the default lag no longer depends on it
         if lag is None:
-            env = os.environ.get("MYTHOS_HALT_LAG", "0").strip() or "0"
-            if env not in ("0", "1"):
-                raise ValueError(f"MYTHOS_HALT_LAG must be 0 or 1, got {env!r}")
-            lag = int(env)
+            lag = env_int("MYTHOS_HALT_LAG", 0, 0, 1)
         self.lag = int(lag)
         if self.lag not in (0, 1):
             raise ValueError(f"lag must be 0 or 1, got {lag}")
