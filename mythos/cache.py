@@ -196,6 +196,12 @@ def _loop_index(key: str) -> int:
     return -1
 
 
+def _misfit(key: str, c: LayerCache, want: dict, cfg) -> None:
+    raise CacheError(f"kv_cache does not fit this model: layer {key!r} was filled by "
+                     f"{_describe(c.layout())} attention, this model caches {_describe(want)} "
+                     f"({cfg.attn_type!r})")
+
+
 def check_cache(kv_cache: dict, cfg, input_ids: torch.Tensor, start_pos: int) -> None:
     """Refuse ``kv_cache`` for this call before any compute, with a :class:`CacheError` naming
     what is wrong. It must
@@ -248,25 +254,26 @@ def check_cache(kv_cache: dict, cfg, input_ids: torch.Tensor, start_pos: int) ->
                 raise CacheError(f"kv_cache is inconsistent: layer {key!r} holds {c.length} "
                                  f"positions, 'recurrent_loop_{t - 1}' "
                                  f"{0 if prev is None else prev.length}; start a new cache")
-        if not c.buffers:
+        bufs = c.buffers
+        if not bufs:
             continue
         if want is None:
             want = cache_layout(cfg)
-        bufs = c.buffers
-        if len(bufs) != len(want) or any(n not in want or tuple(b.shape[2:]) != want[n]
-                                          for n, b in bufs.items()):
-            raise CacheError(f"kv_cache does not fit this model: layer {key!r} was filled by "
-                             f"{_describe(c.layout())} attention, this model caches "
-                             f"{_describe(want)} ({cfg.attn_type!r})")
+            dev = input_ids.device
+        if len(bufs) != len(want):
+            _misfit(key, c, want, cfg)
         for n, b in bufs.items():
-            if b.shape[0] != B:
-                raise CacheError(f"kv_cache holds batch size {b.shape[0]}, got input with batch "
+            shape = b.shape
+            if shape[2:] != want.get(n):
+                _misfit(key, c, want, cfg)
+            if shape[0] != B:
+                raise CacheError(f"kv_cache holds batch size {shape[0]}, got input with batch "
                                  f"size {B}")
-            if b.device != input_ids.device:
-                raise CacheError(f"kv_cache is on {b.device}, input_ids on {input_ids.device}")
             if not b.dtype.is_floating_point:
                 raise CacheError(f"kv_cache[{key!r}].buffers[{n!r}] has dtype {b.dtype}; a "
                                  "cache holds floating-point values")
+        if b.device != dev:   # a layer's buffers are made together, on one device
+            raise CacheError(f"kv_cache is on {b.device}, input_ids on {dev}")
         limit = c.capacity if c.fixed else c.max_capacity
         if c.length + T > limit:
             raise CacheCapacityError(f"kv_cache holds {c.length} positions; {T} more exceed its "
