@@ -10,17 +10,33 @@ Per layer it stores
 * MLA: the RMS-normalized latent ``c_kv [B, S, kv_lora_rank]`` and one RoPE'd key
   ``k_rope [B, S, qk_rope_head_dim]`` shared by all heads;
 * GQA: ``k, v [B, S, n_kv_heads, head_dim]`` (RoPE applied to k).
+
+A cache is consistent or refused. ``OpenMythos.forward`` checks it before any compute
+(:func:`check_cache`: it fits the model, every layer holds what one sequence of calls leaves,
+``start_pos`` is its length) and writes to it inside :class:`CacheWrite`, which on an exception
+puts every layer back to the length it had; a cache that could not be put back stays marked
+and is refused.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from ._validate import check_int
 
 
-class CacheCapacityError(ValueError):
+class CacheError(ValueError):
+    """A kv_cache that does not fit the model or the call, or was left unusable."""
+
+
+class CacheCapacityError(CacheError):
     """Writing past a cache's capacity."""
+
+
+# the buffers each attention type caches: name -> what that layout is called in messages
+_KINDS = {("c_kv", "k_rope"): "MLA", ("k", "v"): "GQA"}
 
 
 class LayerCache:
@@ -32,6 +48,17 @@ class LayerCache:
         self.fixed = fixed
         self.length = 0
         self.buffers: dict[str, torch.Tensor] = {}
+        self.unusable: Optional[str] = None   # why the cache must be refused (set mid-write)
+
+    @property
+    def kind(self) -> Optional[str]:
+        """The attention type that filled it ("MLA" or "GQA", from its buffer names; None while
+        empty)."""
+        return _KINDS.get(tuple(self.buffers), "unknown") if self.buffers else None
+
+    def layout(self) -> dict[str, tuple[int, ...]]:
+        """Each buffer's per-position shape (the dims after [B, S])."""
+        return {name: tuple(b.shape[2:]) for name, b in self.buffers.items()}
 
     def check_append(self, batch: int, n_new: int) -> None:
         """Raise before any write if ``n_new`` positions for ``batch`` rows do not fit."""
@@ -146,6 +173,169 @@ def cache_length(kv_cache: dict | None) -> int:
     if not kv_cache:
         return 0
     return max((c.length for c in kv_cache.values() if isinstance(c, LayerCache)), default=0)
+
+
+def cache_layout(cfg) -> dict[str, tuple[int, ...]]:
+    """The buffers a layer of ``cfg``'s model caches and their per-position shapes."""
+    if cfg.attn_type == "mla":
+        return {"c_kv": (cfg.kv_lora_rank,), "k_rope": (cfg.qk_rope_head_dim,)}
+    head_dim = cfg.dim // cfg.n_heads
+    return {"k": (cfg.n_kv_heads, head_dim), "v": (cfg.n_kv_heads, head_dim)}
+
+
+def _describe(layout: dict[str, tuple[int, ...]]) -> str:
+    kind = _KINDS.get(tuple(layout), "unknown")
+    return f"{kind} (" + ", ".join(f"{n} {list(s)}" for n, s in layout.items()) + ")"
+
+
+def _loop_index(key: str) -> int:
+    """t for a ``recurrent_loop_{t}`` key, else -1."""
+    if key.startswith("recurrent_loop_"):
+        t = key[15:]
+        if t.isdigit() and str(int(t)) == t:
+            return int(t)
+    return -1
+
+
+def _misfit(key: str, c: LayerCache, want: dict, cfg) -> None:
+    raise CacheError(f"kv_cache does not fit this model: layer {key!r} was filled by "
+                     f"{_describe(c.layout())} attention, this model caches {_describe(want)} "
+                     f"({cfg.attn_type!r})")
+
+
+def check_cache(kv_cache: dict, cfg, input_ids: torch.Tensor, start_pos: int) -> None:
+    """Refuse ``kv_cache`` for this call before any compute, with a :class:`CacheError` naming
+    what is wrong. It must
+
+    * hold only mythos :class:`LayerCache` values under this model's keys (``prelude_{i}``,
+      ``coda_{i}`` for the configured layer counts, ``recurrent_loop_{t}``);
+    * fit the model: each layer's buffers those of ``cfg``'s attention type with its shapes
+      (:func:`cache_layout`), floating point, on ``input_ids``'s device, ``input_ids``'s batch;
+    * not be marked unusable (a write that could not be rolled back, see :class:`CacheWrite`);
+    * be consistent: every layer each call writes (prelude, coda, loop 0) holds the cache's
+      length, a deeper loop no more positions than the one before it;
+    * have ``start_pos`` equal to its length, and room for ``input_ids``'s positions.
+
+    O(layers) Python over shapes and lengths, no tensor reads."""
+    B, T = input_ids.shape
+    S0 = 0
+    for key, c in kv_cache.items():
+        if not isinstance(c, LayerCache):
+            raise CacheError(f"kv_cache[{key!r}] is not a mythos LayerCache (got "
+                             f"{type(c).__name__}); pass an empty dict {{}} to start a cache")
+        if c.unusable is not None:
+            raise CacheError(f"kv_cache is unusable: {c.unusable}; start a new cache")
+        if c.length > S0:
+            S0 = c.length
+    if not kv_cache:
+        if start_pos != 0:
+            raise CacheError(f"start_pos ({start_pos}) must equal the positions kv_cache holds "
+                             "(0: it is empty), or be omitted")
+        return
+    want = None
+    n_pre, n_coda = cfg.prelude_layers, cfg.coda_layers
+    core = 0   # layers every call writes: the prelude's, the coda's, loop 0
+    for key, c in kv_cache.items():
+        t = _loop_index(key)
+        if t < 0:
+            head, _, i = key.rpartition("_")
+            n = n_pre if head == "prelude" else n_coda if head == "coda" else -1
+            if not i.isdigit() or str(int(i)) != i or int(i) >= n:
+                raise CacheError(f"kv_cache has a layer {key!r} this model does not have "
+                                 f"(prelude_layers={n_pre}, coda_layers={n_coda}): it was filled "
+                                 "by another model")
+        if t <= 0:
+            core += 1
+        if c.length != S0 and t <= 0:
+            raise CacheError(f"kv_cache is inconsistent: layer {key!r} holds {c.length} positions, "
+                             f"others {S0} (a write to it was cut short?); start a new cache")
+        if t > 0:
+            prev = kv_cache.get(f"recurrent_loop_{t - 1}")
+            if prev is None or prev.length < c.length:
+                raise CacheError(f"kv_cache is inconsistent: layer {key!r} holds {c.length} "
+                                 f"positions, 'recurrent_loop_{t - 1}' "
+                                 f"{0 if prev is None else prev.length}; start a new cache")
+        bufs = c.buffers
+        if not bufs:
+            continue
+        if want is None:
+            want = cache_layout(cfg)
+            dev = input_ids.device
+        if len(bufs) != len(want):
+            _misfit(key, c, want, cfg)
+        for n, b in bufs.items():
+            shape = b.shape
+            if shape[2:] != want.get(n):
+                _misfit(key, c, want, cfg)
+            if shape[0] != B:
+                raise CacheError(f"kv_cache holds batch size {shape[0]}, got input with batch "
+                                 f"size {B}")
+            if not b.dtype.is_floating_point:
+                raise CacheError(f"kv_cache[{key!r}].buffers[{n!r}] has dtype {b.dtype}; a "
+                                 "cache holds floating-point values")
+        if b.device != dev:   # a layer's buffers are made together, on one device
+            raise CacheError(f"kv_cache is on {b.device}, input_ids on {dev}")
+        limit = c.capacity if c.fixed else c.max_capacity
+        if c.length + T > limit:
+            raise CacheCapacityError(f"kv_cache holds {c.length} positions; {T} more exceed its "
+                                     f"capacity {limit}")
+    if S0 and core != n_pre + n_coda + 1:
+        raise CacheError(f"kv_cache is inconsistent: it holds {S0} positions but only {core} of "
+                         f"the {n_pre + n_coda + 1} layers every call writes; start a new cache")
+    if start_pos != S0:
+        raise CacheError(f"start_pos ({start_pos}) must equal the positions kv_cache holds "
+                         f"({S0}), or be omitted")
+
+
+_MID_WRITE = ("a forward that was writing to it stopped and its rollback did not finish (or "
+              "another call is writing to it now)")
+
+
+class CacheWrite:
+    """``with CacheWrite(kv_cache):`` around a forward that appends to ``kv_cache`` (None: does
+    nothing). On an exception every layer goes back to the length it had (appends write by
+    position, so positions past a length are unused; they are zeroed again for the static
+    step, which reads the whole buffer under a mask) and layers the call created are removed:
+    the cache is as before the call. Meanwhile each layer is marked unusable, and stays so if
+    the rollback itself fails or is interrupted; :func:`check_cache` then refuses it."""
+
+    __slots__ = ("cache", "before")
+
+    def __init__(self, kv_cache: Optional[dict]):
+        self.cache = kv_cache
+        self.before: list = []
+
+    def __enter__(self) -> "CacheWrite":
+        if self.cache is not None:
+            self.before = [(k, c, c.length) for k, c in self.cache.items()]
+            for _, c, _ in self.before:
+                c.unusable = _MID_WRITE
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        cache = self.cache
+        if cache is None:
+            return False
+        if exc_type is not None:
+            try:
+                self._roll_back(cache)
+            except BaseException:  # noqa: BLE001 - the layers stay marked; the first error wins
+                return False
+        for _, c, _ in self.before:
+            c.unusable = None
+        return False
+
+    def _roll_back(self, cache: dict) -> None:
+        kept = {k for k, _, _ in self.before}
+        for k in [k for k in cache if k not in kept]:
+            del cache[k]
+        with torch.no_grad(), torch.inference_mode(False):
+            for k, c, n in self.before:
+                cache[k] = c
+                for b in c.buffers.values():
+                    if b.shape[1] > n:
+                        b[:, n:].zero_()
+                c.length = n
 
 
 def cache_bytes_per_token(cfg, dtype_bytes: int = 4, open_mythos: bool = False) -> int:

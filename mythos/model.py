@@ -24,10 +24,10 @@ import mythos_kernels as K
 from mythos_kernels._dispatch import _compiling, _transformed
 
 from ._validate import ArgumentTypeError, check_bool, check_float, check_int, device_memory_bytes
-from .cache import LayerCache, MythosCache, cache_length, layer_cache
+from .cache import CacheWrite, LayerCache, MythosCache, cache_length, check_cache, layer_cache
 from .config import MythosConfig, check_allocation
 from .decode import decode_plan
-from .sampling import multinomial_one, top_k_filter
+from .sampling import check_finite_rows, multinomial_one, top_k_filter
 
 
 class RMSNorm(nn.Module):
@@ -548,13 +548,7 @@ class OpenMythos(nn.Module):
         if kv_cache is not None:
             if not isinstance(kv_cache, dict):
                 raise ArgumentTypeError(f"kv_cache must be a dict or None, got {type(kv_cache).__name__}")
-            S0 = cache_length(kv_cache)
-            cap = kv_cache.capacity if isinstance(kv_cache, MythosCache) else cfg.max_seq_len
-            if S0 + T > cap:
-                raise ValueError(f"kv_cache holds {S0} positions; {T} more exceed its capacity "
-                                 f"{cap}")
-            for c in kv_cache.values():
-                c.check_append(B, 0)
+            check_cache(kv_cache, cfg, input_ids, start_pos)   # fits, consistent, start_pos
         if _compiling():  # a host read would break the graph; eager checks it
             return
         K.check_environment()   # every MYTHOS_* variable parsed now, before any compute
@@ -566,18 +560,24 @@ class OpenMythos(nn.Module):
 
     @_weights_unchanged
     def forward(self, input_ids: torch.Tensor, n_loops: Optional[int] = None,
-                kv_cache: Optional[dict] = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: Optional[dict] = None, start_pos: Optional[int] = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab_size].
 
         Args:
             n_loops: recurrent depth (default cfg.max_loop_iters; may exceed it at inference).
-            kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding.
+            kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding;
+                refused before any compute if it does not fit the model or was left
+                inconsistent, and left as it was if the call raises (``mythos.cache``).
             start_pos: position of input_ids[:, 0] in the sequence (selects RoPE frequencies).
+                With a cache it must equal the positions the cache holds; omitted (None), it
+                is taken from the cache (0 without one).
         """
         n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
-        start_pos = check_int("start_pos", start_pos, lo=0)
+        start_pos = check_int("start_pos", start_pos, lo=0, none_ok=True)
+        if start_pos is None:
+            start_pos = cache_length(kv_cache) if isinstance(kv_cache, dict) else 0
         self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
-        with _inference_scope(self):             # under no_grad: see _inference_scope
+        with CacheWrite(kv_cache), _inference_scope(self):   # rollback on error; no_grad: scope
             plan = self._decode_plan(input_ids, n_loops, kv_cache)
             if plan is not None:   # one token per row onto a filled cache, on the CPU
                 h = plan.hidden(input_ids, kv_cache, start_pos).unsqueeze(1)
@@ -857,9 +857,15 @@ def _warn_if_scalar_inductor() -> None:
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
     """logits [B, V] -> next token [B]: open-mythos's temperature / top-k / multinomial rule, with
-    open-mythos's random draws (:func:`mythos.sampling.multinomial_one` on the CPU)."""
+    open-mythos's random draws (:func:`mythos.sampling.multinomial_one` on the CPU);
+    ``temperature=0`` takes the argmax. Either way a row whose maximum is not finite (a NaN or
+    +inf in it, or only -inf) raises :class:`mythos.sampling.NonFiniteLogitsError` before any
+    token is chosen or drawn (:func:`mythos.sampling.check_finite_rows`: one host read per step)."""
     if temperature == 0:
-        return logits.argmax(-1)
+        top, tok = logits.max(-1)                 # the argmax (first of ties) and its value
+        check_finite_rows(top)
+        return tok
+    check_finite_rows(logits.amax(-1))
     logits = top_k_filter(logits / temperature, top_k)
     # torch.multinomial(probs, 1), the same tokens and random stream (mythos.sampling)
     return multinomial_one(F.softmax(logits, dim=-1)).squeeze(-1)

@@ -50,6 +50,23 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < v[:, -1:], float("-inf"))
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """Logits with no finite maximum in a row, which decoding never turns into a token."""
+
+
+def check_finite_rows(top: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteLogitsError` unless every row maximum ``top`` [B] (of logits
+    [B, V]) is finite. A row maximum is NaN if the row holds a NaN, +inf if it holds a +inf and
+    -inf if every logit is -inf: the rows greedy decoding would turn into an arbitrary token
+    (argmax takes a NaN as the largest) and ``torch.multinomial`` refuses after the softmax.
+    One host read of a [B] flag."""
+    if not bool(torch.isfinite(top).all()):
+        rows = (~torch.isfinite(top)).nonzero().flatten().tolist()
+        raise NonFiniteLogitsError(f"logits are not finite in row(s) {rows} (a NaN, a +inf, or "
+                                   "every logit -inf): no token can be chosen; check the weights "
+                                   "and inputs")
+
+
 def _exponential(shape: tuple[int, ...], generator: Optional[torch.Generator]) -> torch.Tensor:
     """``torch.empty(shape).exponential_(generator=generator)`` (float32, rate 1): the same values
     and generator state, from ``uniform_`` and a vectorized ``log1p`` (module docstring)."""
@@ -110,4 +127,5 @@ def multinomial_one(probs: torch.Tensor, generator: Optional[torch.Generator] = 
     return _draw(probs, generator)
 
 
-__all__ = ["enabled", "exact", "multinomial_one", "top_k_filter"]
+__all__ = ["NonFiniteLogitsError", "check_finite_rows", "enabled", "exact", "multinomial_one",
+           "top_k_filter"]

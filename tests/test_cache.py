@@ -247,3 +247,222 @@ def test_forward_under_no_grad_keeps_forward_mode_ad():
     with fwAD.dual_level():
         assert mm._transformed()
     assert not mm._transformed()
+
+
+# --- a cache is consistent or refused -------------------------------------------------------
+
+class _Stop(Exception):
+    """The error the tests' hooks raise mid-forward."""
+
+
+def _state(cache):
+    """Keys, lengths and valid prefixes of a cache (and for a preallocated one, whether the
+    positions past each length are zero, as the static decode step needs)."""
+    out = {}
+    for k, c in cache.items():
+        tails = all(not b[:, c.length:].any() for b in c.buffers.values()) \
+            if isinstance(cache, mythos.MythosCache) else True
+        out[k] = (c.length, {n: b[:, :c.length].clone() for n, b in c.buffers.items()}, tails)
+    return out
+
+
+def _assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k][0] == after[k][0], f"{k}: length {after[k][0]}, was {before[k][0]}"
+        assert after[k][2], f"{k}: positions past the length not zero"
+        for n, b in before[k][1].items():
+            assert torch.equal(b, after[k][1][n]), f"cache {k}.{n} changed"
+
+
+def _model(attn, **over):
+    torch.manual_seed(3)
+    kw = tiny_kwargs(attn, act_threshold=1e4, prelude_layers=2, coda_layers=2)
+    kw.update(over)
+    return mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+
+
+def _raise_on_call(module, n, exc=_Stop):
+    """A forward hook on ``module`` raising ``exc`` at its n-th call (1-based): the module's
+    attention has written its layer's cache by then."""
+    calls = []
+
+    def hook(mod, inputs, output):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc("stopped by a test hook")
+
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("cache_kind", ["dict", "preallocated"])
+@pytest.mark.parametrize("where", ["prelude", "loop", "coda", "empty_cache", "interrupt"])
+def test_forward_that_raises_leaves_the_cache_as_it_was(attn, cache_kind, where):
+    """A hook raising in the prelude, in the loop (its 2nd iteration), in the coda (after its
+    first layer), on the first call (empty cache), or a KeyboardInterrupt: every layer is back
+    to its length (layers the call created removed), and the next calls give the logits of a
+    run that was never interrupted."""
+    m = _model(attn)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        ref_cache = {}
+        ref = [m(ids[:, :5], n_loops=3, kv_cache=ref_cache),
+               m(ids[:, 5:7], n_loops=3, kv_cache=ref_cache),
+               m(ids[:, 7:8], n_loops=3, kv_cache=ref_cache)]
+        cache = {} if cache_kind == "dict" else mythos.MythosCache(16)
+        if where != "empty_cache":
+            m(ids[:, :5], n_loops=3, kv_cache=cache)
+        before = _state(cache)
+        module, n, exc = {"prelude": (m.prelude[0], 1, _Stop), "loop": (m.recurrent.block, 2, _Stop),
+                          "coda": (m.coda[0], 1, _Stop), "empty_cache": (m.recurrent.block, 3, _Stop),
+                          "interrupt": (m.recurrent.block, 2, KeyboardInterrupt)}[where]
+        chunk = ids[:, :5] if where == "empty_cache" else ids[:, 5:7]
+        handle = _raise_on_call(module, n, exc)
+        try:
+            with pytest.raises(exc):
+                m(chunk, n_loops=3, kv_cache=cache)
+        finally:
+            handle.remove()
+        _assert_same_state(before, _state(cache))
+        if where == "empty_cache":
+            assert len(cache) == 0
+            m(ids[:, :5], n_loops=3, kv_cache=cache)
+        got = [m(ids[:, 5:7], n_loops=3, kv_cache=cache), m(ids[:, 7:8], n_loops=3, kv_cache=cache)]
+    assert_close("after the rollback", torch.cat(ref[1:], 1), torch.cat(got, 1), 1e-6)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_decode_plan_step_that_raises_leaves_the_cache_as_it_was(attn, monkeypatch):
+    """forward's one-token CPU decode step (mythos.decode: no modules, no hooks) raising after a
+    few layers' appends: the same rollback."""
+    from mythos.cache import LayerCache
+
+    m = _model(attn)
+    ids = torch.randint(0, 97, (1, 6), device="cpu")
+    m.cpu()
+    with torch.no_grad():
+        cache = {}
+        m(ids[:, :5], n_loops=3, kv_cache=cache)
+        want = m(ids[:, 5:], n_loops=3, kv_cache={k: _copy_layer(c) for k, c in cache.items()})
+        before = _state(cache)
+        real, calls = LayerCache.append_next, []
+
+        def flaky(self, **new):
+            calls.append(1)
+            if len(calls) == 4:
+                raise _Stop("stopped mid-step")
+            return real(self, **new)
+
+        monkeypatch.setattr(LayerCache, "append_next", flaky)
+        with pytest.raises(_Stop):
+            m(ids[:, 5:], n_loops=3, kv_cache=cache)
+        assert len(calls) == 4, "the decode plan did not run"
+        _assert_same_state(before, _state(cache))
+        monkeypatch.setattr(LayerCache, "append_next", real)
+        assert_close("decode after the rollback", want, m(ids[:, 5:], n_loops=3, kv_cache=cache), 1e-6)
+
+
+def _copy_layer(c):
+    from mythos.cache import LayerCache
+
+    d = LayerCache(c.capacity, c.max_capacity, c.fixed)
+    d.length, d.buffers = c.length, {n: b.clone() for n, b in c.buffers.items()}
+    return d
+
+
+def test_cache_whose_rollback_failed_is_refused(monkeypatch):
+    """If the rollback itself fails (interrupted), the layers stay marked and the next call is
+    refused with a message saying so; the first error is the one raised."""
+    from mythos.cache import CacheWrite
+
+    m = _model("mla")
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        cache = {}
+        m(ids[:, :5], n_loops=2, kv_cache=cache)
+
+        def broken(self, cache):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(CacheWrite, "_roll_back", broken)
+        handle = _raise_on_call(m.recurrent.block, 1)
+        try:
+            with pytest.raises(_Stop):
+                m(ids[:, 5:], n_loops=2, kv_cache=cache)
+        finally:
+            handle.remove()
+        with pytest.raises(mythos.CacheError, match="unusable"):
+            m(ids[:, 5:], n_loops=2, kv_cache=cache)
+        with pytest.raises(mythos.CacheError, match="unusable"):
+            m(ids[:, 5:6], n_loops=2, kv_cache=cache, start_pos=5)
+
+
+def test_start_pos_must_equal_the_cache_length():
+    """4 tokens cached, then start_pos=0 (or anything but 4) is refused before any compute;
+    omitted, it is the cache's length; an empty cache takes start_pos 0 (open-mythos's first
+    call) and refuses another."""
+    m = _model("gqa")
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        cache, ref = {}, {}
+        m(ids[:, :4], n_loops=2, kv_cache=cache, start_pos=0)
+        m(ids[:, :4], n_loops=2, kv_cache=ref)
+        before = _state(cache)
+        for bad in (0, 3, 5):
+            with pytest.raises(mythos.CacheError, match=rf"start_pos \({bad}\) must equal .*\(4\)"):
+                m(ids[:, 4:5], n_loops=2, kv_cache=cache, start_pos=bad)
+        _assert_same_state(before, _state(cache))
+        a = m(ids[:, 4:5], n_loops=2, kv_cache=cache, start_pos=4)
+        b = m(ids[:, 4:5], n_loops=2, kv_cache=ref)
+        assert torch.equal(a, b)
+        with pytest.raises(mythos.CacheError, match="start_pos"):
+            m(ids[:, :2], n_loops=2, kv_cache={}, start_pos=3)
+        # without a cache start_pos stays a free RoPE offset
+        assert torch.equal(m(ids[:, 2:4], n_loops=2), m(ids[:, 2:4], n_loops=2, start_pos=0))
+        m(ids[:, 2:4], n_loops=2, start_pos=7)
+
+
+@pytest.mark.parametrize("other,match", [
+    (dict(attn_type="gqa"), r"MLA \(c_kv \[24\], k_rope \[6\]\).*GQA \(k \[2, 10\], v \[2, 10\]\)"),
+    (dict(attn_type="mla", kv_lora_rank=20), r"c_kv \[24\].*c_kv \[20\]"),
+    (dict(attn_type="mla", prelude_layers=1), "prelude_1"),
+    (dict(attn_type="mla", coda_layers=3), "inconsistent"),
+])
+def test_cache_of_another_model_is_refused(other, match):
+    """A cache filled by an MLA model, given to a GQA model (or one with another latent rank,
+    or other layer counts): refused before any compute, naming what differs."""
+    other = dict(other)
+    a, b = _model("mla"), _model(other.pop("attn_type"), **other)
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        cache = {}
+        a(ids, n_loops=2, kv_cache=cache)
+        before = _state(cache)
+        with pytest.raises(mythos.CacheError, match=match):
+            b(ids[:, :1], n_loops=2, kv_cache=cache)
+    _assert_same_state(before, _state(cache))
+
+
+def test_inconsistent_or_foreign_cache_is_refused():
+    """Layers at lengths no sequence of calls leaves, a missing layer, and open-mythos's own
+    cache entries: refused with a CacheError."""
+    m = _model("mla")
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        cache = {}
+        m(ids, n_loops=3, kv_cache=cache)
+        for mutate, match in ((lambda c: setattr(c["coda_1"], "length", 4), "coda_1"),
+                              (lambda c: setattr(c["recurrent_loop_2"], "length", 6), "inconsistent"),
+                              (lambda c: c.pop("prelude_0"), "inconsistent"),
+                              (lambda c: c.pop("recurrent_loop_1"), "recurrent_loop_2"),
+                              (lambda c: c.update(prelude_0={"k": torch.zeros(2, 5, 2, 10)}),
+                               "not a mythos LayerCache")):
+            broken = {k: _copy_layer(c) for k, c in cache.items()}
+            mutate(broken)
+            with pytest.raises(mythos.CacheError, match=match):
+                m(ids[:, :1], n_loops=3, kv_cache=broken, start_pos=5)
+        # a deeper call after shallower ones is consistent (loop 3 starts empty, as open-mythos)
+        m(ids[:, :1], n_loops=4, kv_cache=cache)
+        assert cache["recurrent_loop_3"].length == 1 and cache["recurrent_loop_0"].length == 6
+        m(ids[:, :1], n_loops=2, kv_cache=cache)

@@ -171,3 +171,48 @@ def test_default_device_elsewhere(monkeypatch):
     finally:
         torch.set_default_device(prev)
     assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", ["nan", "posinf", "all_neginf"])
+@pytest.mark.parametrize("temperature,top_k", [(0, 0), (1.0, 0), (0.8, 5)])
+def test_non_finite_logits_never_become_tokens(bad, temperature, top_k):
+    """One rule for greedy and sampled decoding: a row whose maximum is not finite (a NaN or a
+    +inf in it, or only -inf) raises NonFiniteLogitsError naming the row, before any draw."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    if bad == "nan":
+        logits[1, 7] = float("nan")
+    elif bad == "posinf":
+        logits[1, 0] = float("inf")
+    else:
+        logits[1] = float("-inf")
+    state = torch.get_rng_state()
+    with pytest.raises(sampling.NonFiniteLogitsError, match=r"row\(s\) \[1\]"):
+        sample(logits, temperature, top_k)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert issubclass(sampling.NonFiniteLogitsError, RuntimeError)
+
+
+def test_some_neginf_logits_still_decode():
+    """-inf on some entries (a masked vocabulary) is finite enough: greedy takes the argmax."""
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
+    logits[:, ::2] = float("-inf")
+    assert torch.equal(sample(logits, 0, 0), logits.argmax(-1))
+    assert sample(logits, 1.0, 0).remainder(2).eq(1).all()
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_generate_with_a_nan_weight_raises(static, temperature):
+    """A NaN in a weight: generate raises for greedy decoding as for sampling (greedy returned
+    token 0 everywhere before)."""
+    from conftest import tiny_kwargs
+
+    import mythos
+
+    torch.manual_seed(0)
+    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla"))).eval()
+    with torch.no_grad():
+        m.coda[0].ffn.down.weight[3, 5] = float("nan")
+    with pytest.raises(sampling.NonFiniteLogitsError):
+        m.generate(torch.randint(0, 97, (2, 4)), max_new_tokens=3, n_loops=2,
+                   temperature=temperature, static=static)
