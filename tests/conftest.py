@@ -63,6 +63,18 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def _restore_cpu_variants():
+    """Every CPU variant back to its state before the test (tests switch them by name with
+    ``mythos_kernels.set_cpu_variant``)."""
+    import mythos_kernels as K
+
+    before = [(name, on) for name, _, on, _ in K.cpu_variants()]
+    yield
+    for name, on in before:
+        K.set_cpu_variant(name, on)
+
+
 @pytest.fixture(params=["size-floors", "every-cpu-form"])
 def cpu_forms(request, monkeypatch):
     """Run a model test twice: with the CPU inference forms' real weight-size floors (tiny test
@@ -107,6 +119,19 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float | t
         tol = DTYPE_TOL[tol]
     err = rel_err(ref, out)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def spy(monkeypatch, mod, name: str) -> list[str]:
+    """Record calls of ``mod.<name>`` (still running it): the list grows by ``name`` per call."""
+    calls: list[str] = []
+    real = getattr(mod, name)
+
+    def wrapped(*a, **k):
+        calls.append(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, name, wrapped)
+    return calls
 
 
 def tiny_kwargs(attn_type: str = "mla", **over) -> dict:

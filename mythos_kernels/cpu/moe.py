@@ -357,10 +357,15 @@ def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
 
 def _serves_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                      w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """CPU tensors with autograd through one of them, fp32 or bf16, CPU autocast off, eager (not
-    traced, not inside a ``torch.func`` transform): :func:`moe_experts_grouped` serves."""
+    """CPU tensors with autograd through one of them, fp32 or bf16, rows of D and F elements on
+    16-byte strides with contiguous expert stacks (``F.grouped_mm``'s layout rule), CPU autocast
+    off, eager (not traced, not inside a ``torch.func`` transform): :func:`moe_experts_grouped`
+    serves."""
     ts = (x, weights, w13, w2)
+    align = 16 // x.element_size()
     return (idx.numel() > 0 and all(t.device.type == "cpu" for t in (*ts, idx))
+            and x.shape[1] % align == 0 and w2.shape[1] % align == 0
+            and w13.is_contiguous() and w2.is_contiguous()
             and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
             and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_autocast_enabled("cpu") and not _compiling() and not _transformed())
