@@ -161,7 +161,8 @@ def test_moe_skewed_routing_takes_sorted_form(monkeypatch, idx_dtype, dtype):
     torch.testing.assert_close(out, ref, **tol)
 
 
-@pytest.mark.parametrize("N,k,E,D,Fh", [(3, 2, 6, 16, 4), (37, 3, 7, 33, 9), (64, 4, 16, 24, 12)])
+@pytest.mark.parametrize("N,k,E,D,Fh", [(3, 2, 6, 16, 4), (37, 3, 7, 33, 9), (64, 4, 16, 24, 12),
+                                       (20, 3, 6, 32, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_autograd_takes_the_grouped_form(N, k, E, D, Fh, dtype):
     """CPU autograd: the grouped-GEMM form serves (recorded as cpu), output and every gradient

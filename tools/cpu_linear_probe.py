@@ -58,7 +58,8 @@ def probe_moe(reps: int = 9) -> list[dict]:
     """One MoE call of 512 tokens, top-4 of 64 experts: the sorted reference against
     ``moe_experts_cpu`` under balanced routing (its padded form) and skewed routing (its sorted
     form: three quarters of the pairs on four experts, as in a random-init model)."""
-    M = importlib.import_module("mythos_kernels.moe")
+    M = importlib.import_module("mythos_kernels.cpu.moe")
+    R = importlib.import_module("mythos_kernels.moe")
     N, k, E, D, Fh = 512, 4, 64, 512, 128
     x = torch.randn(N, D)
     w13, w2 = torch.randn(E, D, 2 * Fh) * 0.02, torch.randn(E, Fh, D) * 0.02
@@ -70,7 +71,7 @@ def probe_moe(reps: int = 9) -> list[dict]:
     for routing, idx in (("balanced", balanced), ("skewed", skewed)):
         with torch.no_grad():
             ts = time_interleaved({
-                "reference_ms": lambda: M.moe_experts_reference(x, weights, idx, w13, w2),
+                "reference_ms": lambda: R.moe_experts_reference(x, weights, idx, w13, w2),
                 "cpu_ms": lambda: M.moe_experts_cpu(x, weights, idx, w13, w2)}, reps)
         r = {k_: round(statistics.median(v) * 1e3, 2) for k_, v in ts.items()}
         r.update(routing=routing, N=N, k=k, E=E, D=D, F=Fh)

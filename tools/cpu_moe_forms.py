@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from bench.devinfo import run_info  # noqa: E402
 from bench.harness import append_jsonl, cpu_results  # noqa: E402
-from mythos_kernels import moe as M  # noqa: E402
+from mythos_kernels.cpu import moe as M  # noqa: E402
 
 # (experts, dim, expert hidden, top-k): the mid config's MoE first
 SHAPES = ((64, 512, 128, 4), (16, 256, 64, 2), (32, 1024, 256, 4), (128, 512, 64, 8),
