@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import mythos_kernels as K
-from mythos_kernels import moe as _moe
-from mythos_kernels._dispatch import cpu_inference, record
+from mythos_kernels._dispatch import cpu_enabled, cpu_inference, record
 from mythos_kernels._env import env_flag
 from mythos_kernels.attention import attention_reference
+from mythos_kernels.cpu import moe as _cpu_moe
 from mythos_kernels.linear import dense_plan, swiglu_plan
 from mythos_kernels.mla_decode import _per_head, mla_absorb_weights, mla_decode_attention_reference
-from mythos_kernels.moe import moe_route_reference
+from mythos_kernels.moe import moe_experts_reference, moe_route_reference
 from mythos_kernels.recurrent import (
     acc_dtype,
     get_A,
@@ -63,10 +63,10 @@ def why_not(model, input_ids: torch.Tensor) -> Optional[str]:
     if any(t.dtype != torch.float32 for t in model.parameters()) or any(
             t.is_floating_point() and t.dtype != torch.float32 for t in model.buffers()):
         return "not an fp32 model"
+    if K.get_backend() in ("triton", "reference"):
+        return f"the {K.get_backend()} backend is forced"
     if not cpu_inference(model.embed.weight):
         return "autograd, autocast, a torch.func transform or tracing is active"
-    if K.get_backend() == "triton":
-        return "the triton backend is forced"
     bypassed = _bypassed_module(model)
     if bypassed is not None:
         return bypassed
@@ -180,8 +180,11 @@ class _MoE:
         # moe_experts_cpu's form for rows x topk pairs, chosen now (it checks on every call)
         x = torch.empty(rows, moe.w13.shape[1], dtype=moe.w13.dtype)
         idx = torch.zeros(rows, moe.topk, dtype=torch.long)
-        pairs = idx.numel() <= _moe.FEW_PAIRS and _moe._pairable(x, idx, moe.w13, moe.w2)
-        self.experts = _moe._pairs_two_by_two if pairs else _moe.moe_experts_cpu
+        pairs = idx.numel() <= _cpu_moe.FEW_PAIRS and _cpu_moe._pairable(x, idx, moe.w13, moe.w2)
+        self.experts = _cpu_moe._pairs_two_by_two if pairs else _cpu_moe.moe_experts_cpu
+        self.impl = "cpu"
+        if not cpu_enabled("moe_experts_cpu"):      # switched off: the reference, as moe_experts
+            self.experts, self.impl = moe_experts_reference, "reference"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         moe = self.moe
@@ -190,7 +193,7 @@ class _MoE:
         record("moe_route")
         weights, idx = moe_route_reference(self.router(flat), moe.router_bias, moe.topk)
         moe._last_idx = idx.detach()
-        record("moe_experts")
+        record("moe_experts", self.impl)
         out = self.experts(flat, weights, idx, moe.w13, moe.w2)
         if self.shared is not None:
             out = self.shared.add_to(out, flat)

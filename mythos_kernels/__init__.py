@@ -1,14 +1,18 @@
 """mythos_kernels: Triton kernels for the OpenMythos recurrent-depth transformer, each beside its
 plain-torch reference, behind one dispatch point (:mod:`mythos_kernels._dispatch`)."""
 
+from . import cpu  # noqa: F401  (importing it registers the CPU forms with the dispatch point)
 from ._dispatch import (
                         BACKENDS,
                         BackendUnavailable,
+                        cpu_variant,
+                        cpu_variants,
                         dispatch_counts,
                         get_backend,
                         interpreter_active,
                         reset_dispatch_counts,
                         set_backend,
+                        set_cpu_variant,
                         triton_available,
                         use_backend,
 )
@@ -70,6 +74,7 @@ from .rope import apply_rope, apply_rope_reference, precompute_rope_freqs
 __all__ = [
     "BACKENDS", "BackendUnavailable", "dispatch_counts", "get_backend", "interpreter_active",
     "reset_dispatch_counts", "set_backend", "triton_available", "use_backend", "check_environment",
+    "cpu_variant", "cpu_variants", "set_cpu_variant",
     "KernelConfig", "register_kernel", "registered_kernels", "release_scratch", "scratch_bytes",
     "attention", "attention_reference", "causal_mask",
     "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "lm_head",

@@ -1,14 +1,26 @@
-"""The one dispatch point: which implementation (Triton kernel or torch reference) serves an op.
+"""The one dispatch point: which implementation serves an op -- ``reference`` (the plain math
+open-mythos computes), ``cpu`` (a registered CPU form, :mod:`mythos_kernels.cpu`) or ``triton``.
 
 Backend setting, from the environment variable ``MYTHOS_BACKEND`` or from Python:
 
 * ``auto``      -- Triton kernels for CUDA tensors when Triton is importable and the op has a
-                   kernel; the reference otherwise (CPU tensors, no Triton, no kernel yet).
+                   kernel; for CPU tensors the first enabled CPU form that serves the call; the
+                   reference otherwise (no Triton, no kernel or form yet).
 * ``triton``    -- force the kernels; raise :class:`BackendUnavailable` if one cannot run.
                    With ``TRITON_INTERPRET=1`` kernels run on CPU tensors.
-* ``reference`` -- force the plain-torch references.
+* ``cpu``       -- force the CPU forms; raise :class:`BackendUnavailable` for tensors on
+                   another device. Where no form serves a call (none registered for the op, or
+                   autograd for the inference-only forms) the reference serves.
+* ``reference`` -- only the plain math: no kernel and no CPU form anywhere (the predicate
+                   :func:`cpu_inference`, which every CPU form checks, is False).
 
-An op that has no Triton kernel yet uses its reference under every setting.
+An op that has no Triton kernel yet uses its reference (or a CPU form) under every setting.
+
+CPU forms register themselves (:func:`register_cpu`) with the op they serve, a predicate that
+says when they serve a call, and a name that switches them on and off (:func:`cpu_variant`,
+:func:`set_cpu_variant`, listed by :func:`cpu_variants`); switches inside a form (a sub-form,
+kept buffers) register with no function and are read with :func:`cpu_enabled`. Tests and A/B
+measurements switch variants by these names.
 
 Three layers decide, the first that is set wins: a :func:`use_backend` block, which belongs to
 the thread (or asyncio task) that entered it; :func:`set_backend`'s process-wide default; the
@@ -33,7 +45,8 @@ import os
 import threading
 from collections import Counter
 from contextvars import ContextVar
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
@@ -50,7 +63,7 @@ _compile_view: str | None = None   # the block choice last entered or left, any 
 
 
 class BackendUnavailable(RuntimeError):
-    """Raised when the Triton backend is forced but a kernel cannot run on the given inputs."""
+    """Raised when a backend is forced (``triton``, ``cpu``) but cannot run on the given inputs."""
 
 
 def _validate(name: object, arg: str) -> str:
@@ -156,38 +169,139 @@ def _why_not_triton(tensors: Sequence[torch.Tensor | None]) -> str | None:
 
 
 def choose(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
-           supported: str | None = None) -> str:
+           supported: str | None = None, cpu_args: tuple | None = None) -> str:
     """Decide and record which implementation serves ``op`` for these inputs.
 
     Args:
         op:         op name, used in the dispatch record.
         tensors:    the op's tensor inputs (``None`` entries ignored).
-        has_kernel: False for ops without a Triton kernel yet: always the reference.
+        has_kernel: False for ops without a Triton kernel yet.
         supported:  a reason the kernel cannot take these particular inputs (shape, dtype,
                     size limit), or None. Forced ``triton`` raises with it; ``auto`` falls back.
+        cpu_args:   the op's arguments, for the predicates of its registered CPU forms (None:
+                    no CPU form is considered).
 
     Returns:
-        ``"triton"`` or ``"reference"``.
+        ``"triton"``, ``"cpu"`` (run :func:`cpu_form`'s form) or ``"reference"``.
 
     Raises:
-        BackendUnavailable: the backend is ``triton`` and the kernel cannot run.
+        BackendUnavailable: the backend is ``triton`` and the kernel cannot run, or ``cpu`` and
+        the tensors are not all on the CPU.
     """
+    return pick(op, *tensors, has_kernel=has_kernel, supported=supported, cpu_args=cpu_args)[0]
+
+
+def pick(op: str, *tensors: torch.Tensor | None, has_kernel: bool = True,
+         supported: str | None = None, cpu_args: tuple | None = None
+         ) -> tuple[str, Callable | None]:
+    """:func:`choose` and, for ``"cpu"``, the registered form that serves (else None)."""
     backend = get_backend()
-    impl = "reference"
+    impl, form = "reference", None
     if has_kernel and backend == "triton":
         why = supported or _why_not_triton(tensors)
         if why is not None:
             raise BackendUnavailable(f"MYTHOS_BACKEND=triton but op {op!r} cannot run its Triton "
                                      f"kernel: {why}")
         impl = "triton"
-    elif has_kernel and backend == "auto":
+    elif backend == "cpu":
+        devs = sorted({t.device.type for t in tensors if t is not None} - {"cpu"})
+        if devs:
+            raise BackendUnavailable(f"MYTHOS_BACKEND=cpu but op {op!r} got tensors on {devs}: "
+                                     "the CPU forms take CPU tensors only")
+        form = cpu_form(op, cpu_args) if cpu_args is not None else None
+    elif backend == "auto":
         on_cuda = any(t is not None and t.is_cuda for t in tensors)
-        if on_cuda and supported is None and _why_not_triton(tensors) is None:
-            impl = "triton"
+        if on_cuda:
+            if has_kernel and supported is None and _why_not_triton(tensors) is None:
+                impl = "triton"
+        elif cpu_args is not None:
+            form = cpu_form(op, cpu_args)
+    if form is not None:
+        impl = "cpu"
     if not _compiling():  # under torch.compile the choice is made once, at trace time
         with _lock:
             _counts[(op, impl)] += 1
-    return impl
+    return impl, form
+
+
+# --------------------------------------------------------------------------- CPU forms ----
+
+@dataclass
+class CpuVariant:
+    """One registered CPU form (or, with ``fn`` None, a switch inside one)."""
+
+    name: str
+    op: str
+    fn: Callable | None
+    serves: Callable[..., bool] | None
+    enabled: bool
+    doc: str
+
+
+_VARIANTS: dict[str, CpuVariant] = {}      # name -> variant, in registration order
+_FORMS: dict[str, list[CpuVariant]] = {}   # op -> its forms (fn not None), in registration order
+
+
+def register_cpu(op: str, name: str, fn: Callable | None = None, *,
+                 serves: Callable[..., bool] | None = None, default_on: bool = True,
+                 doc: str = "") -> Callable | None:
+    """Declare a CPU form of ``op``: ``fn(*args)`` serves a call whose arguments satisfy
+    ``serves(*args)`` (both given the op's arguments; forms of one op are tried in registration
+    order). With ``fn`` None, ``name`` is a switch read inside a form (:func:`cpu_enabled`).
+    Returns ``fn`` (usable as a decorator's body). Registering a name again replaces it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_cpu: name must be a non-empty str, got {name!r}")
+    if fn is not None and serves is None:
+        raise ValueError(f"register_cpu: form {name!r} needs a serves predicate")
+    old = _VARIANTS.pop(name, None)
+    if old is not None and old.fn is not None:
+        _FORMS[old.op].remove(old)
+    v = _VARIANTS[name] = CpuVariant(name, op, fn, serves, bool(default_on), doc)
+    if fn is not None:
+        _FORMS.setdefault(op, []).append(v)
+    return fn
+
+
+def cpu_form(op: str, args: tuple) -> Callable | None:
+    """The first enabled registered form of ``op`` that serves ``args``, or None."""
+    for v in _FORMS.get(op, ()):
+        if v.enabled and v.serves(*args):
+            return v.fn
+    return None
+
+
+def cpu_enabled(name: str) -> bool:
+    """Whether the registered CPU variant ``name`` is on."""
+    v = _VARIANTS.get(name)
+    if v is None:
+        raise KeyError(f"no CPU variant {name!r}; registered: {sorted(_VARIANTS)}")
+    return v.enabled
+
+
+def cpu_variants() -> list[tuple[str, str, bool, str]]:
+    """Every registered CPU variant as ``(name, op, enabled, doc)``, in registration order."""
+    return [(v.name, v.op, v.enabled, v.doc) for v in _VARIANTS.values()]
+
+
+def set_cpu_variant(name: str, on: bool) -> None:
+    """Switch the CPU variant ``name`` on or off (process-wide)."""
+    if name not in _VARIANTS:
+        raise ValueError(f"set_cpu_variant: no CPU variant {name!r}; registered: "
+                         f"{sorted(_VARIANTS)}")
+    _VARIANTS[name].enabled = bool(on)
+
+
+@contextlib.contextmanager
+def cpu_variant(name: str, on: bool) -> Iterator[None]:
+    """Context manager: run the enclosed code with CPU variant ``name`` on or off."""
+    if name not in _VARIANTS:
+        raise ValueError(f"cpu_variant: no CPU variant {name!r}; registered: {sorted(_VARIANTS)}")
+    before = _VARIANTS[name].enabled
+    _VARIANTS[name].enabled = bool(on)
+    try:
+        yield
+    finally:
+        _VARIANTS[name].enabled = before
 
 
 def record(op: str, impl: str = "reference", n: int = 1) -> None:
@@ -217,11 +331,12 @@ def _transformed() -> bool:
 
 
 def cpu_inference(*tensors: torch.Tensor) -> bool:
-    """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing:
-    the plain-torch CPU inference forms (``linear.dense`` / ``vecmat`` / packed weights,
-    ``moe.moe_experts_cpu``, ``mla_decode``'s bmm absorption) may serve instead of the general
-    path. Under autocast the general path's ops take autocast's casts, as open-mythos's do (the
-    forms' oneDNN calls would skip them, and their ``out=`` products fail on a cast input). Not
+    """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing,
+    the backend not ``reference``: the plain-torch CPU inference forms (``linear.dense`` /
+    ``vecmat`` / packed weights, :mod:`mythos_kernels.cpu.moe`, ``mla_decode``'s bmm absorption)
+    may serve instead of the general path. Under autocast the general path's ops take
+    autocast's casts, as open-mythos's do (the forms' oneDNN calls would skip them, and their
+    ``out=`` products fail on a cast input). Not
     inside ``torch.func`` transforms or forward-mode AD (:func:`_transformed`)."""
     for t in tensors:
         if t.device.type != "cpu":
@@ -230,7 +345,7 @@ def cpu_inference(*tensors: torch.Tensor) -> bool:
         for t in tensors:
             if t.requires_grad:
                 return False
-    if torch.is_autocast_enabled("cpu"):
+    if torch.is_autocast_enabled("cpu") or get_backend() == "reference":
         return False
     # forward-mode AD: the forms' out= products have no formula for it
     return not _compiling() and not _transformed()

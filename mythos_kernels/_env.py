@@ -43,7 +43,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-BACKEND_CHOICES = ("auto", "triton", "reference")
+BACKEND_CHOICES = ("auto", "triton", "cpu", "reference")
 
 _TRUE = frozenset(("1", "true", "on", "yes"))
 _FALSE = frozenset(("0", "false", "off", "no"))

@@ -12,10 +12,8 @@ Routed experts, with weights stacked ``w13 = [E, D, 2F]`` (gate | up) and ``w2 =
 
 The reference dispatches by sorting the (token, slot) pairs by expert, so each expert runs one
 matmul over its contiguous segment (one host sync for the segment sizes, not one per pair).
-CPU inference (no autograd) runs :func:`moe_experts_cpu`, three faster plain-torch forms of it,
-each tested against it: per pair for decode, two padded bmms for balanced routing, and the sorted
-segments without the pair-order copies for skewed routing (random-init models send most tokens to
-a few experts).
+The CPU forms (inference, and grouped GEMMs for autograd) live in :mod:`mythos_kernels.cpu.moe`
+and register themselves with the dispatch point.
 
 The Triton path (kernels in :mod:`mythos_kernels.moe_kernels`): a fused router kernel, a
 deterministic sync-free align (pairs stably sorted by expert, segments padded to the GEMM tile),
@@ -29,15 +27,10 @@ helpers :func:`moe_experts_flops` / :func:`moe_experts_bytes`.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
-from . import linear as _lin
-from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
-from ._scratch import scratch
-from .linear import vecmat
+from ._dispatch import _compiling, choose, interpreter_active, pick
 
 
 def _swiglu(hg: torch.Tensor) -> torch.Tensor:
@@ -107,322 +100,6 @@ def moe_experts_reference(x: torch.Tensor, weights: torch.Tensor, idx: torch.Ten
     for j in range(1, k):
         out = out + y[:, j]
     return out
-
-
-FEW_PAIRS = 32  # CPU, no autograd, at most this many (token, slot) pairs: the per-pair path
-
-
-def _cpu_inference(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
-                   ) -> bool:
-    """Pairs to route and :func:`cpu_inference`: :func:`moe_experts_cpu` serves the reference
-    backend."""
-    return idx.numel() > 0 and cpu_inference(x, w13, w2)
-
-
-def moe_experts_few_pairs(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                          w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """:func:`moe_experts_reference` for a handful of (token, slot) pairs (CPU decode, no
-    autograd), with no sort, gather or scatter of the routed rows (those cost more than the
-    pairs' own matrix-vector products). One host read of idx.
-
-    fp32 with contiguous expert stacks (the model's layout): :func:`_pairs_two_by_two`. Otherwise
-    each pair multiplies its token by its expert's weights (:func:`vecmat`) and the slots are
-    weighted and summed in slot order, as the reference does."""
-    if _pairable(x, idx, w13, w2):
-        return _pairs_two_by_two(x, weights, idx, w13, w2)
-    N, k = idx.shape
-    ids = idx.tolist()
-    wts = weights.to(x.dtype)
-    out = None
-    for j in range(k):
-        rows = []
-        for n in range(N):
-            e = ids[n][j]
-            hg = vecmat(x[n:n + 1], w13[e])                                     # [1, 2F]
-            rows.append(vecmat(_swiglu(hg), w2[e]))                             # [1, D]
-        y = (torch.cat(rows) if N > 1 else rows[0]) * wts[:, j:j + 1]
-        out = y if out is None else out + y
-    return out
-
-
-def _fp32_stacks(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, min_expert: int) -> bool:
-    """fp32 throughout, contiguous expert stacks (strided views of single experts index them),
-    experts of at least ``min_expert`` elements (D x 2F): the CPU expert-view forms' condition."""
-    return (x.dtype == w13.dtype == w2.dtype == torch.float32 and w13.is_contiguous()
-            and w2.is_contiguous() and w13.shape[1] * w13.shape[2] >= min_expert)
-
-
-def _pairable(x: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether :func:`moe_experts_few_pairs` takes :func:`_pairs_two_by_two`."""
-    return idx.numel() > 1 and _fp32_stacks(x, w13, w2, _lin.SPLIT_MIN_WEIGHT)
-
-
-def _expert_pair(w: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
-    """Experts e0 <= e1 of a contiguous stack w [E, R, C] as one [2, R, C] view, no copy (the
-    batch stride is the distance between them; 0 when e0 == e1)."""
-    R, C = w.shape[1], w.shape[2]
-    return torch.as_strided(w, (2, R, C), ((e1 - e0) * R * C, C, 1),
-                            w.storage_offset() + e0 * R * C)
-
-
-_ORDER_TENSORS: dict[tuple[int, ...], torch.Tensor] = {}   # pair orders of few pairs, made once
-
-
-def _order_tensor(order: list[int], device: torch.device) -> torch.Tensor:
-    """``torch.tensor(order)``, kept for CPU orders of up to 8 pairs (a decode step sorts the same
-    few orders again and again: a new tensor each time costs four dispatched ops)."""
-    if len(order) > 8 or device.type != "cpu":
-        return torch.tensor(order, device=device)
-    key = tuple(order)
-    t = _ORDER_TENSORS.get(key)
-    if t is None:
-        if len(_ORDER_TENSORS) >= 4096:
-            _ORDER_TENSORS.clear()
-        with torch.inference_mode(False):       # a normal tensor, usable in any later mode
-            t = _ORDER_TENSORS[key] = torch.tensor(order, device="cpu")
-    return t
-
-
-def _pairs_two_by_two(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                      w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The pairs sorted by expert and multiplied two at a time: one bmm over a strided view of
-    two experts' weights (:func:`_expert_pair`) runs one expert per core, in 2 bmms per two pairs
-    where the split-K form took 4 bmms and 4 sums (an odd last pair uses :func:`vecmat`); SwiGLU
-    and the routing weights are applied to all pairs at once. Each token's slots are summed in
-    expert order (the last bits may differ from the reference's slot order). The rows live in
-    [P, 1, ...] buffers so each bmm's operands are plain slices (a decode step is bound by its
-    number of dispatched ops as much as by its weight reads)."""
-    N, k = idx.shape
-    D, Fh = x.shape[1], w2.shape[1]
-    P = N * k
-    flat = idx.reshape(-1).tolist()
-    order = sorted(range(P), key=flat.__getitem__)                           # pairs by expert
-    es = [flat[p] for p in order]
-    order_t = _order_tensor(order, x.device)
-    tok = None if N == 1 else order_t // k
-    xs = x.expand(P, D) if N == 1 else x.index_select(0, tok)               # [P, D] sorted rows
-    hg = x.new_empty(P, 1, 2 * Fh)
-    y = x.new_empty(P, 1, D)
-    for src, dst, w in ((xs.unsqueeze(1), hg, w13), (None, y, w2)):
-        if src is None:
-            src = _swiglu(hg)                                                   # [P, 1, F]
-        for i in range(0, P - 1, 2):
-            torch.bmm(src[i:i + 2], _expert_pair(w, es[i], es[i + 1]), out=dst[i:i + 2])
-        if P % 2:
-            dst[P - 1] = vecmat(src[P - 1], w[es[P - 1]])
-    y = y.view(P, D)
-    wts = weights.reshape(-1).index_select(0, order_t)
-    y.mul_((wts if wts.dtype == x.dtype else wts.to(x.dtype)).unsqueeze(1))
-    if N == 1:
-        return y.sum(0, keepdim=True)
-    return torch.zeros_like(x).index_add_(0, tok, y)
-
-
-PAD_SEGMENT_ROWS = 24  # padded-form rule: what a sorted segment's calls and cold weights cost, in rows
-
-
-def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                    w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """:func:`moe_experts_reference` for CPU inference (no autograd), in the fastest of three
-    plain-torch forms (timings: the 2-core machine, mid config, one MoE call):
-
-    - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs` (two pairs per bmm);
-    - balanced routing: :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
-      13.2-13.4 ms -> 8.8-10.1 ms);
-    - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
-      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), small
-      segments two experts per bmm and large ones through oneDNN (about 8 ms).
-
-    The padded form is taken when its slab (experts x the largest count) has at most the real
-    pair rows plus ``PAD_SEGMENT_ROWS`` per non-empty expert: each of the sorted form's segments
-    costs its own calls and a cold read of one expert's weights, which the padded form's
-    single bmm streams in one pass; and, where the sorted form pairs its small segments, when
-    there are at least ``PAD_MIN_ROWS`` pair rows per expert (:func:`_padded_is_cheaper`).
-
-    One host read (the expert counts), as in the reference."""
-    if idx.numel() <= FEW_PAIRS:
-        return moe_experts_few_pairs(x, weights, idx, w13, w2)
-    flat = idx.reshape(-1)
-    counts = torch.bincount(flat, minlength=w13.shape[0])
-    order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
-    host = counts.tolist()
-    if _padded_is_cheaper(host, flat.numel(), _pair_segments_ok(x, w13, w2)):
-        return moe_experts_padded(x, weights, idx, w13, w2, counts, order, max(host))
-    return moe_experts_sorted(x, weights, idx, w13, w2, host, order)
-
-
-PAD_MIN_ROWS = 4  # padded-form rule with expert pairs: at least this many pair rows per expert
-
-
-def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> bool:
-    """:func:`moe_experts_cpu`'s choice: ``E * max(counts) <= pairs + PAD_SEGMENT_ROWS *
-    (non-empty experts)`` and, when the sorted form would pair small segments
-    (:func:`_pair_segments_ok`), ``pairs >= PAD_MIN_ROWS * E`` (the slab's bmm streams every
-    expert's weights, empty ones too; the paired segments read only the busy ones, in half the
-    calls). Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D 256-1024, F 64-512,
-    16-512 tokens, balanced to skewed; rows in bench/results/cpu/moe_forms.jsonl). Without
-    pairs: the chosen form's time summed 1.03x the faster form's, worst case 1.33x; the former
-    rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a balanced E=128 top-8 routing
-    sent to the sorted form). With pairs, three runs (162 routings): 1.03x, worst 1.42x; without
-    the rows-per-expert term 1.05x, worst 1.72x (few tokens over many experts sent to the slab);
-    the sorted form always: 1.03x, worst 1.70x."""
-    E = len(counts)
-    if paired and pairs < PAD_MIN_ROWS * E:
-        return False
-    return E * max(counts) <= pairs + PAD_SEGMENT_ROWS * (E - counts.count(0))
-
-
-def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
-                       order: torch.Tensor, cap: int) -> torch.Tensor:
-    """Two batched GEMMs over a zero-padded slab [E, cap, D] holding each expert's rows (cap >=
-    the largest count; ``counts`` [E] and ``order``, the pairs stably sorted by expert, as
-    :func:`moe_experts_cpu` computes them). MKL runs a bmm's experts one per core, where 64
-    per-expert products of ~32 rows run at about half the rate; each pair reads its result back
-    from its slot and the slots are summed in slot order, as in the reference."""
-    N, k = idx.shape
-    E, D = w13.shape[0], x.shape[1]
-    flat = idx.reshape(-1)
-    e_sorted = flat[order]
-    first = torch.cumsum(counts, 0) - counts                             # each expert's first pair
-    rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
-    slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
-    # kept buffers for the slab and the products (mythos_kernels._scratch: their pages stay
-    # mapped between loops); only ``out`` is new. The padding rows' results are never read;
-    # zeroing them keeps stale values (NaN, denormals) out of the products
-    slab = scratch("moe_padded_slab", (E * cap, D), x.dtype, x.device).zero_()
-    for s in slot.view(N, k).unbind(1):
-        slab.index_copy_(0, s, x)
-    hg = torch.bmm(slab.view(E, cap, D), w13,
-                   out=scratch("moe_padded_hg", (E, cap, w13.shape[2]), x.dtype, x.device))
-    y = torch.bmm(_swiglu_in_place(hg), w2,
-                  out=scratch("moe_padded_y", (E, cap, D), x.dtype, x.device))   # [E, cap, D]
-    y = torch.index_select(y.view(E * cap, D), 0, slot,
-                           out=scratch("moe_padded_sel", (N * k, D), x.dtype, x.device))
-    y = y.view(N, k, D).mul_(weights.unsqueeze(-1).to(x.dtype))
-    if k == 1:
-        return y[:, 0].clone()
-    out = y[:, 0] + y[:, 1]
-    for j in range(2, k):
-        out.add_(y[:, j])
-    return out
-
-
-SMALL_SEGMENT = 128   # sorted form: experts with fewer rows take the two-core split products
-# ... when an expert's w13 has at least this many elements (smaller ones: the split's own cost
-# wins; measured mm / split time 0.64-0.88 at D x 2F = 4k-32k elements, 1.08-1.66 at 128k)
-SPLIT_MIN_EXPERT = 1 << 17
-
-
-def _split_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether :func:`moe_experts_sorted` multiplies small segments with
-    :func:`_segment_split` (fp32, contiguous stacks, an even model dim, experts of at least
-    ``SPLIT_MIN_EXPERT`` elements), with at least two threads to split over."""
-    return (w2.shape[2] % 2 == 0 and _lin.two_threads()
-            and _fp32_stacks(x, w13, w2, SPLIT_MIN_EXPERT))
-
-
-def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out: torch.Tensor
-                   ) -> None:
-    """One expert's SwiGLU over a few rows, each product as one bmm over two column halves of the
-    weight (one per core; no copy of the weight): the gate and up halves of ``w13e`` [D, 2F],
-    then the two column halves of ``w2e`` [F, D]; writes [c, D] into ``out``. Few-row products
-    are compute-bound here (the same time with the weights in cache or not, ~100 GFLOP/s at 25
-    rows) and MKL or oneDNN parallelize them poorly: measured (2-core machine, 512 x 256 and
-    128 x 512 weights) 164 -> 138 us per expert at 8 rows, 180 -> 150 at 32 against ``mm``;
-    oneDNN took 182 / 275 us there. At 128 rows and more oneDNN is as fast or faster."""
-    c, D = xs.shape
-    Fh = w2e.shape[0]
-    gu = torch.bmm(xs.expand(2, c, D),
-                   torch.as_strided(w13e, (2, D, Fh), (Fh, 2 * Fh, 1), w13e.storage_offset()))
-    a = F.silu(gu[0]) * gu[1]                                                   # [c, F]
-    y = torch.bmm(a.expand(2, c, Fh),
-                  torch.as_strided(w2e, (2, Fh, D // 2), (D // 2, D, 1), w2e.storage_offset()))
-    out.view(c, 2, D // 2).copy_(y.transpose(0, 1))
-
-
-def _pair_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether :func:`moe_experts_sorted` multiplies small segments two experts at a time
-    (:func:`_segment_pair`): fp32 with contiguous stacks, any expert size and thread count
-    (measured over the shapes of tools/cpu_moe_forms.py: 1.0-2.2x on the sorted form with two
-    threads, 1.0-1.7x with one; the calls it saves are most of a small segment's cost)."""
-    return _fp32_stacks(x, w13, w2, 0)
-
-
-def _segment_pair(xs: torch.Tensor, ys: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  e0: int, s0: int, c0: int, e1: int, s1: int, c1: int) -> None:
-    """Two experts' SwiGLU (e0 < e1, their sorted rows at ``xs[s0:s0+c0]`` and ``xs[s1:s1+c1]``)
-    as one bmm per product over strided views of both experts' rows and weights, no copy: MKL
-    runs a two-matrix bmm one matrix per core, each core a whole expert, where the split form
-    runs each expert over both cores in two products of half the width. Both views take the
-    larger count; the smaller expert's extra rows (the next segment's, or ``xs``'s zero
-    padding past the last segment) are computed and dropped."""
-    c, D = max(c0, c1), xs.shape[1]
-    rows = torch.as_strided(xs, (2, c, D), ((s1 - s0) * D, D, 1), xs.storage_offset() + s0 * D)
-    hg = torch.bmm(rows, _expert_pair(w13, e0, e1))                         # [2, c, 2F]
-    y = torch.bmm(_swiglu(hg), _expert_pair(w2, e0, e1))                     # [2, c, D]
-    ys[s0:s0 + c0] = y[0, :c0]
-    ys[s1:s1 + c1] = y[1, :c1]
-
-
-def _pair_small(counts: list[int]) -> list[tuple[int, int]]:
-    """The experts :func:`moe_experts_sorted` multiplies in pairs: those with fewer than
-    ``SMALL_SEGMENT`` rows, in order of count, each paired with the next when their counts
-    differ by at most ``PAD_SEGMENT_ROWS`` (the rows a segment's own calls cost; the smaller
-    expert computes that many extra rows at most). Pairs as (lower id, higher id)."""
-    small = sorted((e for e, c in enumerate(counts) if 0 < c < SMALL_SEGMENT),
-                   key=counts.__getitem__)
-    pairs, i = [], 0
-    while i + 1 < len(small):
-        a, b = small[i], small[i + 1]
-        if counts[b] - counts[a] <= PAD_SEGMENT_ROWS:
-            pairs.append((min(a, b), max(a, b)))
-            i += 2
-        else:
-            i += 1
-    return pairs
-
-
-def moe_experts_sorted(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                       w13: torch.Tensor, w2: torch.Tensor, counts: list[int],
-                       order: torch.Tensor) -> torch.Tensor:
-    """The reference's sorted segments, without its copies back to pair order: each expert's
-    down product is written in place into one buffer, scaled by its pairs' routing weights,
-    and added to the pairs' tokens with ``index_add_`` (each token's slots are then summed in
-    expert order, not slot order: the last bits may differ from the reference). Segments of
-    fewer than ``SMALL_SEGMENT`` rows go two experts at a time (:func:`_segment_pair`, experts
-    of similar counts: :func:`_pair_small`), an unpaired one through :func:`_segment_split`;
-    larger ones go through oneDNN where ``dense`` would (see ``mythos_kernels.linear``), else
-    ``torch.mm``."""
-    k = idx.shape[1]
-    P, D = idx.numel(), x.shape[1]
-    tok = order // k                                                     # token of each sorted pair
-    split = _split_segments_ok(x, w13, w2)
-    pairs = _pair_small(counts) if _pair_segments_ok(x, w13, w2) else []
-    pad = max((max(counts[a], counts[b]) for a, b in pairs), default=0)
-    # kept buffers (mythos_kernels._scratch: their pages stay mapped between loops)
-    xs = scratch("moe_sorted_xs", (P + pad, D), x.dtype, x.device)   # + rows a last pair reads
-    torch.index_select(x, 0, tok, out=xs[:P])
-    xs[P:].zero_()                        # (their results are dropped; zeros keep NaN out)
-    ys = scratch("moe_sorted_ys", (P, D), x.dtype, x.device)
-    starts = [0, *itertools.accumulate(counts[:-1])]                    # each expert's first row
-    for a, b in pairs:
-        _segment_pair(xs, ys, w13, w2, a, starts[a], counts[a], b, starts[b], counts[b])
-    paired = {e for pair in pairs for e in pair}
-    dnn = _lin._onednn_ok(xs[:P], w13[0].t())
-    for e, c in enumerate(counts):
-        if c and e not in paired:
-            seg = slice(starts[e], starts[e] + c)
-            if split and c < SMALL_SEGMENT:
-                _segment_split(xs[seg], w13[e], w2[e], ys[seg])
-            elif dnn:
-                hg = _lin.onednn_linear(xs[seg], w13[e].t())                    # [c, 2F]
-                ys[seg] = _lin.onednn_linear(_swiglu(hg), w2[e].t())
-            else:
-                hg = xs[seg] @ w13[e]
-                torch.mm(_swiglu(hg), w2[e], out=ys[seg])
-    ys.mul_(weights.reshape(-1).index_select(0, order).to(x.dtype).unsqueeze(1))
-    return torch.zeros_like(x).index_add_(0, tok, ys)
 
 
 # ============================================================================================
@@ -822,16 +499,19 @@ def moe_route(logits: torch.Tensor, router_bias: torch.Tensor, topk: int):
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w13: torch.Tensor,
                 w2: torch.Tensor) -> torch.Tensor:
-    """Routed SwiGLU experts, see :func:`moe_experts_triton` / :func:`moe_experts_reference`."""
+    """Routed SwiGLU experts, see :func:`moe_experts_reference`: the Triton kernels
+    (:func:`moe_experts_triton`), a registered CPU form (:mod:`mythos_kernels.cpu.moe`) or the
+    reference, as the dispatch point picks."""
     _check_expert_inputs(x, weights, idx, w13, w2)
-    impl = choose("moe_experts", x, weights, idx, w13, w2,
-                  supported=_unsupported(x, weights, w13.shape[0]))
+    args = (x, weights, idx, w13, w2)
+    impl, form = pick("moe_experts", x, weights, idx, w13, w2,
+                      supported=_unsupported(x, weights, w13.shape[0]), cpu_args=args)
     if impl == "triton":
         if _compiling() and not _needs_grad(x, weights, w13, w2):
             return torch.ops.mythos.moe_experts(x, weights, idx, w13, w2)
         return moe_experts_triton(x, weights, idx, w13, w2)
-    if _cpu_inference(x, idx, w13, w2):
-        return moe_experts_cpu(x, weights, idx, w13, w2)
+    if impl == "cpu":
+        return form(*args)
     if _gather_under_compile(x, weights, idx, w13, w2):
         return moe_experts_gathered(x, weights, idx, w13, w2)
     return moe_experts_reference(x, weights, idx, w13, w2)

@@ -63,6 +63,18 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def _restore_cpu_variants():
+    """Every CPU variant back to its state before the test (tests switch them by name with
+    ``mythos_kernels.set_cpu_variant``)."""
+    import mythos_kernels as K
+
+    before = [(name, on) for name, _, on, _ in K.cpu_variants()]
+    yield
+    for name, on in before:
+        K.set_cpu_variant(name, on)
+
+
 @pytest.fixture(params=["size-floors", "every-cpu-form"])
 def cpu_forms(request, monkeypatch):
     """Run a model test twice: with the CPU inference forms' real weight-size floors (tiny test
@@ -71,7 +83,7 @@ def cpu_forms(request, monkeypatch):
     if request.param == "every-cpu-form":
         import importlib
         lin = importlib.import_module("mythos_kernels.linear")
-        moe = importlib.import_module("mythos_kernels.moe")
+        moe = importlib.import_module("mythos_kernels.cpu.moe")
         monkeypatch.setattr(lin, "SPLIT_MIN_WEIGHT", 1)
         monkeypatch.setattr(lin, "ONEDNN_MIN_WEIGHT", 1)
         monkeypatch.setattr(moe, "SPLIT_MIN_EXPERT", 1)
@@ -95,10 +107,31 @@ def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
+# relative-error tolerance per dtype, for comparisons of one computation summed in another order
+DTYPE_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float | torch.dtype) -> None:
+    """``out`` within ``tol`` relative error (:func:`rel_err`) of ``ref``; a dtype as ``tol``
+    takes that dtype's tolerance (``DTYPE_TOL``)."""
     assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if isinstance(tol, torch.dtype):
+        tol = DTYPE_TOL[tol]
     err = rel_err(ref, out)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def spy(monkeypatch, mod, name: str) -> list[str]:
+    """Record calls of ``mod.<name>`` (still running it): the list grows by ``name`` per call."""
+    calls: list[str] = []
+    real = getattr(mod, name)
+
+    def wrapped(*a, **k):
+        calls.append(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, name, wrapped)
+    return calls
 
 
 def tiny_kwargs(attn_type: str = "mla", **over) -> dict:

@@ -81,7 +81,7 @@ def test_model_records_every_op():
 
     m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs("mla"))).eval()
     K.reset_dispatch_counts()
-    with K.use_backend("reference"), torch.no_grad():
+    with K.use_backend("reference"), torch.no_grad():   # the plain math only, on every op
         m(torch.randint(0, 97, (1, 5)), n_loops=2)
         cache = {}
         m(torch.randint(0, 97, (1, 5)), n_loops=2, kv_cache=cache)
@@ -319,3 +319,49 @@ def test_compiled_code_recompiles_when_the_block_changes(monkeypatch):
     with K.use_backend("reference"):
         assert f(x).tolist() == [2.0, 2.0]
     assert f(x).tolist() == [3.0, 3.0]
+
+def _registered_form(name="test_form"):
+    """A throwaway CPU form of op ``test_op`` that serves 2-D inputs."""
+    _dispatch.register_cpu("test_op", name, lambda x: x * 2, serves=lambda x: x.dim() == 2,
+                           doc="test")
+
+
+def test_cpu_form_chosen_by_auto_and_cpu_and_switched_by_name():
+    _registered_form()
+    try:
+        x2, x1 = torch.randn(2, 3, device="cpu"), torch.randn(3, device="cpu")
+        for backend in ("auto", "cpu"):
+            with K.use_backend(backend):
+                impl, form = _dispatch.pick("test_op", x2, cpu_args=(x2,))
+                assert impl == "cpu" and torch.equal(form(x2), x2 * 2)
+                assert _dispatch.choose("test_op", x1, cpu_args=(x1,)) == "reference"   # serves not
+        with K.use_backend("reference"):
+            assert _dispatch.choose("test_op", x2, cpu_args=(x2,)) == "reference"
+        assert ("test_form", "test_op", True, "test") in K.cpu_variants()
+        with K.cpu_variant("test_form", False):
+            assert _dispatch.choose("test_op", x2, cpu_args=(x2,)) == "reference"
+        assert _dispatch.choose("test_op", x2, cpu_args=(x2,)) == "cpu"
+        K.reset_dispatch_counts()
+        _dispatch.choose("test_op", x2, cpu_args=(x2,))
+        assert K.dispatch_counts() == {("test_op", "cpu"): 1}
+        with pytest.raises(ValueError, match="no CPU variant 'nope'"):
+            K.set_cpu_variant("nope", False)
+    finally:
+        _dispatch._VARIANTS.pop("test_form", None)
+        _dispatch._FORMS["test_op"].clear()
+
+
+def test_forced_cpu_raises_for_other_devices():
+    x = torch.empty(2, 3, device="meta")
+    with K.use_backend("cpu"), pytest.raises(K.BackendUnavailable, match="MYTHOS_BACKEND=cpu"):
+        _dispatch.choose("op", x, cpu_args=(x,))
+    with K.use_backend("auto"):
+        assert _dispatch.choose("op", x, cpu_args=(x,)) == "reference"
+
+
+def test_reference_backend_turns_every_cpu_form_off():
+    a = torch.randn(2, 3, device="cpu")
+    with torch.no_grad():
+        assert _dispatch.cpu_inference(a)
+        with K.use_backend("reference"):
+            assert not _dispatch.cpu_inference(a)

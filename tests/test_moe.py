@@ -369,13 +369,18 @@ def _model_pair(om, seed):
 def test_model_parity_moe_kernels_only(om, monkeypatch):
     """The whole model vs open-mythos 0.5.0 with only the MoE ops on their Triton kernels."""
     a, b, ids = _model_pair(om, seed=12)
-    real_choose = M.choose
+    real_choose, real_pick = M.choose, M.pick
 
     def choose_moe_triton(op, *tensors, **kw):
         with K.use_backend("triton"):
             return real_choose(op, *tensors, **kw)
 
+    def pick_moe_triton(op, *tensors, **kw):
+        with K.use_backend("triton"):
+            return real_pick(op, *tensors, **kw)
+
     monkeypatch.setattr(M, "choose", choose_moe_triton)
+    monkeypatch.setattr(M, "pick", pick_moe_triton)
     K.reset_dispatch_counts()
     with torch.no_grad(), K.use_backend("reference"):
         ref, out = a(ids, n_loops=2), b(ids, n_loops=2)

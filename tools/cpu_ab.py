@@ -13,21 +13,16 @@ where it serves, so the suite for the ``decode_plan`` switch).
 A switch that does not apply to a suite (e.g. the few-row paths in a 512-token forward) measures
 this machine's noise floor for that suite.
 
-Switches (what "off" runs):
+Switches (what "off" runs): every registered CPU variant by its name
+(``mythos_kernels.cpu_variants()``, switched with ``set_cpu_variant``; the MoE's:
+``moe_experts_cpu`` -> the sorted reference, ``moe_pairs``, ``moe_split``, ``moe_seg_pairs``,
+``moe_scratch``, ``moe_grouped_mm``), and these not yet in the table:
   dense_split  K.dense -> F.linear for few rows (no two-core split)
-  vecmat_moe   routed experts' split-K products -> x @ w
   vecmat_head  the decode head's split-K product -> x @ W^T copy
   packed       packed shared-expert / FFN products -> one product per weight
-  moe_cpu      moe_experts_cpu (per pair / padded / sorted forms) -> the sorted reference
   mla_cpu      absorbed MLA decode's per-head bmms -> einsums
-  moe_pairs    routed experts two at a time (strided expert-pair bmm) -> per pair split-K
-  moe_split    sorted MoE form: small segments as two-core split products -> oneDNN / mm
-  moe_seg_pairs sorted MoE form: small segments two experts per bmm -> one at a time (split
-               products); the padded form's rows-per-expert term goes with it
   onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
   rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
-  moe_scratch  the padded and sorted MoE forms' kept buffers (mythos_kernels._scratch) -> fresh
-               torch.empty
   head_kept    the forward head's kept logits (_scratch.kept_output, column blocks) -> one fresh
                oneDNN product
   decode_plan  generate's planned decode step (mythos.decode) -> the steps through the modules
@@ -57,7 +52,6 @@ from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
 _lin = importlib.import_module("mythos_kernels.linear")
-_moe = importlib.import_module("mythos_kernels.moe")
 _mla = importlib.import_module("mythos_kernels.mla_decode")
 _rms = importlib.import_module("mythos_kernels.rmsnorm")
 _plan = importlib.import_module("mythos.decode")
@@ -65,32 +59,34 @@ _samp = importlib.import_module("mythos.sampling")
 
 SWITCHES = {
     "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
-    "vecmat_moe": (_moe, "vecmat", lambda x, w: x @ w),
     "vecmat_head": (_lin, "vecmat", lambda x, w: x @ w),
     "packed": (K, "packable", lambda *a: False),
-    "moe_cpu": (_moe, "_cpu_inference", lambda *a: False),
     "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
-    "moe_pairs": (_moe, "_pairable", lambda *a: False),
-    "moe_split": (_moe, "_split_segments_ok", lambda *a: False),
-    "moe_seg_pairs": (_moe, "_pair_segments_ok", lambda *a: False),
     "onednn": (_lin, "_onednn_ok", lambda *a: False),
     "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
-    "moe_scratch": (_moe, "scratch",
-                    lambda tag, shape, dtype, device: torch.empty(shape, dtype=dtype,
-                                                                  device=device)),
     "head_kept": (_lin, "kept_output", lambda *a: None),
     "decode_plan": (_plan, "enabled", lambda: False),
     "fast_multinomial": (_samp, "enabled", lambda: False),
 }
 
 
+VARIANTS = [name for name, _, _, _ in K.cpu_variants()]   # switched by name, through the table
+
+
 class Switch:
+    """One switch: a registered CPU variant (by name), or a patched function (``SWITCHES``)."""
+
     def __init__(self, name: str):
-        self.mod, self.attr, self.off_fn = SWITCHES[name]
-        self.on_fn = getattr(self.mod, self.attr)
+        self.name = name
+        if name not in VARIANTS:
+            self.mod, self.attr, self.off_fn = SWITCHES[name]
+            self.on_fn = getattr(self.mod, self.attr)
 
     def set(self, on: bool) -> None:
-        setattr(self.mod, self.attr, self.on_fn if on else self.off_fn)
+        if self.name in VARIANTS:
+            K.set_cpu_variant(self.name, on)
+        else:
+            setattr(self.mod, self.attr, self.on_fn if on else self.off_fn)
 
 
 def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool, list[float]]:
@@ -178,10 +174,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    names = list(SWITCHES) if args.switches == "all" else args.switches.split(",")
-    bad = [n for n in names if n not in SWITCHES]
+    known = VARIANTS + list(SWITCHES)
+    names = known if args.switches == "all" else args.switches.split(",")
+    bad = [n for n in names if n not in known]
     if bad:
-        ap.error(f"unknown switch(es) {bad}; known: {list(SWITCHES)}")
+        ap.error(f"unknown switch(es) {bad}; known: {known}")
     suites = args.suites.split(",")
     if any(s not in SUITES for s in suites):
         ap.error(f"unknown suite(s) in {suites}; known: {list(SUITES)}")

@@ -1,0 +1,65 @@
+"""The CPU inference predicate and the CPU forms' standing aside under autocast."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import mythos_kernels as K
+
+# every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
+L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+M = importlib.import_module("mythos_kernels.cpu.moe")
+
+
+@pytest.fixture(autouse=True)
+def _no_size_floors(monkeypatch):
+    """These tests use small odd shapes: lower the forms' weight-size floors so that those shapes
+    take the forms under test (``test_*_size_floor*`` restore them)."""
+    monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
+    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+    monkeypatch.setattr(L, "two_threads", lambda: True)   # the split forms, whatever the machine
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def test_cpu_inference_predicate():
+    from mythos_kernels._dispatch import cpu_inference
+    a, w = _rand(2, 3), _rand(3, 3).requires_grad_()
+    assert cpu_inference(a) and cpu_inference()
+    assert not cpu_inference(a, w)                    # autograd through w
+    with torch.no_grad():
+        assert cpu_inference(a, w)                    # no autograd in no_grad mode
+    assert not cpu_inference(a, torch.empty(3, device="meta"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_inference(a)                   # CPU autocast: the general path
+
+
+def test_cpu_autocast_inference_takes_the_general_path():
+    """Under CPU autocast the CPU forms stand aside and the general path's ops take autocast's
+    casts. Before, fp32 inputs under autocast reached the CPU forms, which computed in fp32
+    unlike autocast's ops (and at the mid config the sorted MoE form's out= product raised on a
+    cast input: a forward under autocast failed before c5f9881 cast the experts' inputs)."""
+    N, k, E, D, Fh = 41, 3, 64, 24, 10
+    x = _rand(N, D)
+    w13, w2 = _rand(E, D, 2 * Fh, scale=0.2), _rand(E, Fh, D, scale=0.2)
+    idx = torch.stack([torch.ones(N, dtype=torch.long), torch.zeros(N, dtype=torch.long),
+                       torch.randint(2, E, (N,))], 1)                   # skewed: sorted form
+    weights = torch.softmax(torch.randn(N, k), -1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = K.moe_experts(x, weights, idx, w13, w2)
+        ref = K.moe_experts_reference(x, weights, idx, w13, w2)
+        head_w = _rand(5000, 64)
+        h = _rand(3, 64)
+        logits = K.lm_head(h, head_w)
+    assert torch.equal(out, ref)
+    assert logits.dtype == torch.bfloat16                 # as autocast's F.linear gives
+    ref_logits = h @ head_w.t()
+    assert float((logits.float() - ref_logits).norm() / ref_logits.norm()) <= 1e-2

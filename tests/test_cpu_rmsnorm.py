@@ -1,0 +1,79 @@
+"""RMSNorm on the CPU: ``F.rms_norm`` in fp32/fp64, bitwise open-mythos's formula."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import mythos_kernels as K
+
+# every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
+L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+M = importlib.import_module("mythos_kernels.cpu.moe")
+
+
+@pytest.fixture(autouse=True)
+def _no_size_floors(monkeypatch):
+    """These tests use small odd shapes: lower the forms' weight-size floors so that those shapes
+    take the forms under test (``test_*_size_floor*`` restore them)."""
+    monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
+    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+    monkeypatch.setattr(L, "two_threads", lambda: True)   # the split forms, whatever the machine
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape) * scale).to(dtype)
+
+
+def _rms_formula(x, w, eps):
+    return x * x.pow(2).mean(-1, keepdim=True).add(eps).rsqrt() * w
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 7, 129), (2, 256, 512), (5, 1), (1, 17, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
+def test_rms_norm_fused_is_bitwise_open_mythos(shape, dtype, scale):
+    R = importlib.import_module("mythos_kernels.rmsnorm")
+    x, w = _rand(*shape, dtype=dtype, scale=scale), _rand(shape[-1], dtype=dtype)
+    assert R._fused_ok(x, w)
+    assert torch.equal(K.rms_norm(x, w, 1e-6), _rms_formula(x, w, 1e-6))
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() > 1 else x
+    assert torch.equal(K.rms_norm(xt, w, 1e-5), _rms_formula(xt, w, 1e-5))
+
+
+def test_rms_norm_fused_gradients_equal_the_formula():
+    x = _rand(3, 9, 130).requires_grad_()
+    w = _rand(130).requires_grad_()
+    g = torch.randn(3, 9, 130)
+    got = torch.autograd.grad((K.rms_norm(x, w, 1e-6) * g).sum(), [x, w])
+    want = torch.autograd.grad((_rms_formula(x, w, 1e-6) * g).sum(), [x, w])
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp16", "mixed", "nan"])
+def test_rms_norm_half_and_mixed_keep_the_formula(case):
+    """Half types (F.rms_norm would upcast: not open-mythos's rounding) and mixed dtypes take the
+    formula itself; a NaN stays in its row."""
+    R = importlib.import_module("mythos_kernels.rmsnorm")
+    x, w = _rand(4, 6, 96), _rand(96)
+    if case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "fp16":
+        x, w = x.half(), w.half()
+    elif case == "mixed":
+        w = w.double()
+    else:
+        x[1, 2, 3] = float("nan")
+    out = K.rms_norm(x, w, 1e-6)
+    if case == "nan":
+        assert R._fused_ok(x, w)
+        assert out[1, 2].isnan().all() and not out[1, :2].isnan().any() and not out[0].isnan().any()
+        return
+    assert not R._fused_ok(x, w)
+    assert torch.equal(out, _rms_formula(x, w, 1e-6))
