@@ -283,6 +283,15 @@ def test_checkpoint_loads_into_open_mythos_layouts(tmp_path, om):
     assert torch.equal(fresh(ids, n_loops=2), t.model(ids, n_loops=2))
     ref = om.OpenMythos(om.MythosConfig(**cfg.__dict__))
     ref.load_state_dict(to_open_mythos_state_dict(sd))
+    import importlib.util  # the converter tool reads the safetensors file too
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py"))
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    dst = str(tmp_path / "om.pt")
+    assert conv.main([os.path.join(latest_checkpoint(str(tmp_path)), "model.safetensors"), dst,
+                      "--to", "open-mythos"]) == 0
+    ref.load_state_dict(torch.load(dst, weights_only=True))
 
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch):

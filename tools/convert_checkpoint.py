@@ -10,7 +10,8 @@ load.
 
 IN is a file saved with ``torch.save``: a state_dict, or a dict holding one under ``model``,
 ``state_dict`` or ``model_state_dict`` (every other entry is written back unchanged). It is read
-with ``torch.load(weights_only=True)``: tensors and plain containers only. Without ``--to`` the
+with ``torch.load(weights_only=True)``: tensors and plain containers only. A ``.safetensors``
+IN or OUT (a ``mythos.train`` checkpoint's ``model.safetensors``) is read or written as one. Without ``--to`` the
 output takes the other layout than IN's. OUT must not exist unless ``--force``.
 """
 
@@ -94,12 +95,20 @@ def main(argv=None) -> int:
     if os.path.exists(args.dst) and not args.force:
         ap.error(f"{args.dst} exists (--force to overwrite)")
     try:
-        obj = torch.load(args.src, map_location="cpu", weights_only=True)
+        if args.src.endswith(".safetensors"):   # e.g. a mythos.train checkpoint's weights
+            from safetensors.torch import load_file
+            obj = load_file(args.src)
+        else:
+            obj = torch.load(args.src, map_location="cpu", weights_only=True)
         new, src, dst = convert(obj, args.to)
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         print(f"convert_checkpoint: {args.src}: {exc}", file=sys.stderr)
         return 2
-    torch.save(new, args.dst)
+    if args.dst.endswith(".safetensors"):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in new.items()}, args.dst)
+    else:
+        torch.save(new, args.dst)
     same = " (already in that layout: copied)" if src == dst else ""
     print(f"{args.src} ({src} layout) -> {args.dst} ({dst} layout){same}")
     return 0
