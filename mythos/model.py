@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -398,6 +398,10 @@ class RecurrentBlock(nn.Module):
         # early-exit check: None = MYTHOS_HALT_LAG (default 0, a sync per loop); 1 = read the
         # all-halted flag one loop late (no sync; one extra loop when every row halts)
         self.halt_lag: Optional[int] = None
+        # the "every position halted -> stop" decision: None = K.HaltCheck (above); a callable
+        # ``(cum_p, threshold) -> bool`` replaces it (a distributed trainer all-reduces it so
+        # every rank runs the same number of loops)
+        self.halt_reducer: Optional[Callable[[torch.Tensor, float], bool]] = None
 
     def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None, positions=None):
         n_loops = n_loops or self.cfg.max_loop_iters
@@ -408,7 +412,7 @@ class RecurrentBlock(nn.Module):
         h_out = torch.zeros(B, T, D, device=h.device, dtype=acc)
         inj, halt, norm = self.injection, self.act.halt, self.norm
         x = K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
-        halted = K.HaltCheck(h.device, lag=self.halt_lag)  # see HaltCheck: lag 0 by default
+        halted = self.halt_reducer or K.HaltCheck(h.device, lag=self.halt_lag)  # lag 0 by default
         for t in range(n_loops):
             out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}", positions)
             delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)

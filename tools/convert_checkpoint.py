@@ -10,7 +10,8 @@ load.
 
 IN is a file saved with ``torch.save``: a state_dict, or a dict holding one under ``model``,
 ``state_dict`` or ``model_state_dict`` (every other entry is written back unchanged). It is read
-with ``torch.load(weights_only=True)``: tensors and plain containers only. Without ``--to`` the
+with ``torch.load(weights_only=True)``: tensors and plain containers only. A ``.safetensors``
+IN or OUT (a ``mythos.train`` checkpoint's ``model.safetensors``) is read or written as one. Without ``--to`` the
 output takes the other layout than IN's. OUT must not exist unless ``--force``.
 """
 
@@ -103,16 +104,24 @@ def main(argv=None) -> int:
     if os.path.isdir(args.dst) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         ap.error(f"OUT {args.dst}: not a writable file path (its folder {out_dir} must exist)")
     try:
-        obj = torch.load(args.src, map_location="cpu", weights_only=True)
+        if args.src.endswith(".safetensors"):   # e.g. a mythos.train checkpoint's weights
+            from safetensors.torch import load_file
+            obj = load_file(args.src)
+        else:
+            obj = torch.load(args.src, map_location="cpu", weights_only=True)
         new, src, dst = convert(obj, args.to)
     except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         print(f"convert_checkpoint: {args.src}: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
     # written whole or not at all: a temporary file beside OUT, renamed over it
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".convert_checkpoint.", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".convert_checkpoint.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(new, f)
+            if args.dst.endswith(".safetensors"):
+                from safetensors.torch import save
+                f.write(save({k: v.contiguous() for k, v in new.items()}))
+            else:
+                torch.save(new, f)
         os.replace(tmp, args.dst)
     except BaseException:
         os.unlink(tmp)

@@ -1,0 +1,196 @@
+"""``python -m mythos.train``: train a looped MoE model; ``python -m mythos.train plot DIR``
+draws a run's curves."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError, config_mismatch, latest_checkpoint, list_checkpoints
+from .data import TASKS
+from .presets import config_names, resolve_config
+from .recurrence import LOOP_SAMPLING
+from .trainer import DTYPES, TrainConfig, Trainer, resume_trainer
+
+# settings a resumed run may change; any other flag given with --resume must match the run's
+RESUME_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "keep", "eval_batches",
+                    "device")
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _finite(lo: float, strict: bool):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not math.isfinite(v) or (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} "
+                                             f"{lo:g}, got {s}")
+        return v
+    return parse
+
+
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The training parser; ``explicit_only``: every default suppressed (to see which flags a
+    command line gave)."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m mythos.train",
+        description="Train a mythos looped MoE model on a built-in task or local text files. "
+                    "Writes DIR/metrics.jsonl (one JSON row per logged step) and checkpoints in "
+                    "DIR/checkpoints. 'python -m mythos.train plot DIR' draws the curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if explicit_only else None)
+
+    def a(*names, **kw):
+        if explicit_only:
+            kw["default"] = argparse.SUPPRESS
+        return p.add_argument(*names, **kw)
+
+    a("--config", default=d.config, help="model: a preset or variant name "
+      f"({', '.join(config_names())}) or a JSON file of MythosConfig fields")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=argparse.SUPPRESS if explicit_only else None,
+                     help=f"a built-in task ({', '.join(TASKS)}); the default when --data is absent "
+                          "is pointer")
+    src.add_argument("--data", nargs="+", metavar="FILE",
+                     default=argparse.SUPPRESS if explicit_only else None,
+                     help="local text files for byte-level language modelling")
+    a("--hops", type=_pos_int, default=d.hops, help="the task's hop count (its difficulty)")
+    a("--tokenizer", default=None, help="a locally cached Hugging Face tokenizer for --data "
+      "(needs transformers; default: bytes)")
+    a("--steps", type=_pos_int, default=d.steps, help="optimizer steps in all (a resumed run "
+      "continues up to this)")
+    a("--batch-size", type=_pos_int, default=d.batch_size, help="sequences per micro-batch")
+    a("--seq-len", type=_pos_int, default=d.seq_len, help="tokens per sequence")
+    a("--lr", type=_finite(0, True), default=d.lr, help="peak learning rate (AdamW)")
+    a("--min-lr-ratio", type=_finite(0, False), default=d.min_lr_ratio,
+      help="final learning rate of the cosine decay, as a fraction of --lr")
+    a("--warmup", type=_nonneg_int, default=d.warmup, help="linear warmup steps")
+    a("--decay-steps", type=_pos_int, default=d.decay_steps, help="cosine decay horizon "
+      "(default: --steps of the run's first command)")
+    a("--weight-decay", type=_finite(0, False), default=d.weight_decay,
+      help="AdamW weight decay (matrices only)")
+    a("--clip", type=_finite(0, False), default=d.clip, help="gradient-norm clip (0: none)")
+    a("--grad-accum", type=_pos_int, default=d.grad_accum, help="micro-batches per step")
+    a("--seed", type=_nonneg_int, default=d.seed, help="seed of weights, data and loop counts")
+    a("--out", default=d.out, metavar="DIR", help="run folder (metrics.jsonl, checkpoints)")
+    a("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest "
+      "checkpoint up to --steps (other settings are the run's)")
+    a("--keep", type=_pos_int, default=d.keep, help="checkpoints kept (the newest)")
+    a("--eval-every", type=_nonneg_int, default=d.eval_every, help="evaluate every N steps (0: never)")
+    a("--eval-batches", type=_pos_int, default=d.eval_batches, help="held-out batches per evaluation")
+    a("--save-every", type=_nonneg_int, default=d.save_every,
+      help="checkpoint every N steps (0: only at the end)")
+    a("--log-every", type=_pos_int, default=d.log_every, help="write a metrics row every N steps")
+    a("--n-loops", type=_finite(1, False), default=d.n_loops,
+      help="recurrent loops per step (the mean when sampled)")
+    a("--loop-sampling", choices=LOOP_SAMPLING, default=d.loop_sampling,
+      help="loop count per step: fixed, Poisson-lognormal around --n-loops, or uniform in "
+           "[--min-loops, --max-loops]")
+    a("--min-loops", type=_pos_int, default=d.min_loops, help="smallest loop count")
+    a("--max-loops", type=_pos_int, default=d.max_loops,
+      help="loop-count cap (default: the config's max_loop_iters)")
+    a("--grad-loops", type=_pos_int, default=d.grad_loops,
+      help="truncated backprop: only the last K loops keep gradients (default: all)")
+    a("--no-act", dest="act", action="store_false", default=True,
+      help="ACT off: every loop runs, output is the last loop's state")
+    a("--ponder-weight", type=_finite(0, False), default=d.ponder_weight,
+      help="weight of the ponder loss (mean expected halting depth)")
+    a("--checkpoint-activations", action="store_true", default=False,
+      help="recompute each loop iteration in backward (less memory)")
+    a("--bias-update-rate", type=_finite(0, False), default=d.bias_update_rate,
+      help="router-bias update speed gamma (aux-loss-free balancing; 0: off)")
+    a("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    a("--dtype", choices=DTYPES, default=d.dtype,
+      help="auto: bf16 autocast on GPU, fp32 on CPU")
+    a("--no-progress", dest="progress", action="store_false", default=True,
+      help="no progress bar")
+    return p
+
+
+def _settings(ns: argparse.Namespace) -> dict:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(ns).items() if k in names}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (argument errors exit 2 before any step)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        from .plot import main as plot_main
+        return plot_main(argv[1:])
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    given = _settings(build_parser(explicit_only=True).parse_args(argv))
+    try:
+        if ns.resume is not None:
+            trainer = _resume(ns, given)
+        else:
+            if ns.task is None and not ns.data:
+                ns.task = "pointer"
+            if list_checkpoints(ns.out):
+                raise ValueError(f"--out {ns.out!r} already holds checkpoints of a run: continue it "
+                                 f"with --resume {ns.out} or choose another --out")
+            trainer = Trainer(TrainConfig(**_settings(ns)))
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    if trainer.step >= trainer.tc.steps:
+        print(f"nothing to do: the run is at step {trainer.step} of --steps {trainer.tc.steps}")
+        return 0
+    os.makedirs(trainer.tc.out, exist_ok=True)
+    with open(os.path.join(trainer.tc.out, "command.json"), "a") as f:
+        f.write(json.dumps({"argv": argv, "start_step": trainer.step}) + "\n")
+    trainer.run(progress=ns.progress)
+    return 0
+
+
+def _resume(ns: argparse.Namespace, given: dict) -> Trainer:
+    run_dir = ns.resume
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"--resume {run_dir!r} is not a folder")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"--resume {run_dir!r} holds no checkpoint")
+    from .checkpoint import read_meta
+
+    meta = read_meta(path)
+    saved = meta.get("train") or {}
+    if "config" in given:
+        diff = config_mismatch(meta["config"], resolve_config(given["config"]))
+        if diff:
+            raise CheckpointError(f"--config {given['config']!r} does not match the checkpoint "
+                                  f"{path!r}: " + "; ".join(diff))
+    for k, v in given.items():
+        if k in RESUME_OVERRIDES or k in ("config", "out"):
+            continue
+        if k in saved and saved[k] != v:
+            raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the run's {saved[k]!r}: "
+                             f"a resumed run keeps its settings (only {', '.join(RESUME_OVERRIDES)} "
+                             "may change)")
+    return resume_trainer(run_dir, {k: v for k, v in given.items() if k in RESUME_OVERRIDES})

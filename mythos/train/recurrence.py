@@ -1,0 +1,201 @@
+"""The recurrent loop for training: loop counts sampled per step, truncated backprop through
+the recurrence, ACT on or off, the ponder term and per-iteration activation checkpointing.
+
+:func:`train_forward` runs the model's own modules (embedding, prelude, the recurrent block's
+pieces, coda) and, with ``act=True`` and no truncation or checkpointing, computes exactly
+``OpenMythos._hidden``'s math (same ops in the same order).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+import mythos_kernels as K
+from mythos.model import CAUSAL, OpenMythos, RecurrentBlock
+
+LOOP_SAMPLING = ("fixed", "poisson-lognormal", "uniform")
+
+
+@dataclass
+class LoopSampler:
+    """The loop count of each training step, a function of ``(seed, step)`` only (the same on
+    every rank and after a resume).
+
+    ``fixed``: always ``mean``. ``poisson-lognormal`` (as Huginn trains):
+    ``n = 1 + Poisson(lambda)``, ``log lambda ~ Normal(log(mean - 1) - sigma^2 / 2, sigma)``, so
+    ``E[n] = mean``. ``uniform``: uniform in ``[min_loops, max_loops]``. Every mode is clamped
+    to ``[min_loops, max_loops]``.
+    """
+
+    mode: str = "fixed"
+    mean: float = 4
+    max_loops: int = 16
+    min_loops: int = 1
+    sigma: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in LOOP_SAMPLING:
+            raise ValueError(f"loop sampling must be one of {LOOP_SAMPLING}, got {self.mode!r}")
+        for name in ("max_loops", "min_loops"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.min_loops > self.max_loops:
+            raise ValueError(f"min_loops ({self.min_loops}) must be <= max_loops ({self.max_loops})")
+        if not (self.min_loops <= self.mean <= self.max_loops):
+            raise ValueError(f"mean loops must lie in [{self.min_loops}, {self.max_loops}], got "
+                             f"{self.mean!r}")
+        if self.mode == "fixed" and self.mean != int(self.mean):
+            raise ValueError(f"fixed loop sampling needs an integer n_loops, got {self.mean!r}")
+        if not (self.sigma > 0):
+            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
+
+    def __call__(self, seed: int, step: int) -> int:
+        if self.mode == "fixed":
+            return int(self.mean)
+        rng = np.random.default_rng([int(seed), 7, int(step)])
+        if self.mode == "uniform":
+            n = int(rng.integers(self.min_loops, self.max_loops + 1))
+        else:
+            mu = math.log(max(self.mean - 1, 1e-3)) - self.sigma ** 2 / 2
+            n = 1 + int(rng.poisson(rng.lognormal(mu, self.sigma)))
+        return min(max(n, self.min_loops), self.max_loops)
+
+
+@dataclass
+class ForwardOut:
+    """What :func:`train_forward` returns.
+
+    h: [B, T, D] coda output (before the final norm and head).
+    depth: [B, T] expected halting depth per position, differentiable (see :func:`train_forward`).
+    n_loops: iterations actually run (fewer than asked when every position halted).
+    """
+
+    h: torch.Tensor
+    depth: torch.Tensor
+    n_loops: int
+
+    @property
+    def ponder(self) -> torch.Tensor:
+        """The ponder term: mean expected halting depth (a scalar with gradients)."""
+        return self.depth.mean()
+
+
+def _iteration(rb: RecurrentBlock, t: int, nxt, e, freqs_cis, mask, h, x, h_out, cum_p):
+    """One loop of ``RecurrentBlock.forward`` (no cache): block, LoRA, LTI + ACT step."""
+    out = rb.block(x, freqs_cis, mask, None, f"recurrent_loop_{t}", None)
+    delta = rb.lora(out, t)
+    if delta.dtype != out.dtype:
+        out, delta = out + delta, None
+    inj, halt = rb.injection, rb.act.halt
+    return K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt, inj.B, halt.weight,
+                          halt.bias, rb.cfg.act_threshold, next_loop=nxt, delta=delta)
+
+
+def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
+                      freqs_cis: torch.Tensor, mask, n_loops: int, act: bool = True,
+                      grad_loops: Optional[int] = None, checkpoint: bool = False,
+                      halt_check: Optional[Callable[[torch.Tensor, float], bool]] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The recurrent block over ``n_loops`` iterations with the training knobs (no cache).
+
+    Returns ``(output [B, T, D], depth [B, T], loops run)``; see :func:`train_forward`.
+    """
+    B, T, D = h.shape
+    thr = rb.cfg.act_threshold
+    acc = K.acc_dtype(h.dtype)
+    cum_p = torch.zeros(B, T, device=h.device, dtype=acc)
+    h_out = torch.zeros(B, T, D, device=h.device, dtype=acc)
+    depth = torch.zeros(B, T, device=h.device, dtype=acc)     # sum_t (t + 1) w_t
+    norm = rb.norm
+    n_free = 0 if grad_loops is None else max(n_loops - grad_loops, 0)
+    grad = torch.is_grad_enabled()
+    halted = halt_check or rb.halt_reducer or K.HaltCheck(h.device, lag=rb.halt_lag)
+    x = None
+    run = 0
+    for t in range(n_loops):
+        with torch.set_grad_enabled(grad and t >= n_free):
+            if x is None:   # the first loop, or the first one with a graph after the cut
+                x = K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim)
+            # at the cut the next input is recomputed with a graph (it depends on e)
+            fuse = t + 1 < n_loops and t + 1 != n_free
+            nxt = (t + 1, norm.weight, norm.eps, rb.loop_dim) if fuse else None
+            step = functools.partial(_iteration, rb, t, nxt, e, freqs_cis, mask)
+            if checkpoint and grad and t >= n_free:
+                res = _checkpoint(step, h, x, h_out, cum_p, use_reentrant=False)
+            else:
+                res = step(h, x, h_out, cum_p)
+            prev = cum_p
+            h, h_out, cum_p = res[:3]
+            x = res[3] if fuse else None
+            # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding)
+            w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0), cum_p - prev)
+            depth = depth + (t + 1) * w
+        run = t + 1
+        if act and t + 1 < n_loops and halted(cum_p, thr):
+            break
+    # probability mass that never halted counts at the depth reached
+    weight_sum = torch.where(cum_p >= thr, torch.ones_like(cum_p), cum_p)
+    depth = depth + run * (1.0 - weight_sum)
+    return (h_out.to(h.dtype) if act else h), depth, run
+
+
+def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] = None, *,
+                  act: bool = True, grad_loops: Optional[int] = None, checkpoint: bool = False,
+                  halt_check: Optional[Callable[[torch.Tensor, float], bool]] = None) -> ForwardOut:
+    """The model's forward for training: ids [B, T] -> :class:`ForwardOut` (hidden state before
+    the final norm, expected halting depth, loops run).
+
+    Args:
+        n_loops: recurrent depth (default ``cfg.max_loop_iters``).
+        act: True: ACT as open-mythos (output = ACT-weighted sum of the iterations' states;
+            the loop stops once every position has halted). False: every loop runs and the
+            output is the last iteration's state.
+        grad_loops: only the last ``grad_loops`` of the ``n_loops`` iterations build a graph;
+            the earlier ones run under ``torch.no_grad`` (their h, ACT output and cumulative
+            halting probability enter as constants; e keeps its gradient). None: all of them.
+        checkpoint: recompute each graph-building iteration in backward instead of keeping its
+            activations (``torch.utils.checkpoint``, non-reentrant).
+        halt_check: ``(cum_p, threshold) -> bool``, the early-exit decision (default the
+            recurrent block's ``halt_reducer`` or ``K.HaltCheck``).
+
+    The expected halting depth of a position is ``sum_t t * w_t + n * (1 - sum_t w_t)`` with
+    ``w_t`` the ACT weight of iteration t (1-based) and n the loops run: the remainder mass of a
+    position that never halted counts at full depth (Graves 2016's ponder cost, made
+    differentiable through the halting probabilities). ``ponder`` is its mean.
+    """
+    cfg = model.cfg
+    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
+    if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+        raise ValueError(f"n_loops must be a positive int, got {n_loops!r}")
+    if grad_loops is not None and (isinstance(grad_loops, bool) or not isinstance(grad_loops, int)
+                                   or grad_loops < 1):
+        raise ValueError(f"grad_loops must be a positive int or None, got {grad_loops!r}")
+    model._check_inputs(ids, n_loops, None, 0)
+    T = ids.shape[1]
+    x = model.embed(ids)
+    freqs = model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis
+    freqs_cis = freqs[:T]
+    mask = CAUSAL if T > 1 else None
+    for i, layer in enumerate(model.prelude):
+        x = layer(x, freqs_cis, mask, None, f"prelude_{i}", None)
+    x, depth, run = recurrent_forward(model.recurrent, x, x, freqs_cis, mask, n_loops, act,
+                                      grad_loops, checkpoint, halt_check)
+    for i, layer in enumerate(model.coda):
+        x = layer(x, freqs_cis, mask, None, f"coda_{i}", None)
+    return ForwardOut(x, depth, run)
+
+
+def spectral_radius(model: nn.Module) -> float:
+    """rho(A) of the recurrent block's LTI injection: A is diagonal, so max_i |A_i|."""
+    inj = model.recurrent.injection
+    with torch.no_grad():
+        return float(inj.get_A().abs().max())

@@ -1,0 +1,380 @@
+"""The training loop: AdamW, linear warmup + cosine decay, gradient clipping and accumulation,
+bf16 autocast on GPU, loop counts sampled per step, router-bias updates, evaluation, metrics and
+checkpoints. :class:`Trainer` is what ``python -m mythos.train`` runs; its pieces are public for
+users' own loops."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mythos.config import MythosConfig
+from mythos.model import OpenMythos
+
+from .balance import LoadTracker, load_stats, moe_layers, update_router_bias
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import Task, TextLM, make_task
+from .loss import answer_accuracy, lm_loss
+from .presets import resolve_config
+from .recurrence import LOOP_SAMPLING, LoopSampler, spectral_radius, train_forward
+
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the command line's flags, same names)."""
+
+    config: str = "tiny"
+    task: Optional[str] = None
+    hops: int = 2
+    data: Optional[list] = None
+    tokenizer: Optional[str] = None
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    out: str = "runs/mythos"
+    keep: int = 3
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 100
+    log_every: int = 1
+    n_loops: float = 4
+    loop_sampling: str = "fixed"
+    min_loops: int = 1
+    max_loops: Optional[int] = None
+    grad_loops: Optional[int] = None
+    act: bool = True
+    ponder_weight: float = 0.0
+    checkpoint_activations: bool = False
+    bias_update_rate: float = 1e-3
+    device: str = "auto"
+    dtype: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """ValueError naming the first invalid setting."""
+        def pos_int(name, zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if zero else 'positive'} int, "
+                                 f"got {v!r}")
+
+        for n in ("steps", "batch_size", "seq_len", "grad_accum", "keep", "eval_batches",
+                  "log_every", "hops", "min_loops"):
+            pos_int(n)
+        for n in ("warmup", "eval_every", "save_every", "seed"):
+            pos_int(n, zero=True)
+        for n in ("decay_steps", "max_loops", "grad_loops"):
+            if getattr(self, n) is not None:
+                pos_int(n)
+
+        def num(name, lo=None, lo_open=False, hi=None):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{name} must be <= {hi}, got {v!r}")
+
+        num("lr", 0, lo_open=True)
+        num("min_lr_ratio", 0, hi=1)
+        num("weight_decay", 0)
+        num("clip", 0)
+        num("ponder_weight", 0)
+        num("bias_update_rate", 0)
+        num("n_loops", 1)
+        if self.loop_sampling not in LOOP_SAMPLING:
+            raise ValueError(f"loop_sampling must be one of {LOOP_SAMPLING}, got {self.loop_sampling!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if (self.task is None) == (not self.data):
+            raise ValueError("give exactly one of task (a built-in task) and data (text files)")
+        if self.ponder_weight > 0 and not self.act:
+            raise ValueError("ponder_weight > 0 needs ACT (act=True): without ACT every position "
+                             "runs every loop")
+
+
+def lr_at(tc: TrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup`` steps to ``lr``, then cosine decay to ``lr * min_lr_ratio``
+    at ``decay_steps`` (default ``steps``), constant after."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    horizon = tc.decay_steps or tc.steps
+    frac = min(max(step - tc.warmup, 0) / max(horizon - tc.warmup, 1), 1.0)
+    lo = tc.lr * tc.min_lr_ratio
+    return lo + 0.5 * (tc.lr - lo) * (1.0 + math.cos(math.pi * frac))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available")
+    return dev
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (fused where torch has it for the device): weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def build_task(tc: TrainConfig, cfg: MythosConfig) -> Task:
+    """The run's data source, checked against the model's vocabulary and context."""
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    if tc.task is not None:
+        task = make_task(tc.task, tc.seq_len, hops=tc.hops, vocab_size=cfg.vocab_size)
+    else:
+        task = TextLM.from_files(tc.data, tc.seq_len, tokenizer=tc.tokenizer)
+    if task.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the data uses {task.vocab_size} token ids, more than the model's "
+                         f"vocab_size {cfg.vocab_size}")
+    return task
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """One training run: everything is built and checked on construction, before any step.
+
+    Args:
+        tc: the run's settings.
+        model_cfg: the model config (default ``resolve_config(tc.config)``).
+    """
+
+    def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None):
+        tc.validate()
+        self.tc = tc
+        self.device = resolve_device(tc.device)
+        self.cfg = model_cfg or resolve_config(tc.config)
+        max_loops = tc.max_loops or self.cfg.max_loop_iters
+        self.sampler = LoopSampler(tc.loop_sampling, tc.n_loops, max_loops, tc.min_loops)
+        if tc.grad_loops is not None and tc.grad_loops > max_loops:
+            raise ValueError(f"grad_loops {tc.grad_loops} exceeds max_loops {max_loops}")
+        self.task = build_task(tc, self.cfg)
+        use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        seed_all(tc.seed)
+        self.model = OpenMythos(self.cfg).to(self.device).train()
+        self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.tracker = LoadTracker(self.model)
+        self.step = 0          # steps taken
+        self._metrics_path = os.path.join(tc.out, "metrics.jsonl")
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def train_step(self) -> dict:
+        """One optimizer step (``grad_accum`` micro-batches); returns its metrics row. A step
+        whose loss or gradient norm is not finite is not applied (``skipped: 1``)."""
+        tc, model = self.tc, self.model
+        step = self.step
+        n = self.sampler(tc.seed, step)
+        lr = lr_at(tc, step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        self.tracker.reset()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        depth_sum = 0.0
+        run = 0
+        with self.tracker:
+            for micro in range(tc.grad_accum):
+                b = self.task.batch(tc.seed, "train", step, micro, tc.batch_size).to(self.device)
+                with self._autocast():
+                    out = train_forward(model, b.ids, n, act=tc.act, grad_loops=tc.grad_loops,
+                                        checkpoint=tc.checkpoint_activations)
+                    loss = lm_loss(model, out.h, b.targets)
+                    total = loss + tc.ponder_weight * out.ponder if tc.ponder_weight else loss
+                (total / tc.grad_accum).backward()
+                loss_sum += loss.detach().double().cpu()
+                depth_sum += float(out.depth.detach().float().mean())
+                run = max(run, out.n_loops)
+        gn = torch.nn.utils.clip_grad_norm_(self._params(), tc.clip if tc.clip > 0 else math.inf)
+        loss_v = float(loss_sum) / tc.grad_accum
+        grad_norm = float(gn)
+        skipped = not (math.isfinite(loss_v) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            update_router_bias(model, self.tracker.counts, tc.bias_update_rate)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        row = {"step": self.step, "loss": loss_v, "lr": lr,
+               "tokens_per_s": tc.grad_accum * tc.batch_size * tc.seq_len / max(dt, 1e-9),
+               "n_loops": n, "loops_run": run, "grad_norm": grad_norm,
+               "rho_A": spectral_radius(model), "mean_halt_depth": depth_sum / tc.grad_accum,
+               "skipped": int(skipped)}
+        layers = moe_layers(model)
+        if layers:
+            row.update(load_stats(self.tracker.counts.get(layers[0])))
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss (and answer accuracy on a task) over ``eval_batches`` held-out batches at the
+        mean loop count."""
+        tc, model = self.tc, self.model
+        n = max(self.sampler.min_loops, min(round(self.sampler.mean), self.sampler.max_loops))
+        model.eval()
+        losses, correct, total = [], 0, 0
+        try:
+            for i in range(tc.eval_batches):
+                b = self.task.batch(tc.seed, "eval", i, 0, tc.batch_size).to(self.device)
+                with self._autocast():
+                    out = train_forward(model, b.ids, n, act=tc.act)
+                    losses.append(float(lm_loss(model, out.h, b.targets)))
+                if self.task.has_accuracy:
+                    c, t = answer_accuracy(model, out.h.float(), b.targets)
+                    correct, total = correct + c, total + t
+        finally:
+            model.train()
+        row = {"step": self.step, "eval_split": "eval", "eval_loss": sum(losses) / len(losses),
+               "n_loops": n}
+        if self.task.has_accuracy:
+            row["eval_acc"] = correct / max(total, 1)
+        return row
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "schedule": {"step": self.step, "lr": self.tc.lr, "warmup": self.tc.warmup,
+                             "decay_steps": self.tc.decay_steps or self.tc.steps,
+                             "min_lr_ratio": self.tc.min_lr_ratio},
+                "rng": rng_state(), "data": {"seed": self.tc.seed, "step": self.step},
+                "router_bias": {f"{i}": m.router_bias.detach().cpu().clone()
+                                for i, m in enumerate(moe_layers(self.model))}}
+
+    def meta(self) -> dict:
+        return {"config": dataclasses.asdict(self.cfg), "train": train_config_dict(self.tc)}
+
+    def save(self) -> str:
+        return save_checkpoint(self.tc.out, self.step, self.model, self.state(), self.meta(),
+                               keep=self.tc.keep)
+
+    def load(self, path: str) -> None:
+        """Continue from checkpoint ``path``: weights, optimizer, RNG states, step."""
+        meta, state = load_checkpoint(path, self.model)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            self.step = int(state["data"]["step"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {path!r}: state.pt does not match this run "
+                                  f"({type(exc).__name__}: {exc})") from None
+        if self.step != int(meta["step"]):
+            raise CheckpointError(f"checkpoint {path!r}: meta.json step {meta['step']} != "
+                                  f"state.pt step {self.step}")
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def log(self, row: dict) -> None:
+        with open(self._metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run(self, progress: bool = True) -> list[dict]:
+        """Train from the current step to ``steps``; returns the rows written."""
+        from tqdm import tqdm
+
+        tc = self.tc
+        os.makedirs(tc.out, exist_ok=True)
+        rows = []
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, mininterval=0.5,
+                   dynamic_ncols=True, desc="train")
+        try:
+            while self.step < tc.steps:
+                row = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                loops=row["n_loops"], refresh=False)
+                if row["skipped"] or self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self.log(row)
+                    rows.append(row)
+                if tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    ev = self.evaluate()
+                    self.log(ev)
+                    rows.append(ev)
+                    bar.write(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}"
+                              + (f" eval_acc {ev['eval_acc']:.3f}" if "eval_acc" in ev else ""))
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
+                    self.save()
+        finally:
+            bar.close()
+        return rows
+
+
+def train_config_dict(tc: TrainConfig) -> dict:
+    d = dataclasses.asdict(tc)
+    d.pop("extra", None)
+    return d
+
+
+def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
+    """A Trainer continuing the run in ``run_dir`` from its newest checkpoint, with ``overrides``
+    (e.g. ``steps``) applied to its saved settings.
+
+    Raises:
+        CheckpointError if the folder holds no checkpoint or a corrupt one.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"resume: {run_dir!r} holds no checkpoint "
+                              f"(looked in {os.path.join(run_dir, 'checkpoints')})")
+    from .checkpoint import read_meta
+    from .presets import config_from_dict
+
+    meta = read_meta(path)
+    saved = meta.get("train")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {path!r}: meta.json has no run settings")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    for k, v in overrides.items():
+        setattr(tc, k, v)
+    tc.out = run_dir
+    trainer = Trainer(tc, config_from_dict(meta["config"], f"checkpoint {path!r} config"))
+    trainer.load(path)
+    return trainer

@@ -1,0 +1,402 @@
+"""mythos.train: training forward, truncated backprop, ponder term, router-bias balancing, data,
+checkpoints and exact resume, the command line, and the Triton path under the interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import needs_kernels, tiny_kwargs
+
+import mythos_kernels as K
+from mythos import MythosConfig, OpenMythos
+from mythos.train import (
+    IGNORE,
+    LoadTracker,
+    LoopSampler,
+    PointerTask,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    lm_loss,
+    load_checkpoint,
+    train_forward,
+    update_router_bias,
+)
+from mythos.train.cli import main
+from mythos.train.data import BindingTask, TextLM
+from mythos.train.trainer import resume_trainer
+
+
+@pytest.fixture(autouse=True)
+def _cpu_one_thread(on_cpu):
+    """CPU tensors, one thread (on a shared 2-core machine a thread pool mostly waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro_cfg(**over) -> MythosConfig:
+    kw = dict(vocab_size=40, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=32, max_loop_iters=4,
+              prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=4, n_shared_experts=1,
+              n_experts_per_tok=2, expert_dim=16, lora_rank=2)
+    kw.update(over)
+    return MythosConfig(**kw)
+
+
+def small_run(out, **over) -> TrainConfig:
+    kw = dict(task="pointer", steps=6, batch_size=4, seq_len=16, out=str(out), eval_every=0,
+              save_every=0, warmup=2, lr=3e-3, n_loops=3)
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+# -- training forward ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_train_forward_equals_model_forward(attn):
+    torch.manual_seed(0)
+    model = OpenMythos(MythosConfig(**tiny_kwargs(attn, act_threshold=0.9))).train()
+    ids = torch.randint(0, 97, (2, 11))
+    for n in (1, 3, 4):
+        out = train_forward(model, ids, n)
+        assert torch.equal(model._logits(out.h), model(ids, n_loops=n)), n
+
+
+def _reference_truncated(model, ids, n, k, act):
+    """The recurrence written out with the graph cut by detach() before iteration n - k."""
+    rb = model.recurrent
+    x = model.embed(ids)
+    T = ids.shape[1]
+    freqs = model.freqs_cis[:T]
+    from mythos.model import CAUSAL
+    for layer in model.prelude:
+        x = layer(x, freqs, CAUSAL)
+    e, h = x, x
+    cum_p = torch.zeros(h.shape[:2])
+    h_out = torch.zeros_like(h)
+    inj, halt = rb.injection, rb.act.halt
+    for t in range(n):
+        if t == n - k:
+            h, h_out, cum_p = h.detach(), h_out.detach(), cum_p.detach()
+        xin = K.loop_input_reference(h, e, t, rb.norm.weight, rb.norm.eps, rb.loop_dim)
+        out = rb.block(xin, freqs, CAUSAL)
+        out = out + rb.lora(out, t)
+        h, h_out, cum_p = K.lti_act_step_reference(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt,
+                                                   inj.B, halt.weight, halt.bias,
+                                                   rb.cfg.act_threshold)
+    y = h_out if act else h
+    for layer in model.coda:
+        y = layer(y, freqs, CAUSAL)
+    return y
+
+
+def _grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    fn().pow(2).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("act", [True, False])
+def test_truncated_backprop_cuts_the_graph_at_the_right_iteration(act):
+    torch.manual_seed(1)
+    model = OpenMythos(micro_cfg(act_threshold=5.0)).train()   # never halts: every loop runs
+    ids = torch.randint(0, 40, (2, 9))
+    n, k = 4, 2
+    got = _grads(model, lambda: train_forward(model, ids, n, act=act, grad_loops=k).h)
+    ref = _grads(model, lambda: _reference_truncated(model, ids, n, k, act))
+    full = _grads(model, lambda: train_forward(model, ids, n, act=act).h)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    # the cut matters: the full graph gives other gradients (else this test could not fail)
+    assert not torch.allclose(full["recurrent.injection.log_A"], got["recurrent.injection.log_A"])
+    # the prelude still gets gradients through e
+    assert got["prelude.0.attn.wq.weight"].abs().sum() > 0
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(2)
+    model = OpenMythos(micro_cfg(act_threshold=5.0)).train()   # every loop runs
+    ids = torch.randint(0, 40, (2, 9))
+    a = _grads(model, lambda: train_forward(model, ids, 3).h)
+    with LoadTracker(model) as loads:
+        b = _grads(model, lambda: train_forward(model, ids, 3, checkpoint=True).h)
+        # recomputation in backward is not counted again: 3 loops x 18 tokens x top-2
+        assert int(next(iter(loads.counts.values())).sum()) == 3 * 18 * 2
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_ponder_depth_and_gradients():
+    torch.manual_seed(3)
+    model = OpenMythos(micro_cfg(act_threshold=0.9)).double()
+    ids = torch.randint(0, 40, (2, 7))
+    with torch.no_grad():
+        model.recurrent.act.halt.bias.fill_(-0.5)
+    out = train_forward(model, ids, 4)
+    assert out.depth.shape == (2, 7)
+    assert ((out.depth >= 1) & (out.depth <= out.n_loops + 1e-9)).all()
+    b = model.recurrent.act.halt.bias
+    (g,) = torch.autograd.grad(out.ponder, b)
+    eps = 1e-6
+    vals = []
+    with torch.no_grad():
+        for s in (1, -1):
+            b.add_(s * eps)
+            vals.append(float(train_forward(model, ids, 4).ponder))
+            b.sub_(s * eps)
+    fd = (vals[0] - vals[1]) / (2 * eps)
+    assert abs(float(g) - fd) <= 1e-5 * max(1.0, abs(fd)), (float(g), fd)
+    assert float(g) < 0          # a larger halting bias halts earlier
+
+
+# -- router-bias balancing -----------------------------------------------------------------------
+
+def test_router_bias_update_balances_a_skewed_router():
+    torch.manual_seed(4)
+    model = OpenMythos(micro_cfg(n_experts=6))
+    ffn = model.recurrent.block.ffn
+    x = torch.randn(1, 64, 32)
+    with torch.no_grad():
+        ffn.router.weight[0] = x.mean((0, 1)) * 4      # expert 0 takes nearly every token
+        ffn.router.weight[1] = x.mean((0, 1)) * 3
+    tracker = LoadTracker(model)
+
+    def loads():
+        tracker.reset()
+        with tracker, torch.no_grad():
+            ffn(x)
+        return tracker.counts[ffn]
+
+    first = loads().double()
+    update_router_bias(model, tracker.counts, rate=1e-2)
+    assert ffn.router_bias[0] < 0 and ffn.router_bias[first.argmin()] > 0
+    for _ in range(300):
+        c = loads()
+        update_router_bias(model, tracker.counts, rate=1e-2)
+    last = c.double()
+    assert (last.max() / last.mean()) < 0.6 * (first.max() / first.mean())
+    assert abs(float(ffn.router_bias.mean())) < 1e-6
+
+
+def test_router_bias_update_rejects_bad_input():
+    model = OpenMythos(micro_cfg())
+    with pytest.raises(ValueError, match="rate"):
+        update_router_bias(model, {}, rate=float("nan"))
+    with pytest.raises(ValueError, match="shape"):
+        update_router_bias(model, torch.ones(3, dtype=torch.long))
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def test_pointer_task_answers_and_splits():
+    task = PointerTask(20, hops=3)
+    b = task.batch(0, "train", 5, 0, 4)
+    assert b.ids.shape == (4, 20) and (b.targets[:, :-1] == IGNORE).all()
+    for row, ans in zip(b.ids.tolist(), b.targets[:, -1].tolist()):
+        body = row[row.index(1) - 2 * task.n:row.index(1)]
+        pi = dict(zip(body[0::2], body[1::2]))
+        cur = row[-2]
+        for _ in range(3):
+            cur = pi[cur]
+        assert cur == ans
+    assert torch.equal(task.batch(0, "train", 5, 0, 4).ids, b.ids)
+    assert not torch.equal(task.batch(0, "eval", 5, 0, 4).ids, b.ids)
+    c = BindingTask(30, hops=2).batch(1, "train", 0, 0, 3)
+    assert (c.targets[:, -1] >= 5).all() and (c.targets[:, -1] < 15).all()
+
+
+def test_text_data(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_bytes(bytes(range(256)) * 4)
+    task = TextLM.from_files([str(f)], 16)
+    b = task.batch(0, "train", 0, 0, 3)
+    assert torch.equal(b.ids[:, 1:], b.targets[:, :-1])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        TextLM.from_files([str(tmp_path / "empty.txt")], 16)
+
+
+def test_loop_sampler():
+    s = LoopSampler("poisson-lognormal", 4, 10)
+    draws = [s(0, i) for i in range(400)]
+    assert draws == [s(0, i) for i in range(400)] and 1 <= min(draws) and max(draws) <= 10
+    assert 3.3 < sum(draws) / len(draws) < 4.7
+    u = LoopSampler("uniform", 3, 5, min_loops=2)
+    assert set(u(1, i) for i in range(100)) == {2, 3, 4, 5}
+    with pytest.raises(ValueError, match="loop sampling"):
+        LoopSampler("gauss", 3, 5)
+
+
+# -- training, checkpoints, resume ---------------------------------------------------------------
+
+def test_loss_falls_on_pointer_task(tmp_path):
+    tc = small_run(tmp_path, steps=40, batch_size=8, seq_len=12, hops=1, lr=1e-2, warmup=4)
+    rows = Trainer(tc).run(progress=False)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+    keys = {"step", "loss", "lr", "tokens_per_s", "n_loops", "grad_norm", "rho_A",
+            "load_max_over_mean", "load_entropy", "mean_halt_depth", "skipped"}
+    assert keys <= set(rows[0])
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_exact_resume_through_the_command_line(tmp_path):
+    common = ["--seq-len", "12", "--batch-size", "3", "--grad-accum", "2", "--n-loops", "2.5",
+              "--loop-sampling", "poisson-lognormal", "--max-loops", "4", "--eval-every", "0",
+              "--warmup", "2", "--decay-steps", "6", "--no-progress"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(common + ["--steps", "6", "--out", a]) == 0
+    assert main(common + ["--steps", "3", "--out", b]) == 0
+    assert main(["--resume", b, "--steps", "6", "--no-progress"]) == 0
+    from mythos.train.presets import tiny
+    ma, mb = OpenMythos(tiny()), OpenMythos(tiny())
+    load_checkpoint(latest_checkpoint(a), ma)
+    load_checkpoint(latest_checkpoint(b), mb)
+    pa, pb = _params(ma), _params(mb)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    assert pa["recurrent.block.ffn.router_bias"].abs().sum() > 0
+    rows = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_loads_into_open_mythos_layouts(tmp_path, om):
+    from safetensors.torch import load_file
+
+    from mythos import to_open_mythos_state_dict
+    cfg = micro_cfg()
+    t = Trainer(small_run(tmp_path, steps=2, seq_len=12), cfg)
+    t.run(progress=False)
+    sd = load_file(os.path.join(latest_checkpoint(str(tmp_path)), "model.safetensors"))
+    fresh = OpenMythos(cfg)
+    fresh.load_state_dict(sd)
+    ids = torch.randint(0, 40, (1, 8))
+    assert torch.equal(fresh(ids, n_loops=2), t.model(ids, n_loops=2))
+    ref = om.OpenMythos(om.MythosConfig(**cfg.__dict__))
+    ref.load_state_dict(to_open_mythos_state_dict(sd))
+    import importlib.util  # the converter tool reads the safetensors file too
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", os.path.join(os.path.dirname(__file__), "..", "tools", "convert_checkpoint.py"))
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    dst = str(tmp_path / "om.pt")
+    assert conv.main([os.path.join(latest_checkpoint(str(tmp_path)), "model.safetensors"), dst,
+                      "--to", "open-mythos"]) == 0
+    ref.load_state_dict(torch.load(dst, weights_only=True))
+
+
+def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
+    import mythos.train.trainer as tr
+    t = Trainer(small_run(tmp_path), micro_cfg())
+    before = _params(t.model)
+    real = tr.lm_loss
+    monkeypatch.setattr(tr, "lm_loss", lambda *a: real(*a) * float("nan"))
+    row = t.train_step()
+    assert row["skipped"] == 1 and t.step == 1
+    after = _params(t.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setattr(tr, "lm_loss", real)
+    assert t.train_step()["skipped"] == 0
+
+
+def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import mythos.train.checkpoint as ck
+    t = Trainer(small_run(tmp_path, steps=2), micro_cfg())
+    t.run(progress=False)
+    good = latest_checkpoint(str(tmp_path))
+
+    def boom(state, path):
+        open(path, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    t.train_step()
+    with pytest.raises(KeyboardInterrupt):
+        t.save()
+    monkeypatch.undo()
+    assert latest_checkpoint(str(tmp_path)) == good
+    r = resume_trainer(str(tmp_path), {"steps": 3})
+    assert r.step == 2
+
+
+def test_bad_command_lines_fail_before_training(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["--steps", "2", "--seq-len", "12", "--batch-size", "2", "--eval-every", "0",
+                 "--out", run, "--no-progress"]) == 0
+    ck = os.path.join(latest_checkpoint(run), "model.safetensors")
+    stamp = os.stat(ck).st_mtime_ns
+    bad = [["--bogus"], ["--steps", "0"], ["--batch-size", "-2"], ["--lr", "nan"], ["--lr", "0"],
+           ["--task", "nope"], ["--data", str(tmp_path / "missing.txt")],
+           ["--resume", str(tmp_path)], ["--resume", run, "--config", "small"],
+           ["--resume", run, "--lr", "0.5"], ["--out", run], ["--config", "nope"],
+           ["--seq-len", "100000"]]
+    (tmp_path / "empty.txt").write_bytes(b"")
+    bad.append(["--data", str(tmp_path / "empty.txt")])
+    for argv in bad:
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--no-progress"])
+        assert exc.value.code == 2, argv
+        assert "error:" in capsys.readouterr().err, argv
+    assert os.stat(ck).st_mtime_ns == stamp
+    with open(ck, "r+b") as f:               # a corrupt checkpoint
+        f.write(b"\0" * 64)
+    with pytest.raises(SystemExit):
+        main(["--resume", run, "--steps", "4", "--no-progress"])
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["plot", run]) == 0 and os.path.isfile(os.path.join(run, "metrics.png"))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--config", "--task", "--hops", "--data", "--steps", "--batch-size", "--seq-len",
+                 "--lr", "--seed", "--out", "--resume", "--eval-every", "--save-every",
+                 "--n-loops", "--loop-sampling", "--max-loops", "--grad-loops", "--no-act",
+                 "--ponder-weight", "--checkpoint-activations", "--bias-update-rate",
+                 "--grad-accum", "--clip", "--warmup", "--keep", "--device", "--dtype",
+                 "--log-every"):
+        assert flag in text, flag
+
+
+def test_lm_loss_matches_cross_entropy():
+    torch.manual_seed(5)
+    model = OpenMythos(micro_cfg())
+    h = torch.randn(2, 5, 32)
+    t = torch.randint(0, 40, (2, 5))
+    t[0, :3] = IGNORE
+    ref = torch.nn.functional.cross_entropy(model._logits(h).reshape(-1, 40), t.reshape(-1),
+                                            ignore_index=IGNORE)
+    torch.testing.assert_close(lm_loss(model, h, t), ref)
+
+
+# -- the Triton path (interpreter on CPU) --------------------------------------------------------
+
+@needs_kernels
+def test_triton_training_steps_match_reference(tmp_path):
+    def run(backend):
+        with K.use_backend(backend):
+            t = Trainer(small_run(tmp_path / backend, steps=2, batch_size=2, seq_len=12,
+                                  warmup=0, lr=1e-2), micro_cfg(max_loop_iters=3))
+            losses = [t.train_step()["loss"] for _ in range(2)]
+        return losses, _params(t.model)
+
+    la, pa = run("reference")
+    K.reset_dispatch_counts()
+    lb, pb = run("triton")
+    assert K.dispatch_counts().get(("lti_act_step", "triton"), 0) > 0
+    assert K.dispatch_counts().get(("moe_experts", "triton"), 0) > 0
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= 1e-5 * abs(x)
+    for k in pa:
+        if not pa[k].is_complex():
+            torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-5, msg=k)
