@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run only the model-level suites (mythos vs open-mythos)")
     ap.add_argument("--no-model", dest="model", action="store_false",
                     help="skip the model-level suites")
-    ap.add_argument("--suites", help="model suites: prefill,decode,generate,generate_compiled "
+    ap.add_argument("--suites", help="model suites: prefill,decode,generate,generate_compiled,train "
                     "(default all; the compiled one is in the full plans only)")
     ap.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -121,8 +121,14 @@ def _main(argv=None) -> int:
         if args.time_budget is not None:
             left = max(0.0, args.time_budget - (time.perf_counter() - t0))
         suites = tuple(_csv(args.suites) or SUITES)
-        run_model_suite(level, device, out_path=results, suites=suites,
-                        progress=not args.quiet, time_budget_s=left)
+        if "train" in suites:  # one optimizer step, mythos vs open-mythos (bench/train.py)
+            from .train import run_train_suite
+
+            run_train_suite(level, device, out_path=results)
+            suites = tuple(s for s in suites if s != "train")
+        if suites:
+            run_model_suite(level, device, out_path=results, suites=suites,
+                            progress=not args.quiet, time_budget_s=left)
     print(f"\nresults appended to {results}")
     if not args.no_plot and results.exists():
         try:
