@@ -158,8 +158,16 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
         model = models[impl]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         steps[v] = make_step(v, model, opt, ids, targets, n_loops, dtype, device)
-    for fn in steps.values():      # warm-up: one step each (allocates grads and AdamW state)
-        fn()
+    failed: dict[str, str] = {}
+    for v, fn in list(steps.items()):  # warm-up: one step each (allocates grads and AdamW state)
+        try:
+            fn()
+        except Exception as exc:       # an OOM of one variant must not lose the others
+            failed[v] = ("OOM" if "out of memory" in str(exc).lower()
+                         else f"{type(exc).__name__}: {exc}")[:300]
+            del steps[v]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     times: dict[str, list[dict[str, float]]] = {v: [] for v in steps}
     names = list(steps)
     for i in range(plan["reps"]):
@@ -186,6 +194,11 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
     base = next((r for r in rows if r["impl"] == "open-mythos"), None)
     for r in rows:
         r["speedup_vs_open_mythos"] = base["step_s"] / r["step_s"] if base else None
+    for v, why in failed.items():
+        rows.append({"kind": "model", "op": "model_train", "suite": "train", "provider": v,
+                     "impl": v, "config": plan["config"], "batch": B, "context": T,
+                     "shape": {"B": B, "T": T}, "n_loops": n_loops, "status": "error",
+                     "reason": why, **info})
     return rows
 
 
@@ -297,6 +310,9 @@ def run_train_suite(level: str = "quick", device: torch.device | str = "cpu",
     rows = run_step_suite(plan, device)
     if echo:
         for r in rows:
+            if r["status"] != "ok":
+                print(f"  {r['impl']:17s} {r['status']}: {r.get('reason')}")
+                continue
             mfu = f"  MFU {r['mfu_pct']:.1f}%" if r.get("mfu_pct") is not None else ""
             sp = r.get("speedup_vs_open_mythos")
             vs = f"  {sp:.2f}x vs open-mythos" if sp else ""
