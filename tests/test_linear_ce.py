@@ -202,3 +202,28 @@ def test_bytes_and_flops():
     assert lce.linear_cross_entropy_flops(2, 3, 5) == 60.0
     assert math.isclose(lce.linear_cross_entropy_bytes(2, 3, 5, torch.float32),
                         4 * (12 + 30 + 40))
+
+
+def test_model_loss_through_the_fused_head():
+    """On a tiny mythos model, the fused loss from the hidden states equals the cross-entropy of
+    the model's logits, and so do the tied weight's gradients (as bench/train.py uses it)."""
+    from conftest import tiny_kwargs
+
+    import mythos
+    from bench.train import _loss_fn
+
+    torch.manual_seed(0)
+    model = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(act_threshold=100.0))).train()
+    ids = torch.randint(0, 97, (2, 9), generator=gen(1))
+    targets = torch.randint(0, 97, (2, 9), generator=gen(2))
+    targets[0, :3] = -100
+    grads = {}
+    for variant in ("mythos", "mythos+fused-ce"):
+        model.zero_grad(set_to_none=True)
+        loss = _loss_fn(variant, model, ids, targets, n_loops=2)
+        loss.backward()
+        grads[variant] = (loss.detach(), model.embed.weight.grad.clone(),
+                          model.norm.weight.grad.clone())
+    for name, a, b in zip(("loss", "embed.weight grad", "norm.weight grad"),
+                          grads["mythos"], grads["mythos+fused-ce"]):
+        assert_close(name, a.reshape(-1), b.reshape(-1), 1e-5)
