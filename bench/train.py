@@ -8,7 +8,8 @@
                 the measured matmul peak (:mod:`bench.ceilings`). Variants: ``open-mythos``
                 (its logits + ``F.cross_entropy``), ``mythos`` (the same loss) and
                 ``mythos+fused-ce`` (hidden states -> final norm ->
-                ``mythos_kernels.linear_cross_entropy``, the logits never whole).
+                ``mythos_kernels.linear_cross_entropy``, the logits never whole); the two
+                mythos variants step one model, each with its own AdamW.
 * ``memory`` -- the peak memory of one step (forward, loss, backward, AdamW) above the built
                 model, each variant in a fresh child process: CPU ``ru_maxrss`` at the end minus
                 the child's RSS after building the model and optimizer (torch's CPU allocations
@@ -297,6 +298,15 @@ def run_memory_suite(plan: dict, device: torch.device) -> list[dict]:
 # --------------------------------------------------------------------------- driver
 
 
+def _append(out_path: Path | str | None, rows: list[dict]) -> None:
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "a") as f:
+            for r in rows:
+                if r["status"] in ("ok", "error"):
+                    f.write(json.dumps(r, default=str) + "\n")
+
+
 def run_train_suite(level: str = "quick", device: torch.device | str = "cpu",
                     out_path: Path | str | None = None, echo: bool = True,
                     memory: bool = True, plan: dict | None = None) -> list[dict]:
@@ -308,6 +318,7 @@ def run_train_suite(level: str = "quick", device: torch.device | str = "cpu",
               f"B={plan['B']}, T={plan['T']}, n_loops={plan['n_loops']}, every loop runs, "
               f"{plan['reps']} interleaved reps)")
     rows = run_step_suite(plan, device)
+    _append(out_path, rows)         # written at once: the memory children take much longer
     if echo:
         for r in rows:
             if r["status"] != "ok":
@@ -321,6 +332,7 @@ def run_train_suite(level: str = "quick", device: torch.device | str = "cpu",
                   f"{mfu}{vs}")
     if memory and plan.get("mem"):
         mrows = run_memory_suite(plan, device)
+        _append(out_path, mrows)
         rows += mrows
         if echo:
             m = plan["mem"]
@@ -333,11 +345,5 @@ def run_train_suite(level: str = "quick", device: torch.device | str = "cpu",
                           "open-mythos's)")
                 else:
                     print(f"  {r['impl']:22s} {r['status']}: {r.get('reason', '')}")
-    if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "a") as f:
-            for r in rows:
-                if r["status"] in ("ok", "error"):
-                    f.write(json.dumps(r, default=str) + "\n")
     return rows
 
