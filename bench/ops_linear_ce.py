@@ -5,6 +5,8 @@ Providers: ``eager`` (full logits, what open-mythos's training loss does), ``ref
 chunked plain-torch path the CPU runs), ``compile`` (torch.compile of eager), ``triton`` (the
 chunked path with the Triton row kernel, CUDA only). On CUDA each row carries ``peak_mem_bytes``
 (the eager provider's holds the [N, V] logits and their gradient; the chunked ones one chunk).
+The chunked providers compute the gradients inside the forward when a gradient is wanted (Liger's
+design), so their ``backward`` rows time only the final scaling: compare ``full`` rows.
 """
 
 from __future__ import annotations
