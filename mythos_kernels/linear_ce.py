@@ -54,16 +54,15 @@ def linear_cross_entropy_reference(x: torch.Tensor, weight: torch.Tensor, target
 
 def _ce_rows_torch(logits: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
                    ignore_index: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The row step in plain torch. logits: [n, V] (overwritten when fp32 and ``need_grad``),
-    target: [n], scale: [n] fp32 -> (loss [n] fp32, dz [n, V] fp32 or None)."""
-    z = logits.float()
+    """The row step in plain torch. logits: [n, V], target: [n], scale: [n] fp32 -> (loss [n]
+    fp32, dz [n, V] fp32 or None)."""
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
-    lse = torch.logsumexp(z, -1)                                               # [n]
-    loss = torch.where(valid, lse - z.gather(1, t[:, None]).squeeze(1), 0.0)
+    logp = torch.log_softmax(logits.float(), -1)                               # [n, V]
+    loss = torch.where(valid, -logp.gather(1, t[:, None]).squeeze(1), 0.0)
     if not need_grad:
         return loss, None
-    dz = z.sub_(lse[:, None]).exp_()                                           # softmax
+    dz = logp.exp_()                                                           # softmax
     dz[torch.arange(len(t), device=t.device), t] -= 1.0
     dz.mul_(torch.where(valid, scale, 0.0)[:, None])                           # ignored rows: 0
     return loss, dz
@@ -132,9 +131,10 @@ def _ce_rows_triton(logits: torch.Tensor, target: torch.Tensor, scale: torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 def default_chunk_size(N: int, D: int, V: int) -> int:
-    """Rows per chunk: the chunk's logits about as large as x itself (Liger's rule), at least 4M
-    elements (CPU GEMMs of a few rows are slow), a power of two, at most N."""
-    target = max(N * D, 1 << 22) // max(V, 1)
+    """Rows per chunk: the chunk's logits about as large as x itself (Liger's rule), at least 16M
+    elements (64 MB in fp32: on the CPU 512-row chunks at V=32k ran ~10% faster than 128-row
+    ones, as fast as the full logits), a power of two, at most N."""
+    target = max(N * D, 1 << 24) // max(V, 1)
     return max(1, min(N, 1 << max(0, target.bit_length() - 1)))
 
 

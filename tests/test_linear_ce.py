@@ -157,7 +157,8 @@ def test_chunked_needs_no_full_logits():
 
 def test_default_chunk_size():
     assert default_chunk_size(16384, 2048, 32000) == 1024        # logits chunk ~ size of x
-    assert default_chunk_size(256, 512, 32000) == 128            # at least 4M elements
+    assert default_chunk_size(1024, 512, 32000) == 512           # at least 16M elements
+    assert default_chunk_size(256, 512, 32000) == 256
     assert default_chunk_size(3, 8, 10) == 3                     # at most N
     assert default_chunk_size(1, 1, 10 ** 9) == 1
 
