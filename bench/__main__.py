@@ -61,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-model", dest="model", action="store_false",
                     help="skip the model-level suites")
     ap.add_argument("--suites", help="model suites: prefill,decode,generate,generate_compiled "
-                    "(default all; the compiled one is in the full plans only); CPU suites run "
-                    "only when named: compare,linear_split,moe_forms (bench/suites.py)")
+                    "(default all; the compiled one is in the full plans only); suites run only "
+                    "when named: train (one optimizer step, bench/train.py) and the CPU suites "
+                    "compare,linear_split,moe_forms (bench/suites.py)")
     ap.add_argument("--out", help="results folder (default bench/results/<device-slug>/)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--compile", action="store_true",
@@ -136,9 +137,9 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         from .suites import NAMED_SUITES
 
         for name in _csv(args.suites) or ():
-            if name not in SUITES and name not in NAMED_SUITES:
+            if name not in SUITES and name not in NAMED_SUITES and name != "train":
                 ap.error(f"--suites: unknown suite {name!r}; known: "
-                         f"{', '.join((*SUITES, *NAMED_SUITES))}")
+                         f"{', '.join((*SUITES, 'train', *NAMED_SUITES))}")
     args.out_dir = Path(args.out) if args.out else REPO / "bench" / "results" / device_slug(args.device_)
     why = _writable_dir(args.out_dir)
     if why:
@@ -207,7 +208,11 @@ def _main(argv=None) -> int:
         from .suites import NAMED_SUITES, run_named_suites
 
         requested = _csv(args.suites) or list(SUITES)
-        suites = tuple(s for s in requested if s not in NAMED_SUITES)
+        if "train" in requested:  # one optimizer step, mythos vs open-mythos (bench/train.py)
+            from .train import run_train_suite
+
+            run_train_suite(level, device, out_path=results)
+        suites = tuple(s for s in requested if s not in NAMED_SUITES and s != "train")
         if suites:
             run_model_suite(level, device, out_path=results, suites=suites,
                             progress=not args.quiet, time_budget_s=left)

@@ -574,9 +574,10 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
             counter[0] += 1
             return one(i)
 
-        device_ms = None
+        device_ms = peak = None
         if device.type == "cuda":
             med, p20, p80, reps = time_cuda(run, rep_ms=100 if level != "tiny" else 20)
+            peak = _cuda_peak_bytes(run)
             # forward only: capturing autograd (backward on the forward's stream; a failed
             # capture of "full" left the CUDA RNG in capture state on an H100 run) is not tried
             if mode == "forward" and prov.graph:
@@ -599,9 +600,23 @@ def measure(op: OpBench, prov: Provider, shape: dict, dtype: torch.dtype, mode: 
                max_abs_err_vs_reference=err)
     row.update(metrics(nb, flops, med, ceil, dtype))
     row["device_ms"] = device_ms
+    row["peak_mem_bytes"] = peak
     row["device_pct_of_ceiling"] = (100.0 * row["floor_ms"] / device_ms
                                     if device_ms and row["floor_ms"] else None)
     return row
+
+
+def _cuda_peak_bytes(run: Callable[[], Any]) -> int | None:
+    """CUDA memory one more call allocates at its peak above what was allocated before it."""
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    except Exception:  # pragma: no cover - a measurement must not lose the row
+        return None
 
 
 def metrics(nbytes_: float, flops: float, median_ms: float, ceil: dict, dtype) -> dict:

@@ -222,3 +222,37 @@ SHARED = register(OpBench(
 SHARED.add(Provider("reference", moe_shared_reference, graph=False))  # bincount().tolist()
 SHARED.add(dispatch_provider("moe_experts", moe_shared_dense, name="dense"))
 SHARED.add(dispatch_provider("moe_experts", mk.moe_experts, name="folded", prepare=_fold_prepare))
+
+
+# --------------------------------------------------------------------------- torch's grouped GEMM
+
+
+def moe_experts_grouped_mm(x, weights, idx, w13, w2):
+    """The routed experts through ``torch.nn.functional.grouped_mm`` (CUTLASS grouped GEMM on
+    sm_90, a CPU kernel too): token-slot pairs sorted by expert, ``offs`` the groups' ends,
+    gate/up and down as two grouped GEMMs, the weighted rows added back per token."""
+    N, k = idx.shape
+    E = w13.shape[0]
+    Fh = w2.shape[1]
+    order = idx.reshape(-1).argsort(stable=True)                          # pairs by expert
+    tok = order // k
+    offs = torch.bincount(idx.reshape(-1), minlength=E).cumsum(0).to(torch.int32)
+    h = F.grouped_mm(x.index_select(0, tok), w13, offs=offs)              # [N*k, 2F]
+    a = F.silu(h[:, :Fh]) * h[:, Fh:]
+    y = F.grouped_mm(a, w2, offs=offs)                                    # [N*k, D]
+    y = y * weights.reshape(-1).index_select(0, order).unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def _grouped_mm_available(inp: dict, device: torch.device) -> str | None:
+    if not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+    if inp["x"].dtype != torch.bfloat16:
+        return f"grouped_mm takes bf16 inputs (got {inp['x'].dtype})"
+    if (inp["w13"].shape[1] * 2) % 16 or (inp["w2"].shape[1] * 2) % 16:
+        return "grouped_mm needs row strides that are multiples of 16 bytes"
+    return None
+
+
+EXPERTS.add(Provider("grouped_mm", moe_experts_grouped_mm, available=_grouped_mm_available,
+                     graph=False))  # bincount sizes the groups on the host side

@@ -35,6 +35,7 @@ from .linear import (
     weight_copies_enabled,
     weights_unchanged,
 )
+from .linear_ce import linear_cross_entropy, linear_cross_entropy_reference
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
 from .moe import (
@@ -80,6 +81,7 @@ __all__ = [
     "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "lm_head",
     "lm_head_reference", "lm_head_transposed", "packable", "two_threads",
     "shared_swiglu_packed", "weight_copies_enabled", "weights_unchanged", "scope_memo",
+    "linear_cross_entropy", "linear_cross_entropy_reference",
     "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",

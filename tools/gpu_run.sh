@@ -13,6 +13,9 @@
 #   tools/gpu_run.sh ops-<group>   python -m bench --full --ops <group> (groups: see `list`)
 #   tools/gpu_run.sh ops           every ops-<group> in turn (several commands' worth)
 #   tools/gpu_run.sh model         python -m bench --full --model (decode B=1,32 x context 512..8k)
+#   tools/gpu_run.sh train         the train suite (one AdamW step, mythos_1b dims, bf16, 16k tokens:
+#                                  tokens/s, MFU vs the measured matmul peak, peak memory) + the
+#                                  linear_ce op bench (fused loss vs eager logits, time and memory)
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
 #   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
 #
@@ -88,7 +91,7 @@ run() {
 part() {
   case "$1" in
     list)
-      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model plots"
+      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model train plots"
       ;;
     tests)
       if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -130,6 +133,13 @@ EOF
       ;;
     model)
       run model "$PY" -m bench --full --model --no-plot --out "$RES" --time-budget "$BENCH_BUDGET"
+      ;;
+    train)
+      local rc=0
+      run train "$PY" -m bench --model --suites train --no-plot --out "$RES" || rc=$?
+      run ops-linear_ce "$PY" -m bench --full --ops linear_ce --no-model --no-plot --out "$RES" \
+        --time-budget "$BENCH_BUDGET" || rc=$?
+      return "$rc"
       ;;
     plots)
       run plots "$PY" -m bench.plot "$RES/results.jsonl" --out "$RES"
