@@ -228,4 +228,6 @@ def _resume(ns: argparse.Namespace, given: dict) -> Trainer:
             raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the run's {saved[k]!r}: "
                              f"a resumed run keeps its settings (only {', '.join(RESUME_OVERRIDES)} "
                              "may change)")
-    return resume_trainer(run_dir, {k: v for k, v in given.items() if k in RESUME_OVERRIDES})
+    overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    overrides["dist"] = given.get("dist")   # how this launch runs, not the saved run's
+    return resume_trainer(run_dir, overrides)

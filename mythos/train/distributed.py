@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -183,18 +184,23 @@ class TrainStep(nn.Module):
         return total, stats, out.n_loops
 
 
-def wrap(model: OpenMythos, ctx: DistContext) -> nn.Module:
+def wrap(model: OpenMythos, ctx: DistContext, truncated: bool = False) -> nn.Module:
     """Wrap ``model`` for ``ctx.strategy``; returns the module to call (a :class:`TrainStep`
     under DDP or FSDP2). ``model`` keeps its identity: its parameters are the ones to optimize
     (DTensor shards under FSDP2), its state_dict the one to checkpoint. Sets the recurrent
-    block's halt reducer to :func:`halt_reducer`."""
+    block's halt reducer to :func:`halt_reducer`.
+
+    ``truncated``: truncated backprop is on; ACT may then stop the loop before any
+    gradient-building iteration, leaving the recurrent block without gradients in that step, so
+    DDP looks for unused parameters (``find_unused_parameters``; FSDP2 needs nothing).
+    """
     model.recurrent.halt_reducer = halt_reducer
     step = TrainStep(model)
     if ctx.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        return DDP(step, device_ids=ids)
+        return DDP(step, device_ids=ids, find_unused_parameters=truncated)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -232,28 +238,44 @@ def save_dcp(path: str, model: OpenMythos, optimizer: torch.optim.Optimizer) -> 
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
 
+def _dcp_load(dcp, sd: dict, path: str) -> None:
+    with warnings.catch_warnings():   # one process without a process group is intended here
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(sd, checkpoint_id=path)
+
+
 def load_dcp(path: str, model: OpenMythos, optimizer: Optional[torch.optim.Optimizer]) -> None:
     """Load a DCP checkpoint written at any world size into ``model`` (and ``optimizer``):
     sharded or replicated under torch.distributed, or a plain single-process model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_state_dict,
         set_model_state_dict,
-        set_state_dict,
+        set_optimizer_state_dict,
     )
 
     if optimizer is None:
         msd = get_model_state_dict(model, options=_sd_options())
         sd = {"model": msd}
-        dcp.load(sd, checkpoint_id=path)
+        _dcp_load(dcp, sd, path)
         set_model_state_dict(model, sd["model"], options=_sd_options())
         return
+    # a parameter that never had a gradient has no optimizer state in the checkpoint; the fresh
+    # state that get_state_dict makes for it is dropped again, so its first step is a first step
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    has = {k[len("optim.state."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
     msd, osd = get_state_dict(model, optimizer, options=_sd_options())
+    osd["state"] = {k: v for k, v in osd["state"].items() if k in has}
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_sd_options())
+    _dcp_load(dcp, sd, path)
+    set_model_state_dict(model, sd["model"], options=_sd_options())
+    set_optimizer_state_dict(model, optimizer, sd["optim"],
+                             options=StateDictOptions(strict=False))   # partial: see above
+    for name, p in model.named_parameters():
+        if name not in has:
+            optimizer.state.pop(p, None)
 
 
 def export_safetensors(ckpt: str, out: str) -> str:

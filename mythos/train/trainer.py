@@ -210,7 +210,8 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         seed_all(tc.seed)
         self.model = OpenMythos(self.cfg).to(self.device).train()
-        self.engine = wrap(self.model, self.ctx) if self.ctx is not None else None
+        self.engine = (wrap(self.model, self.ctx, truncated=tc.grad_loops is not None)
+                       if self.ctx is not None else None)
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
         self.tracker = LoadTracker(self.model)
         self.step = 0          # steps taken
