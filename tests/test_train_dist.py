@@ -59,7 +59,11 @@ def worker(out: str, resume_from: str) -> None:
         seen = {"t": 0, "first": 0}
 
         def probe(cum_p, thr):
+            # rank 1 votes "all halted" from loop 2 on, as if its rows halted early; rank 0 votes
+            # on its real rows: the agreed decision must keep both looping like one process
             seen["t"] += 1
+            if tr.ctx.rank == 1 and seen["t"] >= 2:
+                cum_p = torch.ones_like(cum_p)
             if not seen["first"] and bool((cum_p >= thr).all()):
                 seen["first"] = seen["t"]
             return D.halt_reducer(cum_p, thr)
@@ -157,8 +161,8 @@ def test_two_processes_follow_one(runs, strategy):
 
 @pytest.mark.parametrize("strategy", D.STRATEGIES)
 def test_ranks_halting_apart_stay_in_lockstep(runs, strategy):
-    """Each rank's own data halts at different loops in some step (so the all-reduced decision
-    matters); the run finished, with the 1-process losses and loop counts (checked above)."""
+    """Rank 1 votes to stop at loop 2 while rank 0's rows halt later: the run finished, with the
+    1-process losses, loop counts and parameters (test_two_processes_follow_one, same run)."""
     halts = runs["res"][strategy]["local_halts"]
     assert halts[0] != halts[1], halts
 
