@@ -7,6 +7,11 @@
   ``weights_only=True``);
 - ``meta.json``: step, model config and the run's arguments.
 
+A multi-process run (``--dist``) writes ``dcp/`` (model and optimizer shards through
+``torch.distributed.checkpoint``, loadable at any world size or in one process) in place of
+``model.safetensors`` and the optimizer part of ``state.pt``; ``python -m mythos.train export``
+turns it into a single-file ``model.safetensors``.
+
 A checkpoint is written into a temporary folder, then renamed: a run killed mid-save leaves
 the earlier checkpoints whole. The last ``keep`` are kept.
 """
@@ -31,6 +36,7 @@ from mythos.model import OpenMythos
 
 _NAME = re.compile(r"^step-(\d{8})$")
 FILES = ("model.safetensors", "state.pt", "meta.json")
+DCP_DIR = "dcp"
 
 
 class CheckpointError(ValueError):
@@ -116,9 +122,15 @@ def save_checkpoint(run_dir: str, step: int, model: OpenMythos, state: dict[str,
     return final
 
 
+def is_dcp(path: str) -> bool:
+    """Whether checkpoint folder ``path`` holds sharded DCP weights (a multi-process run's)."""
+    return os.path.isdir(os.path.join(path, DCP_DIR))
+
+
 def read_meta(path: str) -> dict:
     """A checkpoint's meta.json; CheckpointError if the folder is incomplete or unreadable."""
-    missing = [n for n in FILES if not os.path.isfile(os.path.join(path, n))]
+    need = FILES[1:] if is_dcp(path) else FILES
+    missing = [n for n in need if not os.path.isfile(os.path.join(path, n))]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is incomplete: missing {', '.join(missing)}")
     try:
@@ -138,9 +150,11 @@ def config_mismatch(saved: dict, cfg: MythosConfig) -> list[str]:
             if saved.get(k) != now[k]]
 
 
-def load_checkpoint(path: str, model: OpenMythos) -> tuple[dict, dict]:
+def load_checkpoint(path: str, model: OpenMythos,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> tuple[dict, dict]:
     """Read checkpoint ``path`` and load its weights into ``model`` (strictly). Everything is
-    read and checked before the model is touched. Returns ``(meta, state)``.
+    read and checked before the model is touched (a DCP checkpoint: its metadata; it is read
+    straight into the model, and into ``optimizer`` when given). Returns ``(meta, state)``.
 
     Raises:
         CheckpointError naming the folder and what is wrong (incomplete, corrupt, config or
@@ -151,6 +165,8 @@ def load_checkpoint(path: str, model: OpenMythos) -> tuple[dict, dict]:
     if diff:
         raise CheckpointError(f"checkpoint {path!r} was trained with another model config: "
                               + "; ".join(diff))
+    if is_dcp(path):
+        return meta, _load_dcp_checkpoint(path, model, optimizer)
     try:
         tensors = load_file(os.path.join(path, "model.safetensors"))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -166,3 +182,62 @@ def load_checkpoint(path: str, model: OpenMythos) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path!r}: tensors do not match the model: {bad[:5]}")
     model.load_state_dict(tensors, strict=True)
     return meta, state
+
+
+def _load_state(path: str) -> dict:
+    try:
+        return torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a corrupt file
+        raise CheckpointError(f"checkpoint {path!r}: state.pt is corrupt ({exc})") from None
+
+
+def _load_dcp_checkpoint(path: str, model: OpenMythos,
+                         optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    from .distributed import load_dcp
+
+    state = _load_state(path)
+    try:
+        load_dcp(os.path.join(path, DCP_DIR), model, optimizer)
+    except Exception as exc:  # noqa: BLE001 - DCP raises CheckpointException, RuntimeError, ...
+        raise CheckpointError(f"checkpoint {path!r}: dcp/ does not match this model "
+                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    return state
+
+
+def save_checkpoint_dcp(run_dir: str, step: int, model: OpenMythos, optimizer: torch.optim.Optimizer,
+                        state: dict[str, Any], meta: dict[str, Any], keep: int = 3,
+                        main: bool = True) -> str:
+    """Collective (every rank calls it): write checkpoint ``step`` with the model and optimizer
+    as DCP shards; ``main`` (rank 0) writes state.pt and meta.json, renames the folder into
+    place and drops all but the last ``keep``. Returns the folder."""
+    import torch.distributed as dist
+
+    from .distributed import save_dcp
+
+    root = checkpoint_dir(run_dir)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = os.path.join(root, f".tmp-step-{step:08d}-dist")
+    if main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    save_dcp(os.path.join(tmp, DCP_DIR), model, optimizer)   # collective
+    if main:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
+        for name in FILES[1:]:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(final):
+            old = final + f".old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return final

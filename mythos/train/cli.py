@@ -11,15 +11,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .checkpoint import CheckpointError, config_mismatch, latest_checkpoint, list_checkpoints
+from .checkpoint import CheckpointError, checkpoint_dir, config_mismatch, latest_checkpoint, list_checkpoints
 from .data import TASKS
+from .distributed import STRATEGIES, teardown
 from .presets import config_names, resolve_config
 from .recurrence import LOOP_SAMPLING
 from .trainer import DTYPES, TrainConfig, Trainer, resume_trainer
 
 # settings a resumed run may change; any other flag given with --resume must match the run's
 RESUME_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "keep", "eval_batches",
-                    "device")
+                    "device", "dist")
 
 
 def _pos_int(s: str) -> int:
@@ -129,6 +130,10 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     a("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     a("--dtype", choices=DTYPES, default=d.dtype,
       help="auto: bf16 autocast on GPU, fp32 on CPU")
+    a("--dist", choices=STRATEGIES, default=d.dist,
+      help="multi-process training under torchrun: fsdp (FSDP2 sharding) or ddp (replicas); "
+           "gloo on CPU, NCCL on CUDA. Needs torchrun's environment (an error without it); "
+           "--batch-size is then the global batch, split over the ranks")
     a("--no-progress", dest="progress", action="store_false", default=True,
       help="no progress bar")
     return p
@@ -145,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "plot":
         from .plot import main as plot_main
         return plot_main(argv[1:])
+    if argv and argv[0] == "export":
+        return _export(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     given = _settings(build_parser(explicit_only=True).parse_args(argv))
@@ -159,14 +166,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  f"with --resume {ns.out} or choose another --out")
             trainer = Trainer(TrainConfig(**_settings(ns)))
     except (ValueError, TypeError) as exc:
+        teardown()
         parser.error(str(exc))
-    if trainer.step >= trainer.tc.steps:
-        print(f"nothing to do: the run is at step {trainer.step} of --steps {trainer.tc.steps}")
-        return 0
-    os.makedirs(trainer.tc.out, exist_ok=True)
-    with open(os.path.join(trainer.tc.out, "command.json"), "a") as f:
-        f.write(json.dumps({"argv": argv, "start_step": trainer.step}) + "\n")
-    trainer.run(progress=ns.progress)
+    try:
+        if trainer.step >= trainer.tc.steps:
+            print(f"nothing to do: the run is at step {trainer.step} of --steps {trainer.tc.steps}")
+            return 0
+        if trainer.is_main:
+            os.makedirs(trainer.tc.out, exist_ok=True)
+            with open(os.path.join(trainer.tc.out, "command.json"), "a") as f:
+                f.write(json.dumps({"argv": argv, "start_step": trainer.step}) + "\n")
+        trainer.run(progress=ns.progress)
+    finally:
+        teardown()
+    return 0
+
+
+def _export(argv: list) -> int:
+    """``python -m mythos.train export CHECKPOINT OUT.safetensors``: a checkpoint's weights (a
+    --dist run's DCP shards or a single-process one) as one safetensors file."""
+    p = argparse.ArgumentParser(prog="python -m mythos.train export",
+                                description="Write a checkpoint's weights as one model.safetensors "
+                                            "file (the single-process format).")
+    p.add_argument("checkpoint", help="a checkpoint folder (DIR/checkpoints/step-N) or a run folder "
+                                      "(its newest checkpoint)")
+    p.add_argument("out", help="the .safetensors file to write")
+    ns = p.parse_args(argv)
+    from .distributed import export_safetensors
+
+    path = ns.checkpoint
+    if os.path.isdir(checkpoint_dir(path)):
+        path = latest_checkpoint(path) or path
+    try:
+        export_safetensors(path, ns.out)
+    except (ValueError, TypeError) as exc:
+        p.error(str(exc))
+    print(f"wrote {ns.out}")
     return 0
 
 
@@ -193,4 +228,6 @@ def _resume(ns: argparse.Namespace, given: dict) -> Trainer:
             raise ValueError(f"--{k.replace('_', '-')} {v!r} differs from the run's {saved[k]!r}: "
                              f"a resumed run keeps its settings (only {', '.join(RESUME_OVERRIDES)} "
                              "may change)")
-    return resume_trainer(run_dir, {k: v for k, v in given.items() if k in RESUME_OVERRIDES})
+    overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    overrides["dist"] = given.get("dist")   # how this launch runs, not the saved run's
+    return resume_trainer(run_dir, overrides)

@@ -195,7 +195,10 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
 
 
 def spectral_radius(model: nn.Module) -> float:
-    """rho(A) of the recurrent block's LTI injection: A is diagonal, so max_i |A_i|."""
+    """rho(A) of the recurrent block's LTI injection: A is diagonal, so max_i |A_i|. (Under
+    FSDP2 the parameters are shards: gathered first, so every rank must call it.)"""
     inj = model.recurrent.injection
     with torch.no_grad():
-        return float(inj.get_A().abs().max())
+        A = inj.get_A()
+        A = A.full_tensor() if hasattr(A, "full_tensor") else A
+        return float(A.abs().max())

@@ -22,8 +22,19 @@ from mythos.config import MythosConfig
 from mythos.model import OpenMythos
 
 from .balance import LoadTracker, load_stats, moe_layers, update_router_bias
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import Task, TextLM, make_task
+from .checkpoint import (
+    CheckpointError,
+    is_dcp,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_checkpoint_dcp,
+    set_rng_state,
+)
+from .data import IGNORE, Task, TextLM, make_task
+from .distributed import DistContext, all_reduce_sum, check_strategy, full, reduce_loads, setup, wrap
+from .distributed import no_sync as _no_sync
 from .loss import answer_accuracy, lm_loss
 from .presets import resolve_config
 from .recurrence import LOOP_SAMPLING, LoopSampler, spectral_radius, train_forward
@@ -68,6 +79,7 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     device: str = "auto"
     dtype: str = "auto"
+    dist: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -105,6 +117,7 @@ class TrainConfig:
         num("n_loops", 1)
         if self.loop_sampling not in LOOP_SAMPLING:
             raise ValueError(f"loop_sampling must be one of {LOOP_SAMPLING}, got {self.loop_sampling!r}")
+        check_strategy(self.dist)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if (self.task is None) == (not self.data):
@@ -180,8 +193,14 @@ class Trainer:
     def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None):
         tc.validate()
         self.tc = tc
-        self.device = resolve_device(tc.device)
         self.cfg = model_cfg or resolve_config(tc.config)
+        # under --dist: the process group (torchrun's), this rank's device and slice of a batch
+        self.ctx: Optional[DistContext] = None
+        if tc.dist is not None:
+            self.ctx = setup(tc.dist, tc.device, tc.batch_size)
+            self.device = self.ctx.device
+        else:
+            self.device = resolve_device(tc.device)
         max_loops = tc.max_loops or self.cfg.max_loop_iters
         self.sampler = LoopSampler(tc.loop_sampling, tc.n_loops, max_loops, tc.min_loops)
         if tc.grad_loops is not None and tc.grad_loops > max_loops:
@@ -191,10 +210,38 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         seed_all(tc.seed)
         self.model = OpenMythos(self.cfg).to(self.device).train()
+        self.engine = (wrap(self.model, self.ctx, truncated=tc.grad_loops is not None)
+                       if self.ctx is not None else None)
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
         self.tracker = LoadTracker(self.model)
         self.step = 0          # steps taken
         self._metrics_path = os.path.join(tc.out, "metrics.jsonl")
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs and checkpoint metadata (rank 0; True in one process)."""
+        return self.ctx is None or self.ctx.is_main
+
+    def _batch(self, split: str, step: int, micro: int):
+        """This rank's rows of the global batch (all of it in one process)."""
+        b = self.task.batch(self.tc.seed, split, step, micro, self.tc.batch_size)
+        if self.ctx is not None:
+            per = self.tc.batch_size // self.ctx.world
+            rows = slice(self.ctx.rank * per, (self.ctx.rank + 1) * per)
+            b = dataclasses.replace(b, ids=b.ids[rows], targets=b.targets[rows])
+        return b.to(self.device)
+
+    def _micro_dist(self, b, n: int, last: bool) -> tuple[torch.Tensor, float, int]:
+        """One micro-batch under DDP/FSDP2: (global mean loss, mean halting depth, loops run)."""
+        tc, world = self.tc, self.ctx.world
+        n_targets = int(all_reduce_sum((b.targets != IGNORE).sum().reshape(1).to(torch.int64)))
+        with _no_sync(self.engine, last):
+            total, stats, run = self.engine(b.ids, b.targets, n, max(n_targets, 1), world, tc.act,
+                                            tc.grad_loops, tc.checkpoint_activations,
+                                            tc.ponder_weight, self._autocast, False)
+            (total / tc.grad_accum).backward()
+        stats = all_reduce_sum(stats).cpu()
+        return stats[0], float(stats[1]) / (b.ids.numel() * world), run
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -222,7 +269,13 @@ class Trainer:
         run = 0
         with self.tracker:
             for micro in range(tc.grad_accum):
-                b = self.task.batch(tc.seed, "train", step, micro, tc.batch_size).to(self.device)
+                b = self._batch("train", step, micro)
+                if self.engine is not None:
+                    loss_v, depth, r = self._micro_dist(b, n, micro + 1 == tc.grad_accum)
+                    loss_sum += loss_v
+                    depth_sum += depth
+                    run = max(run, r)
+                    continue
                 with self._autocast():
                     out = train_forward(model, b.ids, n, act=tc.act, grad_loops=tc.grad_loops,
                                         checkpoint=tc.checkpoint_activations)
@@ -234,11 +287,12 @@ class Trainer:
                 run = max(run, out.n_loops)
         gn = torch.nn.utils.clip_grad_norm_(self._params(), tc.clip if tc.clip > 0 else math.inf)
         loss_v = float(loss_sum) / tc.grad_accum
-        grad_norm = float(gn)
+        grad_norm = float(full(gn))
+        counts = reduce_loads(self.tracker.counts)
         skipped = not (math.isfinite(loss_v) and math.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
-            update_router_bias(model, self.tracker.counts, tc.bias_update_rate)
+            update_router_bias(model, counts, tc.bias_update_rate)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
@@ -249,7 +303,7 @@ class Trainer:
                "skipped": int(skipped)}
         layers = moe_layers(model)
         if layers:
-            row.update(load_stats(self.tracker.counts.get(layers[0])))
+            row.update(load_stats(counts.get(layers[0])))
         return row
 
     @torch.no_grad()
@@ -262,7 +316,15 @@ class Trainer:
         losses, correct, total = [], 0, 0
         try:
             for i in range(tc.eval_batches):
-                b = self.task.batch(tc.seed, "eval", i, 0, tc.batch_size).to(self.device)
+                b = self._batch("eval", i, 0)
+                if self.engine is not None:
+                    n_t = int(all_reduce_sum((b.targets != IGNORE).sum().reshape(1).to(torch.int64)))
+                    _, st, _ = self.engine(b.ids, b.targets, n, max(n_t, 1), self.ctx.world, tc.act,
+                                           None, False, 0.0, self._autocast, self.task.has_accuracy)
+                    st = all_reduce_sum(st).cpu()
+                    losses.append(float(st[0]))
+                    correct, total = correct + int(st[2]), total + int(st[3])
+                    continue
                 with self._autocast():
                     out = train_forward(model, b.ids, n, act=tc.act)
                     losses.append(float(lm_loss(model, out.h, b.targets)))
@@ -280,11 +342,13 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(),
+        opt = {} if self.ctx is not None else {"optimizer": self.optimizer.state_dict()}  # DCP holds it
+        return {**opt,
                 "schedule": {"step": self.step, "lr": self.tc.lr, "warmup": self.tc.warmup,
                              "decay_steps": self.tc.decay_steps or self.tc.steps,
                              "min_lr_ratio": self.tc.min_lr_ratio},
                 "rng": rng_state(), "data": {"seed": self.tc.seed, "step": self.step},
+                "world_size": 1 if self.ctx is None else self.ctx.world,
                 "router_bias": {f"{i}": m.router_bias.detach().cpu().clone()
                                 for i, m in enumerate(moe_layers(self.model))}}
 
@@ -292,14 +356,21 @@ class Trainer:
         return {"config": dataclasses.asdict(self.cfg), "train": train_config_dict(self.tc)}
 
     def save(self) -> str:
+        if self.ctx is not None:
+            return save_checkpoint_dcp(self.tc.out, self.step, self.model, self.optimizer, self.state(),
+                                       self.meta(), keep=self.tc.keep, main=self.is_main)
         return save_checkpoint(self.tc.out, self.step, self.model, self.state(), self.meta(),
                                keep=self.tc.keep)
 
     def load(self, path: str) -> None:
         """Continue from checkpoint ``path``: weights, optimizer, RNG states, step."""
-        meta, state = load_checkpoint(path, self.model)
+        if self.ctx is not None and not is_dcp(path):
+            raise CheckpointError(f"checkpoint {path!r} is a single-process one (model.safetensors): "
+                                  "resume it without --dist, or from a --dist checkpoint")
+        meta, state = load_checkpoint(path, self.model, self.optimizer if is_dcp(path) else None)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not is_dcp(path):
+                self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
             self.step = int(state["data"]["step"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
@@ -312,6 +383,8 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def log(self, row: dict) -> None:
+        if not self.is_main:
+            return
         with open(self._metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -322,7 +395,7 @@ class Trainer:
         tc = self.tc
         os.makedirs(tc.out, exist_ok=True)
         rows = []
-        bar = tqdm(total=tc.steps, initial=self.step, disable=not progress, mininterval=0.5,
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not (progress and self.is_main), mininterval=0.5,
                    dynamic_ncols=True, desc="train")
         try:
             while self.step < tc.steps:
@@ -337,8 +410,9 @@ class Trainer:
                     ev = self.evaluate()
                     self.log(ev)
                     rows.append(ev)
-                    bar.write(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}"
-                              + (f" eval_acc {ev['eval_acc']:.3f}" if "eval_acc" in ev else ""))
+                    if self.is_main:
+                        bar.write(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}"
+                                  + (f" eval_acc {ev['eval_acc']:.3f}" if "eval_acc" in ev else ""))
                 if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
                     self.save()
         finally:
