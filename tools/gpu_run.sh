@@ -16,6 +16,9 @@
 #   tools/gpu_run.sh train         the train suite (one AdamW step, mythos_1b dims, bf16, 16k tokens:
 #                                  tokens/s, MFU vs the measured matmul peak, peak memory) + the
 #                                  linear_ce op bench (fused loss vs eager logits, time and memory)
+#   tools/gpu_run.sh dist          torchrun (1 process, NCCL): a few bf16 steps of mythos_1b dims under
+#                                  --dist fsdp and --dist ddp; losses finite and equal within bf16
+#                                  tolerance -> dist_check.json
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
 #   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
 #
@@ -91,7 +94,7 @@ run() {
 part() {
   case "$1" in
     list)
-      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model train plots"
+      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model train dist plots"
       ;;
     tests)
       if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -139,6 +142,28 @@ EOF
       run train "$PY" -m bench --model --suites train --no-plot --out "$RES" || rc=$?
       run ops-linear_ce "$PY" -m bench --full --ops linear_ce --no-model --no-plot --out "$RES" \
         --time-budget "$BENCH_BUDGET" || rc=$?
+      return "$rc"
+      ;;
+    dist)
+      local rc=0 d
+      for d in fsdp ddp; do
+        rm -rf "$RES/dist_$d"
+        run "dist-$d" "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m mythos.train \
+          --config mythos_1b --task pointer --steps 4 --batch-size 4 --seq-len 512 --warmup 1 \
+          --dtype bf16 --device cuda --dist "$d" --eval-every 0 --save-every 0 --log-every 1 \
+          --no-progress --out "$RES/dist_$d" || rc=$?
+      done
+      run dist-check "$PY" -c '
+import json, math, sys
+res = sys.argv[1]
+loss = {d: [r["loss"] for r in map(json.loads, open(f"{res}/dist_{d}/metrics.jsonl")) if "loss" in r]
+        for d in ("fsdp", "ddp")}
+ok = len(loss["fsdp"]) == len(loss["ddp"]) > 0 and all(
+    math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 3e-2 * max(1.0, abs(b))
+    for a, b in zip(loss["fsdp"], loss["ddp"]))
+json.dump({"losses": loss, "rtol": 3e-2, "ok": ok}, open(f"{res}/dist_check.json", "w"), indent=1)
+print(json.dumps(loss), "ok" if ok else "MISMATCH")
+sys.exit(0 if ok else 1)' "$RES" || rc=$?
       return "$rc"
       ;;
     plots)

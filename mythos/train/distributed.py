@@ -13,7 +13,8 @@ A step's global batch is the same whatever the world size; rank r takes rows
   the all-reduced token count, times the world size (DDP and FSDP average gradients over ranks).
 
 FSDP2 units (``fully_shard``): each prelude and coda block, the recurrent block's shared
-TransformerBlock (attention + MoE experts, called once per loop), and the root, which holds the
+TransformerBlock (attention + MoE experts, called once per loop; not resharded between its
+calls), and the root, which holds the
 embedding / tied head, the final norm and the recurrent block's small parts (LTI injection, ACT
 halting, LoRA, loop-input norm). Router biases are buffers: replicated, not sharded.
 """
@@ -205,8 +206,11 @@ def wrap(model: OpenMythos, ctx: DistContext, truncated: bool = False) -> nn.Mod
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if ctx.device.type == "cuda" else MixedPrecisionPolicy())
-    for blk in (*model.prelude, model.recurrent.block, *model.coda):
+    for blk in (*model.prelude, *model.coda):
         fully_shard(blk, mp_policy=mp)
+    # the shared block runs n_loops times a step: kept gathered from its first call to the end
+    # of backward (one all-gather a step instead of one per call; docs/distributed.md)
+    fully_shard(model.recurrent.block, mp_policy=mp, reshard_after_forward=False)
     fully_shard(step, mp_policy=mp)
     return step
 
