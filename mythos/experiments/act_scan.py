@@ -30,7 +30,8 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     L = size.train_loops
     res = {"experiment": "act-scan", "train_loops": L, "thresholds": list(THRESHOLDS),
            "ponder_weight": PONDER_WEIGHT, "train_hops": list(size.train_hops),
-           "eval_hops": list(size.eval_hops), "size": asdict(size), "runs": {}}
+           "eval_hops": list(size.eval_hops), "size": asdict(size), "runs": {},
+           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
     for thr in THRESHOLDS:
         cfg = model_config(size, act_threshold=thr)
         task = MultiHopPointer(size.seq_len, size.eval_hops, cfg.vocab_size)
@@ -89,6 +90,9 @@ def plot(res: dict, path: str) -> str:
         b.plot(r["hops"], r["hop_halt_depth"], marker="o", ms=3, label=f"threshold {t}")
     b.set(xlabel="hops", ylabel="mean halting depth", title=f"halting depth vs hops (up to {res['eval_loops']} loops)")
     b.legend(fontsize=7)
+    for ax in (a,):
+        if res.get("chance"):
+            ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -36,7 +36,8 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     in_range = [h for h in size.eval_hops if h in size.train_hops]
     res = {"experiment": "depth", "train_loops": L, "max_loop_iters": cfg.max_loop_iters,
            "n_loops": loops, "train_hops": list(size.train_hops), "eval_hops": list(size.eval_hops),
-           "size": asdict(size), "config": config_dict(cfg), "regimes": {}}
+           "size": asdict(size), "config": config_dict(cfg), "regimes": {},
+           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
     for name, (sampling, act) in REGIMES.items():
         per_seed = []
         for seed in size.seeds:
@@ -87,6 +88,9 @@ def plot(res: dict, path: str) -> str:
     b.axvspan(min(res["train_hops"]) - 0.5, max(res["train_hops"]) + 0.5, color="k", alpha=0.07,
               label="trained hops")
     b.set(xlabel="hops", ylabel=f"accuracy at n_loops={res['train_loops']}", title="accuracy vs hop count")
+    for ax in (a, b):
+        if res.get("chance"):
+            ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
     for ax in (a, b):
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)

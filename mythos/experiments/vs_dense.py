@@ -59,7 +59,8 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     """Writes ``out/results.json``, ``out/vs_dense.png`` and ``out/models/<variant>-seed<k>.*``."""
     res = {"experiment": "vs-dense", "train_loops": size.train_loops, "train_hops": list(size.train_hops),
            "eval_hops": list(size.eval_hops), "size": asdict(size),
-           "tokens": size.steps * size.batch_size * size.seq_len, "models": {}}
+           "tokens": size.steps * size.batch_size * size.seq_len, "models": {},
+           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
     for name, (cfg, loops, blocks, macs) in variants(size).items():
         task = MultiHopPointer(size.seq_len, size.eval_hops, cfg.vocab_size)
         per_seed = []
@@ -107,6 +108,9 @@ def plot(res: dict, path: str) -> str:
               label="trained hops")
     b.set(xlabel="hops", ylabel="accuracy", ylim=(0, 1.02), title="accuracy vs hop count")
     b.legend(fontsize=7)
+    for ax in (a, b):
+        if res.get("chance"):
+            ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
