@@ -1,0 +1,1 @@
+"""Experiments on depth: ``python -m mythos.experiments {depth,act-scan,vs-dense}``."""

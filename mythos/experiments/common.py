@@ -1,0 +1,226 @@
+"""Shared pieces of the experiments: the multi-hop task, sizes, training one model on the training
+path (:class:`~mythos.train.Trainer`), evaluation at a loop count, saving, JSON and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from mythos.config import MythosConfig
+from mythos.model import OpenMythos
+from mythos.train import TrainConfig, Trainer, lm_loss, train_forward
+from mythos.train.data import Batch, Task, _answer_batch, _rng
+from mythos.train.loss import answer_accuracy
+
+
+class MultiHopPointer(Task):
+    """Pointer chasing with a hop count per example: the sequence lists the pairs ``x pi(x)`` of a
+    random permutation ``pi`` of n nodes in random order, then ``? s :`` and the answer
+    ``pi^h(s)``, h drawn uniformly from ``hops`` (or fixed by ``batch(..., hops=h)``). Token ids:
+    0 pad, 1 ``?``, 2 ``:``, nodes from 3 (the layout of :class:`~mythos.train.PointerTask`)."""
+
+    name = "multihop-pointer"
+    has_accuracy = True
+    FIRST = 3
+
+    def __init__(self, seq_len: int, hops: Sequence[int] = (1, 2, 3), vocab_size: int = 256):
+        super().__init__(seq_len)
+        hops = tuple(hops)
+        if not hops or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hops):
+            raise ValueError(f"hops must be a non-empty sequence of positive ints, got {hops!r}")
+        self.hops = hops
+        self.n = min((seq_len + 1 - 4) // 2, vocab_size - self.FIRST)
+        if self.n < 2:
+            raise ValueError(f"multi-hop task: seq_len {seq_len} with vocab_size {vocab_size} leaves "
+                             f"{self.n} nodes; needs seq_len >= 7 and vocab_size >= 5")
+        self.vocab_size = self.FIRST + self.n
+
+    def batch(self, seed: int, split: str, step: int, micro: int, batch_size: int,
+              hops: Optional[int] = None) -> Batch:
+        rng = _rng(seed, split, step, micro)
+        B, n, L = batch_size, self.n, self.seq_len + 1
+        pi = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
+        order = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
+        start = rng.integers(0, n, size=B)
+        h = np.full(B, hops) if hops is not None else rng.choice(np.asarray(self.hops), size=B)
+        cur = start.copy()
+        for k in range(int(h.max())):
+            cur = np.where(k < h, pi[np.arange(B), cur], cur)
+        seq = np.zeros((B, L), dtype=np.int64)
+        body = 2 * n
+        off = L - body - 4
+        seq[:, off:off + body:2] = order + self.FIRST
+        seq[:, off + 1:off + body:2] = np.take_along_axis(pi, order, 1) + self.FIRST
+        seq[:, -4], seq[:, -3], seq[:, -2], seq[:, -1] = 1, start + self.FIRST, 2, cur + self.FIRST
+        return _answer_batch(seq)
+
+
+@dataclass
+class Size:
+    """The sizes of one experiment run (model, data, schedule, evaluation)."""
+
+    dim: int = 48
+    expert_dim: int = 48
+    n_experts: int = 4
+    seq_len: int = 24
+    train_loops: int = 4
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-3
+    seeds: tuple = (0, 1, 2)
+    train_hops: tuple = (1, 2, 3)
+    eval_hops: tuple = (1, 2, 3, 4, 5, 6)
+    eval_batches: int = 2
+    eval_batch_size: int = 256
+    eval_every: int = 100
+
+
+def model_config(size: Size, **over) -> MythosConfig:
+    """A small GQA looped MoE model (one prelude, one recurrent and one coda block);
+    ``max_loop_iters = 2 * train_loops``, so evaluation up to ``4 * train_loops`` loops runs past
+    it (the depth-wise LoRA index clamps to the last one)."""
+    kw = dict(vocab_size=MultiHopPointer(size.seq_len).vocab_size, dim=size.dim, n_heads=4,
+              n_kv_heads=2, max_seq_len=max(64, size.seq_len), max_loop_iters=2 * size.train_loops,
+              prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=size.n_experts,
+              n_shared_experts=1, n_experts_per_tok=2, expert_dim=size.expert_dim, lora_rank=4,
+              rope_theta=10000.0)
+    kw.update(over)
+    return MythosConfig(**kw)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    """Parameter count, ``sum(p.numel())``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_model(cfg: MythosConfig, size: Size, seed: int, *, n_loops: int, loop_sampling: str = "fixed",
+                act: bool = True, ponder_weight: float = 0.0, device: str = "auto", out: str = "",
+                desc: str = "train", progress: bool = True) -> tuple[OpenMythos, dict]:
+    """Train one model with :class:`~mythos.train.Trainer` on the multi-hop task (hops drawn from
+    ``size.train_hops``); returns the model (eval mode) and its training curves
+    ``{"step", "loss", "n_loops", "mean_halt_depth", "eval_step", "eval_acc"}``."""
+    from tqdm import tqdm
+
+    max_loops = cfg.max_loop_iters if loop_sampling != "fixed" else max(n_loops, cfg.max_loop_iters)
+    tc = TrainConfig(task="pointer", hops=1, steps=size.steps, batch_size=size.batch_size,
+                     seq_len=size.seq_len, lr=size.lr, warmup=max(size.steps // 20, 1), seed=seed,
+                     n_loops=n_loops, loop_sampling=loop_sampling, max_loops=max_loops, act=act,
+                     ponder_weight=ponder_weight, device=device, out=out or os.devnull,
+                     eval_every=0, save_every=0)
+    trainer = Trainer(tc, cfg)
+    task = MultiHopPointer(size.seq_len, size.train_hops, cfg.vocab_size)
+    trainer.task = task     # the Trainer draws its batches from here
+    curves = {"step": [], "loss": [], "n_loops": [], "mean_halt_depth": [], "eval_step": [],
+              "eval_acc": []}
+    with tqdm(total=size.steps, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0,
+              leave=False) as bar:
+        while trainer.step < size.steps:
+            row = trainer.train_step()
+            for k in ("step", "loss", "n_loops", "mean_halt_depth"):
+                curves[k].append(row[k])
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+            if size.eval_every and (trainer.step % size.eval_every == 0 or trainer.step == size.steps):
+                ev = evaluate(trainer.model, task, n_loops=int(round(n_loops)), act=act, seed=seed,
+                              batches=1, batch_size=size.eval_batch_size)
+                trainer.model.train()
+                curves["eval_step"].append(trainer.step)
+                curves["eval_acc"].append(ev["accuracy"])
+    return trainer.model.eval(), curves
+
+
+@torch.no_grad()
+def evaluate(model: OpenMythos, task: MultiHopPointer, *, n_loops: int, act: bool, seed: int,
+             batches: int, batch_size: int, hops: Optional[int] = None) -> dict:
+    """Held-out accuracy, loss and mean halting depth at ``n_loops`` (``train_forward``; past
+    ``max_loop_iters`` the LoRA index clamps), hops drawn from the task's range or fixed."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct = total = 0
+    loss = depth = 0.0
+    try:
+        for i in range(batches):
+            b = task.batch(seed, "eval", i, 0 if hops is None else hops, batch_size, hops=hops).to(dev)
+            out = train_forward(model, b.ids, n_loops, act=act)
+            loss += float(lm_loss(model, out.h.float(), b.targets))
+            depth += float(out.depth[:, -1].float().mean())
+            c, t = answer_accuracy(model, out.h.float(), b.targets)
+            correct, total = correct + c, total + t
+    finally:
+        model.train(was)
+    return {"accuracy": correct / max(total, 1), "loss": loss / batches, "halt_depth": depth / batches}
+
+
+def save_model(model: OpenMythos, path: str, meta: dict) -> str:
+    """The weights as safetensors at ``path`` and ``meta`` (config, run) beside it as JSON."""
+    from safetensors.torch import save_model as st_save
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    st_save(model, path)      # the tied head / embedding stored once
+    with open(path.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(meta, f, indent=1, default=_jsonable)
+    return path
+
+
+def load_model(path: str) -> OpenMythos:
+    """A model saved by :func:`save_model` (config from the JSON beside the weights)."""
+    from safetensors.torch import load_model as st_load
+
+    with open(path.rsplit(".", 1)[0] + ".json") as f:
+        meta = json.load(f)
+    model = OpenMythos(MythosConfig(**meta["config"]))
+    st_load(model, path)
+    return model.eval()
+
+
+def _jsonable(o):
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def write_json(path: str, obj: dict) -> str:
+    """``obj`` as JSON at ``path`` (written to a temporary file, then renamed: never half-written)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
+def mean_std(rows: Sequence[Sequence[float]]) -> tuple[list, list]:
+    """Per-column mean and (population) standard deviation over seeds."""
+    a = np.asarray(rows, dtype=np.float64)
+    return a.mean(0).tolist(), a.std(0).tolist()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def config_dict(cfg: MythosConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    return {k: v for k, v in d.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def set_threads(n: Optional[int]) -> None:
+    """torch's intra-op threads (tiny models run fastest on one)."""
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"threads must be a positive int, got {n!r}")
+        torch.set_num_threads(n)

@@ -1,0 +1,157 @@
+"""mythos.experiments: the multi-hop task (deterministic, answers correct by construction),
+evaluation past max_loop_iters (the LoRA index clamps), and --quick runs of every command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mythos import MythosConfig, OpenMythos
+from mythos.experiments.cli import main
+from mythos.experiments.common import MultiHopPointer, Size, load_model, model_config, save_model
+from mythos.train import IGNORE, train_forward
+
+
+@pytest.fixture(autouse=True)
+def _cpu_one_thread(on_cpu):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _follow(ids: np.ndarray, hops: int) -> int:
+    """The answer read off one sequence: build pi from the listed pairs, chase ``hops`` times."""
+    q = int(np.nonzero(ids == 1)[0][-1])
+    body = ids[:q]
+    body = body[np.nonzero(body)[0][0]:]
+    pi = dict(zip(body[0::2].tolist(), body[1::2].tolist()))
+    cur = int(ids[q + 1])
+    for _ in range(hops):
+        cur = pi[cur]
+    return cur
+
+
+@pytest.mark.parametrize("seq_len", [16, 23])
+def test_multihop_answers_correct(seq_len):
+    task = MultiHopPointer(seq_len, (1, 2, 3))
+    for h in (1, 2, 3, 5):
+        b = task.batch(3, "eval", 1, 0, 64, hops=h)
+        ids, tg = b.ids.numpy(), b.targets.numpy()
+        assert ids.shape == (64, seq_len) and (tg[:, :-1] == IGNORE).all()
+        for i in range(64):
+            body = ids[i][ids[i] >= task.FIRST][:-1]     # pairs, without the start node
+            assert sorted(body[0::2].tolist()) == list(range(task.FIRST, task.FIRST + task.n))
+            assert sorted(body[1::2].tolist()) == list(range(task.FIRST, task.FIRST + task.n))
+            assert tg[i, -1] == _follow(ids[i], h)
+
+
+def test_multihop_mixed_hops_and_determinism():
+    task = MultiHopPointer(20, (1, 4))
+    a, b = task.batch(7, "train", 5, 0, 128), task.batch(7, "train", 5, 0, 128)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.ids, task.batch(8, "train", 5, 0, 128).ids)
+    assert not torch.equal(a.ids, task.batch(7, "eval", 5, 0, 128).ids)
+    ids = a.ids.numpy()
+    # every answer is pi^1 or pi^4 of the start, and both occur
+    ok1 = [a.targets[i, -1].item() == _follow(ids[i], 1) for i in range(128)]
+    ok4 = [a.targets[i, -1].item() == _follow(ids[i], 4) for i in range(128)]
+    assert all(x or y for x, y in zip(ok1, ok4)) and any(ok1) and any(ok4) and not all(ok1)
+
+
+@pytest.mark.parametrize("bad", [(), (0,), (1, True), ("2",)])
+def test_multihop_bad_hops(bad):
+    with pytest.raises(ValueError, match="hops"):
+        MultiHopPointer(16, bad)
+
+
+def test_eval_past_max_loop_iters_clamps_lora():
+    """Beyond max_loop_iters, loop t uses the last LoRA scale row (open-mythos's clamp): a model
+    whose extra rows are overwritten gives the same output at 2 * max_loop_iters loops."""
+    torch.manual_seed(0)
+    cfg = model_config(Size(dim=32, expert_dim=16, seq_len=16, train_loops=2))
+    big = MythosConfig(**{**cfg.__dict__, "max_loop_iters": 8})
+    m, m8 = OpenMythos(cfg).eval(), OpenMythos(big).eval()
+    sd = m.state_dict()
+    sd8 = {k: v.clone() for k, v in sd.items()}
+    scale = sd["recurrent.lora.scale.weight"]                         # [4, r]
+    sd8["recurrent.lora.scale.weight"] = torch.cat([scale, scale[-1:].expand(4, -1)])
+    m8.load_state_dict(sd8)
+    ids = MultiHopPointer(16).batch(0, "eval", 0, 0, 4).ids
+    with torch.no_grad():
+        a = train_forward(m, ids, 8, act=False).h
+        b = train_forward(m8, ids, 8, act=False).h
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # and the rows past the clamp matter when they differ
+        sd8["recurrent.lora.scale.weight"][5:] += 1.0
+        m8.load_state_dict(sd8)
+        assert not torch.allclose(a, train_forward(m8, ids, 8, act=False).h)
+        ref = m(ids, n_loops=8)
+        assert torch.isfinite(ref).all()
+
+
+def test_save_load_roundtrip(tmp_path):
+    torch.manual_seed(1)
+    cfg = model_config(Size(dim=32, expert_dim=16, seq_len=16, train_loops=2))
+    m = OpenMythos(cfg).eval()
+    p = save_model(m, str(tmp_path / "m.safetensors"), {"config": cfg.__dict__})
+    m2 = load_model(p)
+    ids = MultiHopPointer(16).batch(0, "eval", 0, 0, 2).ids
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, n_loops=3), m2(ids, n_loops=3), rtol=0, atol=0)
+
+
+def _finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return True
+
+
+@pytest.mark.parametrize("cmd,png", [("depth", "depth.png"), ("act-scan", "act_scan.png"),
+                                     ("vs-dense", "vs_dense.png")])
+def test_quick_runs(tmp_path, cmd, png):
+    out = str(tmp_path / cmd)
+    assert main([cmd, "--out", out, "--quick", "--steps", "20", "--no-progress", "--device", "cpu"]) == 0
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert _finite(res)
+    with open(os.path.join(out, png), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    models = os.listdir(os.path.join(out, "models"))
+    assert any(m.endswith(".safetensors") for m in models)
+    if cmd == "depth":
+        L = res["train_loops"]
+        assert set(res["regimes"]) == {"fixed", "sampled", "sampled-noact"}
+        for r in res["regimes"].values():
+            assert r["n_loops"] == list(range(1, 4 * L + 1))
+            assert len(r["accuracy"]) == 4 * L and all(0 <= a <= 1 for a in r["accuracy"])
+            assert len(r["hop_accuracy_at_train_loops"]) == len(res["eval_hops"])
+            assert len(r["per_seed"][0]["curves"]["loss"]) == 20
+        assert res["regimes"]["sampled-noact"]["act"] is False
+    elif cmd == "act-scan":
+        assert res["thresholds"] == [0.8, 0.9, 0.95, 0.99, 0.999]
+        assert all(1 <= d <= res["eval_loops"] for d in res["halt_depth"])
+    else:
+        m = res["models"]
+        assert m["looped"]["n_params"] == m["same-params"]["n_params"] < m["same-compute"]["n_params"]
+        assert m["looped"]["blocks_per_token"] == m["same-compute"]["blocks_per_token"]
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    for argv in (["depth", "--out", str(tmp_path), "--steps", "0"],
+                 ["depth", "--out", str(tmp_path), "--seeds", "a"],
+                 ["depth", "--out", str(tmp_path), "--quick", "--scale"],
+                 ["nope", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert not os.listdir(tmp_path)
