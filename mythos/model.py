@@ -23,11 +23,12 @@ import torch.nn.functional as F
 import mythos_kernels as K
 from mythos_kernels._dispatch import _compiling, _transformed
 
-from ._validate import ArgumentTypeError, check_bool, check_float, check_int, device_memory_bytes
-from .cache import CacheWrite, LayerCache, MythosCache, cache_length, check_cache, layer_cache
+from ._validate import ArgumentTypeError, check_int, device_memory_bytes
+from .cache import CacheWrite, LayerCache, cache_length, check_cache, layer_cache
 from .config import MythosConfig, check_allocation
 from .decode import decode_plan
-from .sampling import check_finite_rows, multinomial_one, top_k_filter
+from .generate import compiled_cache_capacity, sample
+from .generate import generate as _generate
 
 
 class RMSNorm(nn.Module):
@@ -301,9 +302,8 @@ class MoEFFN(nn.Module):
         xe, w13, w2 = flat, self.w13, self.w2
         if torch.is_autocast_enabled(flat.device.type):
             # autocast runs open-mythos's expert nn.Linear layers in its low-precision dtype; the
-            # grouped GEMMs take the same (else fp32 activations of the recurrent state keep the
-            # kernels in exact fp32: measured on an H100, a mythos_1b training step under bf16
-            # autocast took 284 ms against 92 ms with bf16 weights)
+            # grouped GEMMs take the same (else fp32 activations of the recurrent state would keep
+            # the kernels in fp32)
             dt = torch.get_autocast_dtype(flat.device.type)
             # the weights cast once per forward, not once per loop (as autocast's own weight
             # cache does for open-mythos's expert layers)
@@ -452,9 +452,7 @@ def _hooked(model: nn.Module) -> bool:
 
 def _inference_scope(model: nn.Module):
     """``torch.inference_mode()`` where the caller cannot tell the difference, else a null
-    context. Under it each torch op skips autograd's version counting and view tracking:
-    measured on the 2-core CPU (mid config), 7.5% of a 64 + 32-token generate (0.816 -> 0.755 s,
-    30 interleaved rounds) and ~1.5 ms of a ~20 ms decode step through ``forward``. Only with
+    context. Under it each torch op skips autograd's version counting and view tracking. Only with
     grad already disabled (no_grad), outside tracing, and when the model has no forward hooks:
     the tensors a hook sees would be inference tensors, which cannot be saved for backward (a
     probe trained on captured activations) or changed in place outside inference mode; nor
@@ -653,223 +651,22 @@ class OpenMythos(nn.Module):
                 values) where its conditions hold (fp32, no hooks, backend not forced to triton;
                 ``MYTHOS_CPU_DECODE_PLAN=0`` turns it off).
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
-                it needs a C++ compiler). Meant for the CPU: on a GPU the compiled step runs
-                without a CUDA graph and is slower than the default captured eager step
-                (measured on an H100, mythos_1b dims, B=1: 52 against 128 tokens/s). The first
-                call per configuration and shape compiles (tens of seconds); later calls reuse
-                it. Same tokens as the eager step within fp32
-                rounding. On the CPU the compiled step keeps the eager CPU forms that matter
-                for decode: the head multiplies its cached transposed copy (passed in as an
-                input) and the few-row projections run split over two cores
-                (``K.compiled_split``, when torch has at least two threads). Measured on the
-                2-core CPU (mid config, B=1, ``tools/cpu_compile_probe.py``): ~8 ms per step
-                against ~16 ms compiled without those forms and 19-22 ms eager. On the
-                references a batch with more (token, slot) pairs than experts splits the graph
-                at the MoE (its reference reads expert counts on the host): still correct, less
-                gain. Dynamo compiles the step again for each model configuration (another
-                instance of the same config reuses it), batch size, loop count and cache
-                capacity (prompt + max_new_tokens rounded up to a power of two, at least 64,
-                at most max_seq_len: :func:`compiled_cache_capacity`), up to
-                ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that
-                it runs the step eagerly (torch logs a warning), same tokens, eager speed.
+                it needs a C++ compiler). Meant for the CPU: on a GPU the captured eager step
+                is faster. The first call per configuration and shape compiles (tens of
+                seconds); later calls reuse it. Same tokens as the eager step within fp32
+                rounding. On the CPU the compiled step keeps the head's transposed copy and the
+                few-row products split over two cores (``K.compiled_split``). Dynamo compiles
+                again per model configuration, batch size, loop count and cache capacity
+                (:func:`mythos.generate.compiled_cache_capacity`), up to
+                ``torch._dynamo.config.recompile_limit`` per process; past that the step runs
+                eagerly (same tokens).
         """
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
-        # +inf: uniform sampling, as open-mythos's logits / inf
-        temperature = check_float("temperature", temperature, lo=0, inf_ok=True)
-        top_k = check_int("top_k", top_k, none_ok=True)       # <= 0 or None: no top-k filter
-        top_k = 0 if top_k is None else top_k
-        n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
-        cuda_graph = check_bool("cuda_graph", cuda_graph, none_ok=True)
-        static = check_bool("static", static, none_ok=True)
-        compiled = check_bool("compiled", compiled)
-        self._check_inputs(input_ids, n_loops, None, 0)
-        if max_new_tokens == 0:
-            return input_ids
-        B, prompt_len = input_ids.shape
-        total = prompt_len + max_new_tokens - 1
-        if total > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
-                             f"{total} exceeds max_seq_len {self.cfg.max_seq_len}")
-        graph_requested = cuda_graph
-        if compiled and cuda_graph:
-            raise ValueError("compiled=True and cuda_graph=True: choose one (a CUDA graph "
-                             "already replays the decode step without launch overhead)")
-        if cuda_graph is None:
-            cuda_graph = (not compiled and input_ids.is_cuda and static is not False
-                          and K.get_backend() != "reference" and K.triton_available())
-        if cuda_graph and not input_ids.is_cuda:
-            raise ValueError("cuda_graph=True needs CUDA input_ids")
-        static = (cuda_graph or compiled) if static is None else static
-        if cuda_graph and not static:
-            raise ValueError("cuda_graph=True needs the static decode step (static=True)")
-        if compiled and not static:
-            raise ValueError("compiled=True needs the static decode step (static=True)")
-        # compiled: a bucketed capacity, so calls with other lengths reuse the compiled step
-        cache = MythosCache(compiled_cache_capacity(total, self.cfg.max_seq_len) if compiled
-                            else total)
-        # int64 whatever the prompt's integer dtype (open-mythos's torch.cat with the sampled
-        # int64 tokens promotes); a normal tensor even under _in_inference_scope
-        with torch.inference_mode(False):
-            out = input_ids.new_empty(B, prompt_len + max_new_tokens, dtype=torch.long)
-        out[:, :prompt_len] = input_ids
-        h = self._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
-        out[:, prompt_len] = sample(self._logits(h), temperature, top_k)
-        if max_new_tokens == 1:
-            return out
-        if not static:
-            # on the CPU, the steps' per-call decisions taken once (mythos.decode): same values
-            plan = decode_plan(self, B, n_loops, input_ids)
-            for i in range(1, max_new_tokens):
-                cur = out[:, prompt_len + i - 1:prompt_len + i]
-                if plan is not None:
-                    h = plan.hidden(cur, cache, prompt_len + i - 1)
-                else:
-                    h = self._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
-                out[:, prompt_len + i] = sample(self._logits(h), temperature, top_k)
-            return out
-        # static inputs (fresh [B, 1]: a clone of the slice would keep its row stride, which
-        # depends on the lengths, and Dynamo guards on strides)
-        tok = out.new_empty(B, 1).copy_(out[:, prompt_len:prompt_len + 1])
-        pos = torch.full((1,), prompt_len, dtype=torch.long, device=out.device)
-
-        def step() -> torch.Tensor:
-            return self._logits(self._hidden(tok, n_loops, cache, 0, pos)[:, -1])
-
-        run = step
-        if compiled:
-            layers = dict(cache)  # a plain dict of the filled layer caches: traceable lookups
-            compiled_step = _compiled_decode_step(fx_graph_cache=not _GRAPH_CACHE_FAILED)
-            # the CPU decode forms compiled code can take: the head's transposed copy as an
-            # input (None elsewhere) and the split few-row products (mythos_kernels.linear)
-            head_t = K.decode_head_weight(self.head.weight) if input_ids.is_cpu else None
-            split = input_ids.is_cpu and K.two_threads()
-
-            from torch._dynamo.exc import BackendCompilerFailed
-
-            def run() -> torch.Tensor:
-                nonlocal compiled_step
-                with K.compiled_split(split):
-                    try:
-                        return compiled_step(self, tok, n_loops, layers, pos, head_t)
-                    except BackendCompilerFailed as exc:
-                        uncached = _compiled_decode_step(fx_graph_cache=False)
-                        if compiled_step is uncached:
-                            raise
-                        warnings.warn("generate(compiled=True): inductor failed to build the "
-                                      f"decode step ({type(exc).__name__}); compiling it again "
-                                      "without its on-disk graph cache", RuntimeWarning,
-                                      stacklevel=3)
-                        _GRAPH_CACHE_FAILED.append(True)   # later calls skip the cache too
-                        compiled_step = uncached
-                        return compiled_step(self, tok, n_loops, layers, pos, head_t)
-        if cuda_graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            before = K.dispatch_counts()
-            with torch.cuda.stream(stream):  # warm up (idempotent: same token, same position)
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-            # the reference MoE dispatch reads expert counts on the host: not capturable
-            syncing = K.dispatch_counts().get(("moe_experts", "reference"), 0) > \
-                before.get(("moe_experts", "reference"), 0)
-            if syncing and graph_requested:
-                raise ValueError("cuda_graph=True: the decode step uses the reference MoE "
-                                 "dispatch (host sync), which a CUDA graph cannot capture")
-            if syncing:
-                warnings.warn("generate: the MoE runs on its reference path here (no Triton "
-                              "kernel for this config), so the decode step is not captured in a "
-                              "CUDA graph", RuntimeWarning, stacklevel=2)
-                cuda_graph = False
-        if cuda_graph:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits_out = step()
-
-            def run() -> torch.Tensor:
-                graph.replay()
-                return logits_out
-
-        for i in range(1, max_new_tokens):
-            tok.copy_(out[:, prompt_len + i - 1:prompt_len + i])
-            pos.fill_(prompt_len + i - 1)
-            out[:, prompt_len + i] = sample(run(), temperature, top_k)
-        for c in cache.values():
-            c.length = total
-        return out
+        return _generate(self, input_ids, max_new_tokens, n_loops, temperature, top_k,
+                         cuda_graph, static, compiled)
 
 
-def compiled_cache_capacity(needed: int, max_seq_len: int) -> int:
-    """The cache capacity ``generate(..., compiled=True)`` allocates for ``needed`` positions: the
-    next power of two (at least 64), at most ``max_seq_len``. Dynamo compiles the step once per
-    capacity, so without buckets every new prompt + max_new_tokens length compiled again (tens
-    of seconds each, eager after ``recompile_limit`` of them). The static step attends over the
-    whole buffer masked by position: the tokens are the same; the extra positions cost memory
-    and masked attention work."""
-    return min(max(64, 1 << (needed - 1).bit_length()), max(max_seq_len, needed))
-
-
-def _decode_step(model: OpenMythos, tok: torch.Tensor, n_loops: Optional[int], layers: dict,
-                 pos: torch.Tensor, head_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """generate()'s static decode step as a free function, compiled once per process (Dynamo
-    then keeps one graph per model configuration, batch, loop count and cache capacity; a new
-    instance of a configuration reuses its graph). ``head_t``: the head
-    weight's transposed copy (``K.decode_head_weight``), multiplied instead of the head when
-    given."""
-    h = model._hidden(tok, n_loops, layers, 0, pos)[:, -1]
-    if head_t is None:
-        return model._logits(h)
-    return K.lm_head_transposed(model.norm(h), head_t)
-
-
-_GRAPH_CACHE_FAILED: list = []   # non-empty once a cached build failed in this process
-
-
-@functools.cache
-def _compiled_decode_step(fx_graph_cache: bool = True):
-    """The compiled ``_decode_step`` (one per process and cache setting).
-
-    Inductor's C++ code is vectorized only if its vector-ISA check passes, and that check runs a
-    child Python with ``PYTHONPATH`` set to this process's ``sys.path``. A module on that path
-    named like a standard one (found here: a stray ``nt.py`` in the directory of the running
-    script) breaks the child, so the check fails, silently: inductor then emits scalar code
-    (measured, mid config B=1: ~23 ms a step against ~9 ms vectorized), and a step loaded from
-    the on-disk graph cache, generated vectorized by an earlier process, fails to build ("'at::vec'
-    has not been declared"). So the ISA is resolved here, with a warning when an x86 CPU that
-    reports AVX2 or AVX-512 gets no vector ISA, and generate() retries with
-    ``fx_graph_cache=False`` if the build fails."""
-    _warn_if_scalar_inductor()
-    return torch.compile(_decode_step, dynamic=False,
-                         options=None if fx_graph_cache else {"fx_graph_cache": False})
-
-
-def _warn_if_scalar_inductor() -> None:
-    """Warn when inductor's CPU vector-ISA check fails on an x86 CPU with AVX2 / AVX-512."""
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa, x86_isa_checker
-        isa, flags = pick_vec_isa(), x86_isa_checker()
-    except Exception:  # noqa: BLE001 - private helpers: without them inductor decides alone
-        return
-    if not isa and flags:
-        warnings.warn(
-            f"generate(compiled=True): the CPU reports {', '.join(flags)} but inductor's "
-            "vector-ISA check failed, so the compiled step is scalar C++ (about 2-3x slower). "
-            "The check runs a child Python with PYTHONPATH = sys.path: look for a module there "
-            "that shadows a standard one (e.g. an nt.py beside your script).",
-            RuntimeWarning, stacklevel=5)   # the caller of generate()
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """logits [B, V] -> next token [B]: open-mythos's temperature / top-k / multinomial rule, with
-    open-mythos's random draws (:func:`mythos.sampling.multinomial_one` on the CPU);
-    ``temperature=0`` takes the argmax. Either way a row whose maximum is not finite (a NaN or
-    +inf in it, or only -inf) raises :class:`mythos.sampling.NonFiniteLogitsError` before any
-    token is chosen or drawn (:func:`mythos.sampling.check_finite_rows`: one host read per step)."""
-    if temperature == 0:
-        top, tok = logits.max(-1)                 # the argmax (first of ties) and its value
-        check_finite_rows(top)
-        return tok
-    check_finite_rows(logits.amax(-1))
-    logits = top_k_filter(logits / temperature, top_k)
-    # torch.multinomial(probs, 1), the same tokens and random stream (mythos.sampling)
-    return multinomial_one(F.softmax(logits, dim=-1)).squeeze(-1)
+__all__ = [
+    "CAUSAL", "ACTHalting", "Expert", "GQAttention", "LTIInjection", "Linear", "LoRAAdapter", "MLAttention",
+    "MoEFFN", "OpenMythos", "RMSNorm", "RecurrentBlock", "TransformerBlock", "apply_rope",
+    "compiled_cache_capacity", "loop_index_embedding", "precompute_rope_freqs", "sample",
+]
