@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
@@ -196,14 +197,14 @@ class MLAttention(nn.Module):
         if c_kv.dtype != kv_raw.dtype:  # autocast: a low-precision latent, fp32-normalized
             c_kv = c_kv.to(kv_raw.dtype)  # (open-mythos's kv_up then casts it the same way)
         if positions is not None:  # static decode: full-capacity buffers, length as a tensor
-            kv = layer_cache(kv_cache, cache_key, self.max_seq_len).write_at(
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len, H).write_at(
                 positions, c_kv=c_kv, k_rope=k_rope)
             out = K.mla_decode(q_nope, q_rope, *_one_dtype(q_nope, kv["c_kv"], kv["k_rope"],
                                                            self.kv_up.weight),
                                self.qk_nope_dim, self.v_dim, positions[-1:] + 1,
                                self.q_head_dim ** -0.5, num_splits=self._static_splits(kv["c_kv"]))
             return self.wo(out.reshape(B, T, -1))
-        kv = layer_cache(kv_cache, cache_key, self.max_seq_len).append(c_kv=c_kv, k_rope=k_rope)
+        kv = layer_cache(kv_cache, cache_key, self.max_seq_len, H).append(c_kv=c_kv, k_rope=k_rope)
         c_kv, k_rope, w_up = _one_dtype(q_nope, kv["c_kv"], kv["k_rope"], self.kv_up.weight)
         S = c_kv.shape[1]
         # the absorbed path attends causally (end-aligned): for CAUSAL, or one query (where
@@ -277,14 +278,11 @@ class MoEFFN(nn.Module):
         self._register_load_state_dict_pre_hook(moe_load_hook, with_module=True)
         self._last_idx: Optional[torch.Tensor] = None  # [N, k] experts chosen, last forward
 
-    def __getattr__(self, name: str):
-        if name == "routed_experts":
-            raise AttributeError(
-                "mythos's MoEFFN has no routed_experts ModuleList: the routed experts are stacked "
-                "as w13 [n_experts, dim, 2 * expert_dim] (gate | up) and w2 [n_experts, "
-                "expert_dim, dim] for grouped products; mythos.to_open_mythos_state_dict gives "
-                "open-mythos's per-expert weights")
-        return super().__getattr__(name)
+    @property
+    def routed_experts(self) -> "RoutedExperts":
+        """open-mythos's ``routed_experts``: a read-only sequence of :class:`ExpertView` modules
+        over slices of ``w13`` / ``w2`` (views, not parameters of their own)."""
+        return RoutedExperts(self)
 
     @property
     def last_counts(self) -> Optional[torch.Tensor]:
@@ -317,6 +315,80 @@ class MoEFFN(nn.Module):
         for expert in self.shared_experts:
             out = out + expert(flat)
         return out.view(B, T, D)
+
+
+class _WeightView(nn.Module):
+    """A bias-free linear layer whose ``weight`` [out, in] is a view of a stacked MoE weight,
+    taken on each access (so it follows ``load_state_dict``, ``.to`` and autograd)."""
+
+    def __init__(self, moe: "MoEFFN", e: int, part: str):
+        super().__init__()
+        self.__dict__["_moe"] = moe          # not a submodule: no parameter is registered twice
+        self.e, self.part = e, part
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        moe, e = self._moe, self.e
+        F_ = moe.w2.shape[1]
+        if self.part == "gate":
+            return moe.w13[e, :, :F_].t()
+        if self.part == "up":
+            return moe.w13[e, :, F_:].t()
+        return moe.w2[e].t()
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False"
+
+
+class ExpertView(nn.Module):
+    """Routed expert ``e`` of a :class:`MoEFFN` as open-mythos's ``Expert``: ``gate``, ``up`` and
+    ``down`` whose weights view ``w13[e]`` (gate | up) and ``w2[e]``;
+    ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, moe: "MoEFFN", e: int):
+        super().__init__()
+        self.gate = _WeightView(moe, e, "gate")
+        self.up = _WeightView(moe, e, "up")
+        self.down = _WeightView(moe, e, "down")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class RoutedExperts(Sequence):
+    """``MoEFFN.routed_experts``: a read-only sequence of :class:`ExpertView` (indexing, slicing,
+    iterating, ``len``), made on access; the weights stay stacked in ``w13`` / ``w2``."""
+
+    def __init__(self, moe: "MoEFFN"):
+        self._moe = moe
+
+    def __len__(self) -> int:
+        return self._moe.n_experts
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"routed_experts index must be an int or a slice, got {type(i).__name__}")
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"routed_experts index {i} out of range for {n} experts")
+        return ExpertView(self._moe, i % n)
+
+    def __repr__(self) -> str:
+        return f"RoutedExperts({len(self)} x {self[0]!r})" if len(self) else "RoutedExperts()"
 
 
 class LoRAAdapter(nn.Module):
@@ -666,7 +738,7 @@ class OpenMythos(nn.Module):
 
 
 __all__ = [
-    "CAUSAL", "ACTHalting", "Expert", "GQAttention", "LTIInjection", "Linear", "LoRAAdapter", "MLAttention",
-    "MoEFFN", "OpenMythos", "RMSNorm", "RecurrentBlock", "TransformerBlock", "apply_rope",
-    "compiled_cache_capacity", "loop_index_embedding", "precompute_rope_freqs", "sample",
+    "CAUSAL", "ACTHalting", "Expert", "ExpertView", "GQAttention", "LTIInjection", "Linear", "LoRAAdapter",
+    "MLAttention", "MoEFFN", "OpenMythos", "RMSNorm", "RecurrentBlock", "RoutedExperts", "TransformerBlock",
+    "apply_rope", "compiled_cache_capacity", "loop_index_embedding", "precompute_rope_freqs", "sample",
 ]
