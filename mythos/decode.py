@@ -6,7 +6,8 @@ op, every product's form chosen again from the shapes (``mythos_kernels.linear.d
 bookkeeping. None of that changes from one step to the next, so :func:`decode_plan` settles it
 once, after the prefill: each product's form (:func:`~mythos_kernels.linear.dense_plan`), the
 packed SwiGLU weights, the absorbed MLA weights, the LoRA scale rows, the loop-index vectors.
-:meth:`DecodePlan.hidden` then runs the references' own functions (RMSNorm, RoPE, the latent
+Each module builds its own piece through its public ``decode_plan`` method (``mythos.modules``);
+:meth:`DecodePlan.hidden` strings them together and runs the references' own functions (RMSNorm, RoPE, the latent
 attention, routing, the expert forms, the LTI + ACT step) on the same values in the same order
 as ``OpenMythos._hidden``: the hidden state, hence the logits and tokens, are bitwise the same
 (``tests/test_decode.py`` checks it over configurations). ``tools/cpu_ab.py --switches
