@@ -11,6 +11,12 @@ Per layer it stores
   ``k_rope [B, S, qk_rope_head_dim]`` shared by all heads;
 * GQA: ``k, v [B, S, n_kv_heads, head_dim]`` (RoPE applied to k).
 
+A :class:`LayerCache` reads as open-mythos's cache entry, a read-only mapping with its key names
+and shapes: ``entry["c_kv"]`` ``[B, S, kv_lora_rank]``, ``entry["k_rope"]``
+``[B, S, n_heads, qk_rope_head_dim]`` (the one shared key broadcast over the heads), or
+``entry["k"]``, ``entry["v"]``; each a view of the valid prefix, never a copy. One difference:
+mythos's ``c_kv`` holds the latent after ``kv_norm`` (open-mythos's holds it before).
+
 A cache is consistent or refused. ``OpenMythos.forward`` checks it before any compute
 (:func:`check_cache`: it fits the model, every layer holds what one sequence of calls leaves,
 ``start_pos`` is its length) and writes to it inside :class:`CacheWrite`, which on an exception
@@ -20,6 +26,7 @@ and is refused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Optional
 
 import torch
@@ -40,15 +47,46 @@ _KINDS = {("c_kv", "k_rope"): "MLA", ("k", "v"): "GQA"}
 
 
 class LayerCache:
-    """Named [B, capacity, ...] buffers sharing one valid length."""
+    """Named [B, capacity, ...] buffers sharing one valid length.
 
-    def __init__(self, capacity: int, max_capacity: int, fixed: bool):
+    Read as a mapping it is open-mythos's cache entry (module docstring): ``entry[name]``, ``in``,
+    ``keys()``, ``values()``, ``items()``, ``get``, iteration and ``len`` give views of the valid
+    prefix ``[:, :length]``; ``k_rope`` broadcast to ``[B, S, heads, dr]`` when ``heads`` is set
+    (MLA layers set it). Writes go through :meth:`append` / :meth:`write_at` only."""
+
+    def __init__(self, capacity: int, max_capacity: int, fixed: bool, heads: Optional[int] = None):
         self.capacity = capacity
         self.max_capacity = max_capacity
         self.fixed = fixed
+        self.heads = heads                    # MLA: the heads k_rope is read out for
         self.length = 0
         self.buffers: dict[str, torch.Tensor] = {}
         self.unusable: Optional[str] = None   # why the cache must be refused (set mid-write)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """Buffer ``name`` over the valid positions, a view (open-mythos's entry layout)."""
+        buf = self.buffers[name][:, :self.length]
+        if name == "k_rope" and self.heads is not None:
+            B, S, dr = buf.shape
+            return buf.unsqueeze(2).expand(B, S, self.heads, dr)
+        return buf
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.buffers)
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.buffers
+
+    def __bool__(self) -> bool:   # an object, truthy whatever it holds (as before the mapping)
+        return True
+
+    keys = Mapping.keys
+    items = Mapping.items
+    values = Mapping.values
+    get = Mapping.get
 
     @property
     def kind(self) -> Optional[str]:
@@ -139,6 +177,9 @@ class LayerCache:
         return sum(b[:, :self.length].numel() * b.element_size() for b in self.buffers.values())
 
 
+Mapping.register(LayerCache)   # isinstance(entry, Mapping), as open-mythos's dict entries
+
+
 class MythosCache(dict):
     """A kv_cache dict whose layer buffers are preallocated with a fixed ``capacity``."""
 
@@ -153,14 +194,15 @@ class MythosCache(dict):
         return max((c.length for c in self.values() if isinstance(c, LayerCache)), default=0)
 
 
-def layer_cache(kv_cache: dict, key: str, max_seq_len: int) -> LayerCache:
-    """The LayerCache under ``key``, created on first use."""
+def layer_cache(kv_cache: dict, key: str, max_seq_len: int, heads: Optional[int] = None) -> LayerCache:
+    """The LayerCache under ``key``, created on first use (``heads``: an MLA layer's head count,
+    for the per-head ``k_rope`` view)."""
     c = kv_cache.get(key)
     if c is None:
         if isinstance(kv_cache, MythosCache):
-            c = LayerCache(kv_cache.capacity, kv_cache.capacity, fixed=True)
+            c = LayerCache(kv_cache.capacity, kv_cache.capacity, fixed=True, heads=heads)
         else:
-            c = LayerCache(0, max_seq_len, fixed=False)
+            c = LayerCache(0, max_seq_len, fixed=False, heads=heads)
         kv_cache[key] = c
     elif not isinstance(c, LayerCache):
         raise ValueError(f"kv_cache[{key!r}] is not a mythos LayerCache (got {type(c).__name__}); "

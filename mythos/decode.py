@@ -6,7 +6,8 @@ op, every product's form chosen again from the shapes (``mythos_kernels.linear.d
 bookkeeping. None of that changes from one step to the next, so :func:`decode_plan` settles it
 once, after the prefill: each product's form (:func:`~mythos_kernels.linear.dense_plan`), the
 packed SwiGLU weights, the absorbed MLA weights, the LoRA scale rows, the loop-index vectors.
-:meth:`DecodePlan.hidden` then runs the references' own functions (RMSNorm, RoPE, the latent
+Each module builds its own piece through its public ``decode_plan`` method (``mythos.modules``);
+:meth:`DecodePlan.hidden` strings them together and runs the references' own functions (RMSNorm, RoPE, the latent
 attention, routing, the expert forms, the LTI + ACT step) on the same values in the same order
 as ``OpenMythos._hidden``: the hidden state, hence the logits and tokens, are bitwise the same
 (``tests/test_decode.py`` checks it over configurations). ``tools/cpu_ab.py --switches
@@ -29,16 +30,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+from torch.nn.modules import module as _torch_module
 
 import mythos_kernels as K
-from mythos_kernels._dispatch import cpu_enabled, cpu_inference, record
+from mythos_kernels._dispatch import cpu_inference, record
 from mythos_kernels._env import env_flag
-from mythos_kernels.attention import attention_reference
-from mythos_kernels.cpu import moe as _cpu_moe
-from mythos_kernels.linear import dense_plan, swiglu_plan
-from mythos_kernels.mla_decode import _per_head, mla_absorb_weights, mla_decode_attention_reference
-from mythos_kernels.moe import moe_experts_reference, moe_route_reference
+from mythos_kernels.linear import dense_plan
 from mythos_kernels.recurrent import (
     acc_dtype,
     get_A,
@@ -46,6 +43,17 @@ from mythos_kernels.recurrent import (
     lti_act_step_and_next_input_reference,
     lti_act_step_reference,
 )
+
+from . import modules as M
+
+_MODELS: list = []   # the model classes whose _hidden the plan reproduces (register_model)
+
+
+def register_model(cls: type) -> type:
+    """Register a model class whose ``_hidden`` :class:`DecodePlan` reproduces (``mythos.model``
+    registers ``OpenMythos``; this module cannot import it)."""
+    _MODELS.append(cls)
+    return cls
 
 
 def enabled() -> bool:
@@ -81,13 +89,10 @@ def _bypassed_module(model) -> Optional[str]:
     another type than the model's own (a subclass too, or e.g. an adapter library's wrapper
     around a Linear), a ``forward`` set on an instance, a model class overriding ``_hidden``.
     One pass over the modules."""
-    from torch.nn.modules import module as _m
-
-    from . import model as M
-
+    _m = _torch_module
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
         return "the model has forward hooks"
-    if type(model)._hidden is not M.OpenMythos._hidden:
+    if not any(type(model)._hidden is cls._hidden for cls in _MODELS):
         return (f"{type(model).__name__}._hidden is not one of mythos's own modules (the plan "
                 "would bypass its forward)")
     stock = (M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN,
@@ -114,173 +119,6 @@ def decode_plan(model, batch: int, n_loops: Optional[int], input_ids: torch.Tens
     return DecodePlan(model, batch, n_loops)
 
 
-class _Norm:
-    """An RMSNorm module's reference call (``F.rms_norm`` for the plan's fp32 CPU tensors)."""
-
-    def __init__(self, norm):
-        self.w, self.eps, self.shape = norm.weight, norm.eps, (norm.weight.shape[0],)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        record("rms_norm")
-        return torch.rms_norm(x, self.shape, self.w, self.eps)
-
-
-def _rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``apply_rope_reference(x, f)`` for fp32 x [B, T, H, d] with ``freqs`` =
-    ``f.unsqueeze(0).unsqueeze(2)`` (made once per step): the same complex product, without the
-    reference's no-op casts."""
-    record("rope")
-    if x.storage_offset() % 2 or not x.is_contiguous():
-        x = x.clone(memory_format=torch.contiguous_format)
-    xc = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs).flatten(-2)
-
-
-class _SwiGLU:
-    """``Expert.forward`` (or the sum of several, as ``MoEFFN`` adds its shared experts): the
-    packed form where the model takes it, else each expert's three products in turn."""
-
-    def __init__(self, experts, rows: int):
-        gates = [e.gate.weight for e in experts]
-        ups = [e.up.weight for e in experts]
-        downs = [e.down.weight for e in experts]
-        self.packed = swiglu_plan(gates, ups, downs, rows)
-        self.each: list = []
-        if self.packed is None:
-            # the model's fallback: out + expert(x) in turn, each expert trying its own packing
-            for e in experts:
-                one = swiglu_plan([e.gate.weight], [e.up.weight], [e.down.weight], rows) \
-                    if len(experts) > 1 else None
-                self.each.append(one or _plain_swiglu(e, rows))
-
-    def add_to(self, out: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``out + sum(experts(x))`` (``experts(x)`` when out is None), in the model's order."""
-        if self.packed is not None:
-            y = self.packed(x)
-            return y if out is None else out + y
-        for f in self.each:
-            y = f(x)
-            out = y if out is None else out + y
-        return out
-
-
-def _plain_swiglu(e, rows: int):
-    """``Expert.forward``'s unpacked form, ``down(silu(gate(x)) * up(x))``, planned."""
-    gate, up, down = (dense_plan(lin.weight, lin.bias, rows) for lin in (e.gate, e.up, e.down))
-    return lambda x: down(F.silu(gate(x)) * up(x))
-
-
-class _MoE:
-    """``MoEFFN.forward``: route, the routed experts' CPU form, the shared experts."""
-
-    def __init__(self, moe, rows: int):
-        self.moe = moe
-        self.router = dense_plan(moe.router.weight, rows=rows, lead=1)
-        self.shared = _SwiGLU(list(moe.shared_experts), rows) if len(moe.shared_experts) else None
-        # moe_experts_cpu's form for rows x topk pairs, chosen now (it checks on every call)
-        x = torch.empty(rows, moe.w13.shape[1], dtype=moe.w13.dtype)
-        idx = torch.zeros(rows, moe.topk, dtype=torch.long)
-        pairs = idx.numel() <= _cpu_moe.FEW_PAIRS and _cpu_moe._pairable(x, idx, moe.w13, moe.w2)
-        self.experts = _cpu_moe._pairs_two_by_two if pairs else _cpu_moe.moe_experts_cpu
-        self.impl = "cpu"
-        if not cpu_enabled("moe_experts_cpu"):      # switched off: the reference, as moe_experts
-            self.experts, self.impl = moe_experts_reference, "reference"
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        moe = self.moe
-        B, T, D = x.shape
-        flat = x.reshape(B * T, D)
-        record("moe_route")
-        weights, idx = moe_route_reference(self.router(flat), moe.router_bias, moe.topk)
-        moe._last_idx = idx.detach()
-        record("moe_experts", self.impl)
-        out = self.experts(flat, weights, idx, moe.w13, moe.w2)
-        if self.shared is not None:
-            out = self.shared.add_to(out, flat)
-        return out.view(B, T, D)
-
-
-class _MLA:
-    """``MLAttention.forward`` for one token per row appended to the cache."""
-
-    def __init__(self, a, rows: int):
-        self.a = a
-        self.q_down, self.kv_down = (dense_plan(a.q_down.weight, rows=rows),
-                                     dense_plan(a.kv_down.weight, rows=rows))
-        self.q_up_nope = dense_plan(a.q_up_nope.weight, rows=rows)
-        self.q_up_rope = dense_plan(a.q_up_rope.weight, rows=rows)
-        self.wo = dense_plan(a.wo.weight, rows=rows)
-        self.q_norm, self.kv_norm = _Norm(a.q_norm), _Norm(a.kv_norm)
-        w_uk, w_uv = mla_absorb_weights(a.kv_up.weight, a.n_heads, a.qk_nope_dim, a.v_dim)
-        self.w_uk, self.w_uv_t = w_uk, w_uv.transpose(1, 2)
-
-    def __call__(self, x: torch.Tensor, freqs: torch.Tensor, lc) -> torch.Tensor:
-        a = self.a
-        B, T, _ = x.shape
-        H, r = a.n_heads, a.kv_lora_rank
-        c_q = self.q_norm(self.q_down(x))
-        q_nope = self.q_up_nope(c_q).view(B, T, H, a.qk_nope_dim)
-        q_rope = _rope(self.q_up_rope(c_q).view(B, T, H, a.qk_rope_dim), freqs)
-        kv_raw = self.kv_down(x)
-        k_rope = kv_raw[..., r:].unsqueeze(2)    # the model's RoPE over min(2, H) copies
-        k_rope = _rope(k_rope.expand(B, T, min(2, H), a.qk_rope_dim), freqs)[:, :, 0]
-        kv = lc.append_next(c_kv=self.kv_norm(kv_raw[..., :r]), k_rope=k_rope)
-        c_kv, k_rope = kv["c_kv"], kv["k_rope"]
-        S = c_kv.shape[1]
-        if not a._absorbed_is_cheaper(T, S):    # a short cache: the model decompresses
-            k, v = K.mla_decompress(c_kv, k_rope, a.kv_up.weight, H, a.qk_nope_dim, a.v_dim)
-            return a._attend(q_nope, q_rope, k, v, None)
-        record("mla_decode_attention")
-        scale = a.q_head_dim ** -0.5
-        if B == 1:    # mla_decode's bmm absorption and reference attention, all views at B = 1
-            q_lat = torch.bmm(q_nope.view(H, 1, a.qk_nope_dim), self.w_uk).view(1, H, r)
-            s = torch.baddbmm(torch.bmm(q_rope.view(1, H, a.qk_rope_dim), k_rope.transpose(1, 2)),
-                              q_lat, c_kv.transpose(1, 2)).mul_(scale)          # [1, H, S]
-            out = torch.bmm(torch.softmax(s, dim=-1), c_kv).view(H, 1, r)
-            return self.wo(torch.bmm(out, self.w_uv_t).view(1, 1, H * a.v_dim))
-        out = mla_decode_attention_reference(_per_head(q_nope, self.w_uk), q_rope, c_kv, k_rope,
-                                             S, scale)
-        return self.wo(_per_head(out, self.w_uv_t).reshape(B, T, -1))
-
-
-class _GQA:
-    """``GQAttention.forward`` for one token per row appended to the cache."""
-
-    def __init__(self, a, rows: int):
-        self.a = a
-        self.wq, self.wk, self.wv, self.wo = (dense_plan(lin.weight, rows=rows)
-                                              for lin in (a.wq, a.wk, a.wv, a.wo))
-
-    def __call__(self, x: torch.Tensor, freqs: torch.Tensor, lc) -> torch.Tensor:
-        a = self.a
-        B, T, _ = x.shape
-        q = _rope(self.wq(x).view(B, T, a.n_heads, a.head_dim), freqs)
-        k = _rope(self.wk(x).view(B, T, a.n_kv_heads, a.head_dim), freqs)
-        kv = lc.append_next(k=k, v=self.wv(x).view(B, T, a.n_kv_heads, a.head_dim))
-        record("attention")
-        out = attention_reference(q, kv["k"], kv["v"], scale=a.head_dim ** -0.5, causal=False)
-        return self.wo(out.reshape(B, T, -1))
-
-
-class _Block:
-    """``TransformerBlock.forward`` (eval: no residual dropout)."""
-
-    def __init__(self, block, rows: int):
-        from .model import MLAttention, MoEFFN
-
-        self.attn_norm, self.ffn_norm = _Norm(block.attn_norm), _Norm(block.ffn_norm)
-        self.attn = (_MLA if isinstance(block.attn, MLAttention) else _GQA)(block.attn, rows)
-        if isinstance(block.ffn, MoEFFN):
-            self.ffn = _MoE(block.ffn, rows)
-        else:
-            dense = _SwiGLU([block.ffn], rows)
-            self.ffn = lambda x: dense.add_to(None, x)
-
-    def __call__(self, x: torch.Tensor, freqs: torch.Tensor, lc) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs, lc)
-        return x + self.ffn(self.ffn_norm(x))
-
-
 class DecodePlan:
     """``OpenMythos._hidden`` for ``[B, 1]`` tokens appended to a filled cache (``generate``'s
     eager decode), its per-call decisions taken once at construction (module docstring)."""
@@ -289,10 +127,10 @@ class DecodePlan:
         n_loops = n_loops or model.cfg.max_loop_iters          # as RecurrentBlock.forward
         self.model, self.n_loops = model, n_loops
         cfg = model.cfg
-        self.prelude = [_Block(b, batch) for b in model.prelude]
-        self.coda = [_Block(b, batch) for b in model.coda]
+        self.prelude = [b.decode_plan(batch) for b in model.prelude]
+        self.coda = [b.decode_plan(batch) for b in model.coda]
         rb = model.recurrent
-        self.loop = _Block(rb.block, batch)
+        self.loop = rb.block.decode_plan(batch)
         lora = rb.lora
         self.lora_down = dense_plan(lora.down.weight, rows=batch)
         last = lora.scale.num_embeddings - 1
@@ -335,4 +173,4 @@ class DecodePlan:
         return x[:, -1]
 
 
-__all__ = ["DecodePlan", "decode_plan", "enabled", "why_not"]
+__all__ = ["DecodePlan", "decode_plan", "enabled", "register_model", "why_not"]

@@ -114,7 +114,7 @@ def test_generate_runs_in_inference_mode_and_returns_normal_tensors(attn, monkey
     """Without hooks generate runs under torch.inference_mode (fewer per-op costs); what it returns
     is a normal tensor all the same (writable, usable in a training forward afterwards), and
     tensors it leaves behind (routing record) stay readable."""
-    import mythos.model as mm
+    import mythos.generate as mm
 
     modes = []
     orig = mm.sample
@@ -142,7 +142,7 @@ def test_generate_with_forward_hooks_runs_under_no_grad(hook, monkeypatch):
     """With a forward hook anywhere (a module's or a global one) generate runs under plain
     no_grad, as open-mythos's does: the captured activations are normal tensors a probe can be
     trained on. Same tokens as without the hook."""
-    import mythos.model as mm
+    import mythos.generate as mm
 
     modes = []
     orig = mm.sample

@@ -68,7 +68,7 @@ def test_static_decode_step_is_one_graph(attn):
     """generate()'s static decode step (the one a CUDA graph captures) traces with fullgraph=True
     on the Triton path: no graph break anywhere in a token's forward, as issue 6 asks of a
     torch.compile-friendly generate; and it gives the eager logits."""
-    from mythos.model import _decode_step
+    from mythos.generate import _decode_step
 
     torch._dynamo.reset()
     kw = tiny_kwargs(attn, act_threshold=0.99)
@@ -86,7 +86,7 @@ def test_static_decode_step_is_one_graph(attn):
 def test_cpu_static_decode_step_is_one_graph(attn):
     """On the CPU, on the references, generate()'s static decode step traces as one graph
     (fullgraph): the MoE takes its traceable gather form for decode-sized batches."""
-    from mythos.model import _decode_step
+    from mythos.generate import _decode_step
 
     torch._dynamo.reset()
     kw = tiny_kwargs(attn, act_threshold=0.99)
@@ -120,7 +120,7 @@ def test_generate_compiled_matches_eager(attn):
 def test_compiled_cache_capacity():
     """generate(compiled=True)'s cache capacity: the next power of two (at least 64), at most
     max_seq_len."""
-    from mythos.model import compiled_cache_capacity as cap
+    from mythos.generate import compiled_cache_capacity as cap
 
     assert [cap(n, 1000) for n in (1, 17, 64, 65, 127, 128, 129, 511, 513, 999, 1000)] == \
         [64, 64, 64, 128, 128, 128, 256, 512, 1000, 1000, 1000]
@@ -199,7 +199,7 @@ def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn, on_cpu):
     (K.compiled_split); one graph (fullgraph), the eager step's logits. Dims above the CPU
     forms' size floors."""
     import mythos_kernels as K
-    from mythos.model import _decode_step
+    from mythos.generate import _decode_step
 
     torch._dynamo.reset()
     kw = tiny_kwargs(attn, dim=132, n_heads=6, n_kv_heads=3, vocab_size=4099, expert_dim=130,
@@ -230,7 +230,7 @@ def test_generate_compiled_retries_without_graph_cache(monkeypatch):
     tokens are the eager ones. (The failing and the retried compiles are stand-ins here.)"""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    import mythos.model as MM
+    import mythos.generate as MM
 
     calls = {"cached": 0, "uncached": 0}
 
@@ -265,7 +265,7 @@ def test_scalar_inductor_warning(monkeypatch, isa_ok):
 
     import torch._inductor.cpu_vec_isa as isa_mod
 
-    import mythos.model as MM
+    import mythos.generate as MM
 
     class _Isa:
         def __bool__(self):
