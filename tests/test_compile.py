@@ -208,7 +208,7 @@ def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn, on_cpu):
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     ids = torch.randint(0, kw["vocab_size"], (1, 6))
     ops: list = []
-    with torch.no_grad(), mythos.use_backend("reference"):
+    with torch.no_grad(), mythos.use_backend("cpu"):
         layers, tok, pos = _step_inputs(m, ids)
         head_t = K.decode_head_weight(m.head.weight)
         assert head_t is not None and head_t.shape == (132, 4099)
