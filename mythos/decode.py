@@ -36,8 +36,9 @@ from mythos_kernels._dispatch import cpu_enabled, cpu_inference, record
 from mythos_kernels._env import env_flag
 from mythos_kernels.attention import attention_reference
 from mythos_kernels.cpu import moe as _cpu_moe
-from mythos_kernels.linear import dense_plan, swiglu_plan
-from mythos_kernels.mla_decode import _per_head, mla_absorb_weights, mla_decode_attention_reference
+from mythos_kernels.cpu.linear import dense_plan, swiglu_plan
+from mythos_kernels.cpu.mla_decode import _per_head
+from mythos_kernels.mla_decode import mla_absorb_weights, mla_decode_attention_reference
 from mythos_kernels.moe import moe_experts_reference, moe_route_reference
 from mythos_kernels.recurrent import (
     acc_dtype,

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
+from ._dispatch import _compiling, choose, cpu_form, interpreter_active
 from ._registry import KernelConfig, register_kernel
 from ._tl import next_pow2 as _p2
 
@@ -505,31 +505,15 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
     H = q_nope.shape[2]
     if q_nope.shape[-1] != nope_dim:
         raise ValueError(f"q_nope last dim {q_nope.shape[-1]} != nope_dim {nope_dim}")
+    args = (q_nope, q_rope, c_kv, k_rope, w_up, nope_dim, v_dim, seq_len, scale, num_splits)
+    form = cpu_form("mla_decode", args)          # mythos_kernels.cpu.mla_decode
+    if form is not None:
+        return form(*args)
     w_uk, w_uv = mla_absorb_weights(w_up, H, nope_dim, v_dim)               # [H, dn|dv, r]
-    if _cpu_inference(q_nope, q_rope, c_kv, w_up):
-        # the two absorptions as per-head bmms (einsum's permutes and checks cost more than the
-        # products at decode sizes)
-        q_lat = _per_head(q_nope, w_uk)                                        # [B, T, H, r]
-        out_lat = mla_decode_attention(q_lat, q_rope, c_kv, k_rope, seq_len, scale,
-                                       num_splits=num_splits)
-        return _per_head(out_lat, w_uv.transpose(1, 2))                        # [B, T, H, dv]
     q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))   # [B, T, H, r]
     out_lat = mla_decode_attention(q_lat, q_rope.to(q_lat.dtype), c_kv, k_rope, seq_len, scale,
                                    num_splits=num_splits)                    # [B, T, H, r]
     return torch.einsum("bthr,hvr->bthv", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
-
-
-def _cpu_inference(q_nope, q_rope, c_kv, w_up) -> bool:
-    """One dtype and :func:`cpu_inference`: :func:`mla_decode` absorbs with bmms."""
-    return (q_nope.dtype == q_rope.dtype == c_kv.dtype == w_up.dtype
-            and cpu_inference(q_nope, q_rope, c_kv, w_up))
-
-
-def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, a], w [H, a, b] -> [B, T, H, b] with ``out[:, :, h] = x[:, :, h] @ w[h]``."""
-    B, T, H, a = x.shape
-    y = torch.bmm(x.permute(2, 0, 1, 3).reshape(H, B * T, a), w)             # [H, B*T, b]
-    return y.view(H, B, T, -1).permute(1, 2, 0, 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .. import linear as _lin
 from .._dispatch import _compiling, _transformed, cpu_enabled, cpu_inference, register_cpu
 from .._scratch import scratch
-from ..linear import vecmat
 from ..moe import _swiglu, _swiglu_in_place
+from . import linear as _lin
+from .linear import vecmat
 
 
 def _buffer(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
