@@ -194,7 +194,7 @@ def run_moe_forms(level: str = "quick") -> list[dict]:
     and sorted forms' times and the dispatched ``moe_experts_cpu`` (its rule's pick) over the
     faster form. A 64 MB read between calls puts the weights out of cache, as in a model whose
     other weights pass through between two MoE calls."""
-    from mythos_kernels import moe as M
+    from mythos_kernels.cpu import moe as M
 
     tiny = level == "tiny"
     # (experts, dim, expert hidden, top-k): the mid config's MoE first

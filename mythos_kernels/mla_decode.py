@@ -307,7 +307,7 @@ def mla_decode_num_splits(B: int, M: int, S: int, R: int, device: torch.device,
     """Default sequence split count: at most one wave of programs (the shipped configs fit one
     program per SM by registers, so a second, partial wave would idle most SMs), each split at
     least two key tiles. Few programs (B=1) are latency-bound: two tiles per split put a 4k
-    cache on 64 SMs instead of 16 (eight tiles per split ran 18 us on an H100 for 4.7 MB); the
+    cache on 64 SMs instead of 16 (eight tiles per split leave most SMs idle); the
     fp32 partial each split writes ([M, R], about half the bytes of its two tiles) only matters
     where the grid is already full, and there ``want`` is small anyway."""
     programs = B * triton.cdiv(M, _block_m(M, R))
@@ -487,7 +487,7 @@ def _mla_decode_attention_op(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: to
 @_mla_decode_attention_op.register_fake
 def _(q_lat, q_rope, c_kv, k_rope, seq_len, scale, num_splits):
     # contiguous, as the kernel writes it (empty_like would copy a permuted q_lat's strides, and
-    # inductor's stride assertion then fails on the real output: seen on an H100)
+    # inductor's stride assertion then fails on the real output)
     return q_lat.new_empty(q_lat.shape)
 
 
@@ -514,29 +514,6 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
     out_lat = mla_decode_attention(q_lat, q_rope.to(q_lat.dtype), c_kv, k_rope, seq_len, scale,
                                    num_splits=num_splits)                    # [B, T, H, r]
     return torch.einsum("bthr,hvr->bthv", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes / FLOPs for the benchmark harness
-# ----------------------------------------------------------------------------------------------
-
-def mla_decode_bytes(B: int, S: int, r: int, dr: int, H: int, dtype: torch.dtype = torch.bfloat16,
-                     T: int = 1) -> int:
-    """Bytes the absorbed decode attention must move: the latent cache prefix read once, the
-    queries read and the output written once (weights of the absorption not included)."""
-    e = torch.empty(0, dtype=dtype).element_size()
-    return e * (B * S * (r + dr) + B * T * H * (2 * r + dr))
-
-
-def mla_decode_cache_bytes(B: int, S: int, r: int, dr: int,
-                           dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the valid latent cache prefix (the issue's bandwidth denominator)."""
-    return torch.empty(0, dtype=dtype).element_size() * B * S * (r + dr)
-
-
-def mla_decode_flops(B: int, S: int, r: int, dr: int, H: int, T: int = 1) -> int:
-    """FLOPs of the latent attention (scores and p @ c)."""
-    return 2 * B * T * H * S * (2 * r + dr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,6 +573,6 @@ _register()
 
 __all__ = [
     "mla_absorb_weights", "mla_decode", "mla_decode_attention", "mla_decode_attention_reference",
-    "mla_decode_attention_triton", "mla_decode_bytes", "mla_decode_cache_bytes",
-    "mla_decode_flops", "mla_decode_num_splits", "mla_decode_reference",
+    "mla_decode_attention_triton",
+    "mla_decode_num_splits", "mla_decode_reference",
 ]

@@ -21,8 +21,8 @@ a grouped gate|up GEMM with the SwiGLU in its epilogue, a grouped down GEMM with
 weight in its epilogue, and a slot-order combine; the backward is four more grouped GEMMs
 (dY·Wdᵀ with the SwiGLU backward and d weights in its epilogue, per-expert actᵀ·dY and xᵀ·d[g|u],
 d[g|u]·W13ᵀ). Public: :func:`moe_route` / :func:`moe_experts` (dispatching),
-:func:`moe_route_triton` / :func:`moe_experts_triton`, :func:`moe_align_triton`, and the bench
-helpers :func:`moe_experts_flops` / :func:`moe_experts_bytes`.
+:func:`moe_route_triton` / :func:`moe_experts_triton`, :func:`moe_align_triton` (the bench's
+byte and FLOP counts live in ``bench/ops_moe.py``).
 """
 
 from __future__ import annotations
@@ -571,35 +571,3 @@ def _moe_experts_op(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, w
 @_moe_experts_op.register_fake
 def _(x, weights, idx, w13, w2):
     return x.new_empty(x.shape[0], w2.shape[-1])
-
-
-# ------------------------------------------------------------- bench: bytes and FLOPs ----
-
-def moe_experts_flops(n_tokens: int, D: int, F: int, topk: int, backward: bool = False) -> int:
-    """Matmul FLOPs of the routed experts: per pair 2*D*2F (gate|up) + 2*F*D (down).
-    ``backward=True`` gives forward + backward = 3x forward (the backward does d input and
-    d weight of each GEMM)."""
-    f = 6 * n_tokens * topk * D * F
-    return 3 * f if backward else f
-
-
-def moe_experts_bytes(n_tokens: int, D: int, F: int, topk: int, n_experts: int,
-                      elt: int = 2, backward: bool = False) -> int:
-    """HBM bytes the routed-expert kernels move (each tensor read or written once).
-
-    Forward: the weights of every expert that can receive a token (``min(E, N*k)``) read once,
-    x read, out written, act ``[N*k, F]`` written and read, per-pair down outputs ``[N*k, D]``
-    written and read by the combine. ``backward=True`` gives forward + backward: the forward
-    also writes gate|up ``[N*k, 2F]``; the backward reads the weights twice and writes their
-    gradients, reads dY (twice, gathered), gate|up and act, writes and reads d gate|d up, and
-    writes and combines the per-pair dx rows.
-    """
-    nk = n_tokens * topk
-    weights = min(n_experts, nk) * 3 * D * F * elt
-    io = 2 * n_tokens * D * elt
-    fwd = weights + io + 2 * nk * F * elt + 2 * nk * D * elt
-    if not backward:
-        return fwd
-    bwd = (3 * weights + 2 * n_tokens * D * elt + 2 * nk * 2 * F * elt + nk * F * elt
-           + 2 * nk * 2 * F * elt + 2 * nk * D * elt + n_tokens * D * elt)
-    return fwd + nk * 2 * F * elt + bwd
