@@ -18,7 +18,8 @@ An op that has no Triton kernel yet uses its reference (or a CPU form) under eve
 
 CPU forms register themselves (:func:`register_cpu`) with the op they serve, a predicate that
 says when they serve a call, and a name that switches them on and off (:func:`cpu_variant`,
-:func:`set_cpu_variant`, listed by :func:`cpu_variants`); switches inside a form (a sub-form,
+:func:`set_cpu_variant`, :func:`reset_cpu_variants`, listed by :func:`cpu_variants`; a variant
+may take its default from a ``MYTHOS_CPU_*`` environment variable); switches inside a form (a sub-form,
 kept buffers) register with no function and are read with :func:`cpu_enabled`. Tests and A/B
 measurements switch variants by these names.
 
@@ -349,8 +350,8 @@ def _transformed() -> bool:
 
 def cpu_inference(*tensors: torch.Tensor) -> bool:
     """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing,
-    the backend not ``reference``: the plain-torch CPU inference forms (``linear.dense`` /
-    ``vecmat`` / packed weights, :mod:`mythos_kernels.cpu.moe`, ``mla_decode``'s bmm absorption)
+    the backend not ``reference``: the plain-torch CPU inference forms
+    (:mod:`mythos_kernels.cpu`: linear, MoE, MLA decode)
     may serve instead of the general path. Under autocast the general path's ops take
     autocast's casts, as open-mythos's do (the forms' oneDNN calls would skip them, and their
     ``out=`` products fail on a cast input). Not
