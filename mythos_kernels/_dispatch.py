@@ -276,7 +276,7 @@ def register_cpu(op: str, name: str, fn: Callable | None = None, *,
 def cpu_form(op: str, args: tuple) -> Callable | None:
     """The first enabled registered form of ``op`` that serves ``args``, or None."""
     for v in _FORMS.get(op, ()):
-        if v.enabled and v.serves(*args):
+        if v.serves(*args) and v.enabled:   # serves first: its cheap shape checks fail fast
             return v.fn
     return None
 
