@@ -89,7 +89,7 @@ def calibrate(device: torch.device | str = "cpu") -> dict:
         b = torch.randn(size, size, device=device).to(dt)
         t = _best(lambda a=a, b=b: torch.mm(a, b), device, reps=10 if cuda else 3, rounds=2)
         if not cuda and dt == torch.float32:
-            from mythos_kernels.linear import onednn_available, onednn_linear
+            from mythos_kernels.cpu.linear import onednn_available, onednn_linear
 
             if onednn_available():
                 bt = b.t().contiguous()       # oneDNN's linear takes the weight as [N, K]

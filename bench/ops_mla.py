@@ -29,11 +29,45 @@ import torch
 import torch.nn.functional as F
 
 import mythos_kernels as mk
-from mythos_kernels.mla import mla_decompress_bytes, mla_decompress_flops
-from mythos_kernels.mla_decode import mla_decode_bytes, mla_decode_flops
 
 from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
 from .ops_rmsnorm import rmsnorm_eager
+
+# ----------------------------------------------------------------------------------------------
+# Bytes / FLOPs for the benchmark harness
+# ----------------------------------------------------------------------------------------------
+
+def mla_decompress_bytes(B: int, S: int, r: int, dr: int, H: int, nope_dim: int, v_dim: int,
+                         dtype: torch.dtype = torch.bfloat16) -> int:
+    """Forward bytes: c and k_rope read, W_up read, K and V written (each once)."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    return e * (B * S * (r + dr) + H * (nope_dim + v_dim) * r
+                + B * S * H * (nope_dim + dr + v_dim))
+
+
+def mla_decompress_flops(B: int, S: int, r: int, H: int, nope_dim: int, v_dim: int) -> int:
+    """Forward FLOPs of the kv_up GEMM (the backward is twice this)."""
+    return 2 * B * S * r * H * (nope_dim + v_dim)
+
+
+
+def mla_decode_bytes(B: int, S: int, r: int, dr: int, H: int, dtype: torch.dtype = torch.bfloat16,
+                     T: int = 1) -> int:
+    """Bytes the absorbed decode attention must move: the latent cache prefix read once, the
+    queries read and the output written once (weights of the absorption not included)."""
+    e = torch.empty(0, dtype=dtype).element_size()
+    return e * (B * S * (r + dr) + B * T * H * (2 * r + dr))
+
+
+def mla_decode_cache_bytes(B: int, S: int, r: int, dr: int,
+                           dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the valid latent cache prefix."""
+    return torch.empty(0, dtype=dtype).element_size() * B * S * (r + dr)
+
+
+def mla_decode_flops(B: int, S: int, r: int, dr: int, H: int, T: int = 1) -> int:
+    """FLOPs of the latent attention (scores and p @ c)."""
+    return 2 * B * T * H * S * (2 * r + dr)
 
 DIMS = {"H": 16, "r": 512, "dr": 64, "dn": 128, "dv": 128}
 

@@ -20,6 +20,37 @@ import mythos_kernels as mk
 
 from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
 
+# ------------------------------------------------------------- bench: bytes and FLOPs ----
+
+def moe_experts_flops(n_tokens: int, D: int, F: int, topk: int, backward: bool = False) -> int:
+    """Matmul FLOPs of the routed experts: per pair 2*D*2F (gate|up) + 2*F*D (down).
+    ``backward=True`` gives forward + backward = 3x forward (the backward does d input and
+    d weight of each GEMM)."""
+    f = 6 * n_tokens * topk * D * F
+    return 3 * f if backward else f
+
+
+def moe_experts_bytes(n_tokens: int, D: int, F: int, topk: int, n_experts: int,
+                      elt: int = 2, backward: bool = False) -> int:
+    """HBM bytes the routed-expert kernels move (each tensor read or written once).
+
+    Forward: the weights of every expert that can receive a token (``min(E, N*k)``) read once,
+    x read, out written, act ``[N*k, F]`` written and read, per-pair down outputs ``[N*k, D]``
+    written and read by the combine. ``backward=True`` gives forward + backward: the forward
+    also writes gate|up ``[N*k, 2F]``; the backward reads the weights twice and writes their
+    gradients, reads dY (twice, gathered), gate|up and act, writes and reads d gate|d up, and
+    writes and combines the per-pair dx rows.
+    """
+    nk = n_tokens * topk
+    weights = min(n_experts, nk) * 3 * D * F * elt
+    io = 2 * n_tokens * D * elt
+    fwd = weights + io + 2 * nk * F * elt + 2 * nk * D * elt
+    if not backward:
+        return fwd
+    bwd = (3 * weights + 2 * n_tokens * D * elt + 2 * nk * 2 * F * elt + nk * F * elt
+           + 2 * nk * 2 * F * elt + 2 * nk * D * elt + n_tokens * D * elt)
+    return fwd + nk * 2 * F * elt + bwd
+
 
 def _route_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     N, E = shape["N"], shape["E"]

@@ -6,7 +6,7 @@
   the next iteration's ``loop_input``. Eager is open-mythos's op sequence for both; Triton is the
   fused kernel (one pass: the step and the next input, ``lti_act_step(..., next_loop=...)``).
 
-Bytes are what the Triton kernels must move (``mk.lti_act_step_bytes``: each row read or written
+Bytes are what the Triton kernels must move (``lti_act_step_bytes``: each row read or written
 once, h_out fp32), so "% of ceiling" is the kernel's share of the copy bandwidth.
 
 Tokens N = B*T are laid out as [1, N, D]. Performance targets: N in {1k, 16k, 64k}
@@ -22,6 +22,35 @@ import mythos_kernels as mk
 
 from .harness import OpBench, Provider, compiled_provider, dispatch_provider, register
 from .ops_rmsnorm import rmsnorm_eager
+
+# ---------------------------------------------------------------------------------------------
+# Bytes / FLOPs for the benchmark (what the kernels must move: each input once, each output once)
+# ---------------------------------------------------------------------------------------------
+
+def lti_act_step_bytes(n_tokens: int, D: int, dtype: torch.dtype, fused: bool = True,
+                       backward: bool = False, delta: bool = False) -> int:
+    """HBM bytes the Triton path moves for one step over ``n_tokens`` rows of width D.
+
+    Forward: read h, e, out (act), h_out (fp32), cum_p; write h' (act), h_out (fp32), cum_p, p
+    (+ x_next (act) when fused). Backward: read h, e, h', grad h' (act), grad h_out (fp32),
+    cum_p, p, grad cum_p (+ grad x when fused); write grad h, grad e, grad out (act), grad cum_p.
+    ``delta``: the LoRA delta is read too (forward only; its gradient is grad out).
+    Parameter vectors and column partials are O(D) and not counted.
+    """
+    a = torch.empty((), dtype=dtype, device="cpu").element_size()
+    if not backward:
+        per_row = 3 * a + 4 + a + 4 + (a if fused else 0) + (a if delta else 0)
+        per_tok = 4 + 4 + 4
+    else:
+        per_row = 4 * a + 4 + 3 * a + (a if fused else 0)
+        per_tok = 4 * 4
+    return n_tokens * (D * per_row + per_tok)
+
+
+def lti_act_step_flops(n_tokens: int, D: int, fused: bool = True, backward: bool = False) -> int:
+    """Approximate elementwise FLOPs (the kernels are far below the compute roofline)."""
+    per = (4 + 2 + 2 + (6 if fused else 0)) if not backward else (10 + (10 if fused else 0))
+    return n_tokens * D * per
 
 THRESHOLD = 0.99
 _SHAPES = {
@@ -83,8 +112,8 @@ def lti_act_step_eager(h, e, out, h_out, cum_p, halted, log_A, log_dt, B, w_halt
 
 def _step_bytes(fused: bool):
     def nb(s: dict, dtype: torch.dtype, mode: str) -> float:
-        fwd = mk.lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused)
-        bwd = mk.lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused, backward=True)
+        fwd = lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused)
+        bwd = lti_act_step_bytes(s["N"], s["D"], dtype, fused=fused, backward=True)
         return float({"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode])
     return nb
 

@@ -7,7 +7,7 @@
                       ``generate(..., compiled=True)``. Rows in ``compare.jsonl``.
 * ``linear_split`` -- ``F.linear`` against the split matrix-vector product (the weight's two row
                       halves in one ``bmm``, one per core) for few rows, weights read from memory:
-                      the measurement behind ``mythos_kernels.linear.SPLIT_ROWS``. Rows in
+                      the measurement behind ``mythos_kernels.cpu.linear.SPLIT_ROWS``. Rows in
                       ``linear_split.jsonl``.
 * ``moe_forms``    -- the CPU MoE's many-pair forms (``moe_experts_padded``, ``moe_experts_sorted``)
                       and ``moe_experts_cpu``'s pick over routings from balanced to skewed: the
@@ -60,7 +60,7 @@ def _median(xs: list[float]) -> float:
 def run_compare(level: str = "quick") -> list[dict]:
     """The ``compare`` suite's rows (printed as it goes)."""
     import mythos
-    from mythos_kernels.linear import onednn_available, onednn_linear
+    from mythos_kernels.cpu.linear import onednn_available, onednn_linear
 
     om, why = load_open_mythos()
     if om is None:
@@ -194,7 +194,7 @@ def run_moe_forms(level: str = "quick") -> list[dict]:
     and sorted forms' times and the dispatched ``moe_experts_cpu`` (its rule's pick) over the
     faster form. A 64 MB read between calls puts the weights out of cache, as in a model whose
     other weights pass through between two MoE calls."""
-    from mythos_kernels import moe as M
+    from mythos_kernels.cpu import moe as M
 
     tiny = level == "tiny"
     # (experts, dim, expert hidden, top-k): the mid config's MoE first

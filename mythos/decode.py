@@ -35,7 +35,7 @@ from torch.nn.modules import module as _torch_module
 import mythos_kernels as K
 from mythos_kernels._dispatch import cpu_inference, record
 from mythos_kernels._env import env_flag
-from mythos_kernels.linear import dense_plan
+from mythos_kernels.cpu.linear import dense_plan
 from mythos_kernels.recurrent import (
     acc_dtype,
     get_A,

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import mythos_kernels as K
 from mythos_kernels._dispatch import cpu_enabled, record
 from mythos_kernels.attention import attention_reference
+from mythos_kernels.cpu.linear import dense_plan, swiglu_plan
 from mythos_kernels.cpu.moe import FEW_PAIRS, moe_experts_cpu, moe_experts_few_pairs
-from mythos_kernels.linear import dense_plan, swiglu_plan
 from mythos_kernels.mla_decode import mla_absorb_weights, mla_decode_attention_reference, mla_decode_num_splits
 from mythos_kernels.moe import moe_experts_reference, moe_route_reference
 

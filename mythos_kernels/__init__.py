@@ -10,6 +10,7 @@ from ._dispatch import (
                         dispatch_counts,
                         get_backend,
                         interpreter_active,
+                        reset_cpu_variants,
                         reset_dispatch_counts,
                         set_backend,
                         set_cpu_variant,
@@ -20,13 +21,10 @@ from ._env import check_environment
 from ._registry import KernelConfig, register_kernel, registered_kernels
 from ._scratch import release_scratch, scratch_bytes
 from .attention import attention, attention_reference, causal_mask
-from .linear import (
+from .cpu.linear import (
     clear_weight_copies,
     compiled_split,
     decode_head_weight,
-    dense,
-    lm_head,
-    lm_head_reference,
     lm_head_transposed,
     packable,
     scope_memo,
@@ -35,6 +33,7 @@ from .linear import (
     weight_copies_enabled,
     weights_unchanged,
 )
+from .linear import dense, dense_reference, lm_head, lm_head_reference
 from .linear_ce import linear_cross_entropy, linear_cross_entropy_reference
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
@@ -42,8 +41,6 @@ from .moe import (
                         expert_counts,
                         moe_align_triton,
                         moe_experts,
-                        moe_experts_bytes,
-                        moe_experts_flops,
                         moe_experts_reference,
                         moe_experts_triton,
                         moe_route,
@@ -64,8 +61,6 @@ from .recurrent import (
                         lti_act_step_and_next_input,
                         lti_act_step_and_next_input_reference,
                         lti_act_step_and_next_input_triton,
-                        lti_act_step_bytes,
-                        lti_act_step_flops,
                         lti_act_step_reference,
                         lti_act_step_triton,
 )
@@ -75,23 +70,23 @@ from .rope import apply_rope, apply_rope_reference, precompute_rope_freqs
 __all__ = [
     "BACKENDS", "BackendUnavailable", "dispatch_counts", "get_backend", "interpreter_active",
     "reset_dispatch_counts", "set_backend", "triton_available", "use_backend", "check_environment",
-    "cpu_variant", "cpu_variants", "set_cpu_variant",
+    "cpu_variant", "cpu_variants", "reset_cpu_variants", "set_cpu_variant",
     "KernelConfig", "register_kernel", "registered_kernels", "release_scratch", "scratch_bytes",
     "attention", "attention_reference", "causal_mask",
-    "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "lm_head",
+    "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "dense_reference", "lm_head",
     "lm_head_reference", "lm_head_transposed", "packable", "two_threads",
     "shared_swiglu_packed", "weight_copies_enabled", "weights_unchanged", "scope_memo",
     "linear_cross_entropy", "linear_cross_entropy_reference",
     "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",
-    "moe_align_triton", "moe_experts_bytes", "moe_experts_flops", "moe_experts_triton",
+    "moe_align_triton", "moe_experts_triton",
     "moe_route_triton",
     "acc_dtype", "get_A", "loop_embedding_vector", "loop_index_embedding", "loop_input",
     "loop_input_reference",
     "lti_act_step", "lti_act_step_reference", "HaltCheck", "all_halted", "loop_input_triton",
     "lti_act_step_and_next_input", "lti_act_step_and_next_input_reference",
-    "lti_act_step_and_next_input_triton", "lti_act_step_bytes", "lti_act_step_flops",
+    "lti_act_step_and_next_input_triton",
     "lti_act_step_triton",
     "rms_norm", "rms_norm_reference",
     "apply_rope", "apply_rope_reference", "precompute_rope_freqs",

@@ -18,7 +18,8 @@ An op that has no Triton kernel yet uses its reference (or a CPU form) under eve
 
 CPU forms register themselves (:func:`register_cpu`) with the op they serve, a predicate that
 says when they serve a call, and a name that switches them on and off (:func:`cpu_variant`,
-:func:`set_cpu_variant`, listed by :func:`cpu_variants`); switches inside a form (a sub-form,
+:func:`set_cpu_variant`, :func:`reset_cpu_variants`, listed by :func:`cpu_variants`; a variant
+may take its default from a ``MYTHOS_CPU_*`` environment variable); switches inside a form (a sub-form,
 kept buffers) register with no function and are read with :func:`cpu_enabled`. Tests and A/B
 measurements switch variants by these names.
 
@@ -51,7 +52,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from ._env import BACKEND_CHOICES, env_choice
+from ._env import BACKEND_CHOICES, env_choice, env_flag
 
 BACKENDS = BACKEND_CHOICES
 
@@ -234,8 +235,16 @@ class CpuVariant:
     op: str
     fn: Callable | None
     serves: Callable[..., bool] | None
-    enabled: bool
+    default_on: bool
     doc: str
+    env: str | None = None          # a MYTHOS_* switch that sets the default (read on each use)
+    setting: bool | None = None     # set_cpu_variant's choice; None: the default
+
+    @property
+    def enabled(self) -> bool:
+        if self.setting is not None:
+            return self.setting
+        return env_flag(self.env, self.default_on) if self.env else self.default_on
 
 
 _VARIANTS: dict[str, CpuVariant] = {}      # name -> variant, in registration order
@@ -244,10 +253,12 @@ _FORMS: dict[str, list[CpuVariant]] = {}   # op -> its forms (fn not None), in r
 
 def register_cpu(op: str, name: str, fn: Callable | None = None, *,
                  serves: Callable[..., bool] | None = None, default_on: bool = True,
-                 doc: str = "") -> Callable | None:
+                 doc: str = "", env: str | None = None) -> Callable | None:
     """Declare a CPU form of ``op``: ``fn(*args)`` serves a call whose arguments satisfy
     ``serves(*args)`` (both given the op's arguments; forms of one op are tried in registration
     order). With ``fn`` None, ``name`` is a switch read inside a form (:func:`cpu_enabled`).
+    With ``env`` (a ``MYTHOS_*`` switch, ``_env``), that variable, read on each use, sets the
+    default (``default_on`` where it is unset) until :func:`set_cpu_variant` chooses.
     Returns ``fn`` (usable as a decorator's body). Registering a name again replaces it."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_cpu: name must be a non-empty str, got {name!r}")
@@ -256,7 +267,7 @@ def register_cpu(op: str, name: str, fn: Callable | None = None, *,
     old = _VARIANTS.pop(name, None)
     if old is not None and old.fn is not None:
         _FORMS[old.op].remove(old)
-    v = _VARIANTS[name] = CpuVariant(name, op, fn, serves, bool(default_on), doc)
+    v = _VARIANTS[name] = CpuVariant(name, op, fn, serves, bool(default_on), doc, env)
     if fn is not None:
         _FORMS.setdefault(op, []).append(v)
     return fn
@@ -265,7 +276,7 @@ def register_cpu(op: str, name: str, fn: Callable | None = None, *,
 def cpu_form(op: str, args: tuple) -> Callable | None:
     """The first enabled registered form of ``op`` that serves ``args``, or None."""
     for v in _FORMS.get(op, ()):
-        if v.enabled and v.serves(*args):
+        if v.serves(*args) and v.enabled:   # serves first: its cheap shape checks fail fast
             return v.fn
     return None
 
@@ -283,12 +294,19 @@ def cpu_variants() -> list[tuple[str, str, bool, str]]:
     return [(v.name, v.op, v.enabled, v.doc) for v in _VARIANTS.values()]
 
 
-def set_cpu_variant(name: str, on: bool) -> None:
-    """Switch the CPU variant ``name`` on or off (process-wide)."""
+def set_cpu_variant(name: str, on: bool | None) -> None:
+    """Switch the CPU variant ``name`` on or off (process-wide); ``None``: back to its default
+    (its environment variable, if it has one)."""
     if name not in _VARIANTS:
         raise ValueError(f"set_cpu_variant: no CPU variant {name!r}; registered: "
                          f"{sorted(_VARIANTS)}")
-    _VARIANTS[name].enabled = bool(on)
+    _VARIANTS[name].setting = None if on is None else bool(on)
+
+
+def reset_cpu_variants() -> None:
+    """Every CPU variant back to its default (its environment variable, if it has one)."""
+    for v in _VARIANTS.values():
+        v.setting = None
 
 
 @contextlib.contextmanager
@@ -296,12 +314,12 @@ def cpu_variant(name: str, on: bool) -> Iterator[None]:
     """Context manager: run the enclosed code with CPU variant ``name`` on or off."""
     if name not in _VARIANTS:
         raise ValueError(f"cpu_variant: no CPU variant {name!r}; registered: {sorted(_VARIANTS)}")
-    before = _VARIANTS[name].enabled
-    _VARIANTS[name].enabled = bool(on)
+    before = _VARIANTS[name].setting
+    _VARIANTS[name].setting = bool(on)
     try:
         yield
     finally:
-        _VARIANTS[name].enabled = before
+        _VARIANTS[name].setting = before
 
 
 def record(op: str, impl: str = "reference", n: int = 1) -> None:
@@ -332,8 +350,8 @@ def _transformed() -> bool:
 
 def cpu_inference(*tensors: torch.Tensor) -> bool:
     """Every tensor on the CPU, no autograd through any of them, CPU autocast off, not tracing,
-    the backend not ``reference``: the plain-torch CPU inference forms (``linear.dense`` /
-    ``vecmat`` / packed weights, :mod:`mythos_kernels.cpu.moe`, ``mla_decode``'s bmm absorption)
+    the backend not ``reference``: the plain-torch CPU inference forms
+    (:mod:`mythos_kernels.cpu`: linear, MoE, MLA decode)
     may serve instead of the general path. Under autocast the general path's ops take
     autocast's casts, as open-mythos's do (the forms' oneDNN calls would skip them, and their
     ``out=`` products fail on a cast input). Not

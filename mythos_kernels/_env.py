@@ -12,11 +12,14 @@ variable                        accepted values          default             mea
 ``MYTHOS_CPU_FAST_MULTINOMIAL`` a switch                 on                  the vectorized CPU draw of
                                                                              ``torch.multinomial(p, 1)``
                                                                              (``mythos.sampling``)
-``MYTHOS_CPU_ONEDNN``           a switch                 on                  CPU fp32 products through oneDNN
-                                                                             (``mythos_kernels.linear``)
+``MYTHOS_CPU_ONEDNN``           a switch                 on                  CPU fp32 products through oneDNN:
+                                                                             the default of the ``onednn``
+                                                                             CPU variant (``cpu/linear.py``)
 ``MYTHOS_CPU_WEIGHT_COPIES``    a switch                 on                  derived (transposed, packed) weight
-                                                                             copies for CPU inference; off trades
-                                                                             their speed for memory
+                                                                             copies for CPU inference (the
+                                                                             default of the ``weight_copies``
+                                                                             CPU variant); off trades their
+                                                                             speed for memory
 ``MYTHOS_HALT_LAG``             ``0`` or ``1``           ``0``               loops the ACT early-exit check may
                                                                              lag (``mythos_kernels.HaltCheck``)
 ``MYTHOS_CACHE_DIR``            a directory              ``~/.cache/mythos`` where ``bench`` keeps measured

@@ -561,23 +561,6 @@ def mla_decompress(c_kv: torch.Tensor, k_rope: torch.Tensor, w_up: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Bytes / FLOPs for the benchmark harness
-# ----------------------------------------------------------------------------------------------
-
-def mla_decompress_bytes(B: int, S: int, r: int, dr: int, H: int, nope_dim: int, v_dim: int,
-                         dtype: torch.dtype = torch.bfloat16) -> int:
-    """Forward bytes: c and k_rope read, W_up read, K and V written (each once)."""
-    e = torch.empty(0, dtype=dtype).element_size()
-    return e * (B * S * (r + dr) + H * (nope_dim + v_dim) * r
-                + B * S * H * (nope_dim + dr + v_dim))
-
-
-def mla_decompress_flops(B: int, S: int, r: int, H: int, nope_dim: int, v_dim: int) -> int:
-    """Forward FLOPs of the kv_up GEMM (the backward is twice this)."""
-    return 2 * B * S * r * H * (nope_dim + v_dim)
-
-
-# ----------------------------------------------------------------------------------------------
 # Compile-report registration
 # ----------------------------------------------------------------------------------------------
 
@@ -653,8 +636,6 @@ _register()
 
 __all__ = [
     "mla_decompress",
-    "mla_decompress_bytes",
-    "mla_decompress_flops",
     "mla_decompress_reference",
     "mla_decompress_triton",
 ]

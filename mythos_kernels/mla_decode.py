@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from ._dispatch import _compiling, choose, cpu_inference, interpreter_active
+from ._dispatch import _compiling, choose, cpu_form, interpreter_active
 from ._registry import KernelConfig, register_kernel
 from ._tl import next_pow2 as _p2
 
@@ -307,7 +307,7 @@ def mla_decode_num_splits(B: int, M: int, S: int, R: int, device: torch.device,
     """Default sequence split count: at most one wave of programs (the shipped configs fit one
     program per SM by registers, so a second, partial wave would idle most SMs), each split at
     least two key tiles. Few programs (B=1) are latency-bound: two tiles per split put a 4k
-    cache on 64 SMs instead of 16 (eight tiles per split ran 18 us on an H100 for 4.7 MB); the
+    cache on 64 SMs instead of 16 (eight tiles per split leave most SMs idle); the
     fp32 partial each split writes ([M, R], about half the bytes of its two tiles) only matters
     where the grid is already full, and there ``want`` is small anyway."""
     programs = B * triton.cdiv(M, _block_m(M, R))
@@ -487,7 +487,7 @@ def _mla_decode_attention_op(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: to
 @_mla_decode_attention_op.register_fake
 def _(q_lat, q_rope, c_kv, k_rope, seq_len, scale, num_splits):
     # contiguous, as the kernel writes it (empty_like would copy a permuted q_lat's strides, and
-    # inductor's stride assertion then fails on the real output: seen on an H100)
+    # inductor's stride assertion then fails on the real output)
     return q_lat.new_empty(q_lat.shape)
 
 
@@ -505,54 +505,15 @@ def mla_decode(q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor,
     H = q_nope.shape[2]
     if q_nope.shape[-1] != nope_dim:
         raise ValueError(f"q_nope last dim {q_nope.shape[-1]} != nope_dim {nope_dim}")
+    args = (q_nope, q_rope, c_kv, k_rope, w_up, nope_dim, v_dim, seq_len, scale, num_splits)
+    form = cpu_form("mla_decode", args)          # mythos_kernels.cpu.mla_decode
+    if form is not None:
+        return form(*args)
     w_uk, w_uv = mla_absorb_weights(w_up, H, nope_dim, v_dim)               # [H, dn|dv, r]
-    if _cpu_inference(q_nope, q_rope, c_kv, w_up):
-        # the two absorptions as per-head bmms (einsum's permutes and checks cost more than the
-        # products at decode sizes)
-        q_lat = _per_head(q_nope, w_uk)                                        # [B, T, H, r]
-        out_lat = mla_decode_attention(q_lat, q_rope, c_kv, k_rope, seq_len, scale,
-                                       num_splits=num_splits)
-        return _per_head(out_lat, w_uv.transpose(1, 2))                        # [B, T, H, dv]
     q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk.to(q_nope.dtype))   # [B, T, H, r]
     out_lat = mla_decode_attention(q_lat, q_rope.to(q_lat.dtype), c_kv, k_rope, seq_len, scale,
                                    num_splits=num_splits)                    # [B, T, H, r]
     return torch.einsum("bthr,hvr->bthv", out_lat, w_uv.to(out_lat.dtype))  # [B, T, H, dv]
-
-
-def _cpu_inference(q_nope, q_rope, c_kv, w_up) -> bool:
-    """One dtype and :func:`cpu_inference`: :func:`mla_decode` absorbs with bmms."""
-    return (q_nope.dtype == q_rope.dtype == c_kv.dtype == w_up.dtype
-            and cpu_inference(q_nope, q_rope, c_kv, w_up))
-
-
-def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, a], w [H, a, b] -> [B, T, H, b] with ``out[:, :, h] = x[:, :, h] @ w[h]``."""
-    B, T, H, a = x.shape
-    y = torch.bmm(x.permute(2, 0, 1, 3).reshape(H, B * T, a), w)             # [H, B*T, b]
-    return y.view(H, B, T, -1).permute(1, 2, 0, 3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes / FLOPs for the benchmark harness
-# ----------------------------------------------------------------------------------------------
-
-def mla_decode_bytes(B: int, S: int, r: int, dr: int, H: int, dtype: torch.dtype = torch.bfloat16,
-                     T: int = 1) -> int:
-    """Bytes the absorbed decode attention must move: the latent cache prefix read once, the
-    queries read and the output written once (weights of the absorption not included)."""
-    e = torch.empty(0, dtype=dtype).element_size()
-    return e * (B * S * (r + dr) + B * T * H * (2 * r + dr))
-
-
-def mla_decode_cache_bytes(B: int, S: int, r: int, dr: int,
-                           dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the valid latent cache prefix (the issue's bandwidth denominator)."""
-    return torch.empty(0, dtype=dtype).element_size() * B * S * (r + dr)
-
-
-def mla_decode_flops(B: int, S: int, r: int, dr: int, H: int, T: int = 1) -> int:
-    """FLOPs of the latent attention (scores and p @ c)."""
-    return 2 * B * T * H * S * (2 * r + dr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,6 +573,6 @@ _register()
 
 __all__ = [
     "mla_absorb_weights", "mla_decode", "mla_decode_attention", "mla_decode_attention_reference",
-    "mla_decode_attention_triton", "mla_decode_bytes", "mla_decode_cache_bytes",
-    "mla_decode_flops", "mla_decode_num_splits", "mla_decode_reference",
+    "mla_decode_attention_triton",
+    "mla_decode_num_splits", "mla_decode_reference",
 ]

@@ -31,11 +31,11 @@ rounded value used downstream, as the reference does):
 Public API: :func:`loop_input`, :func:`lti_act_step` (``next_loop=`` fuses the next iteration's
 input, ``delta=`` takes the LoRA delta unsummed), :func:`lti_act_step_and_next_input`, the
 ``*_triton`` / ``*_reference`` variants, :class:`HaltCheck` (early exit without a sync per
-iteration), :func:`lti_act_step_bytes` / :func:`lti_act_step_flops` for the benchmark.
+iteration) (the bench's byte and FLOP counts: ``bench/ops_recurrent.py``).
 
 Bytes per token (fused, bf16): read h, e, out (2 B each), h_out (4 B); write h', x (2 B each),
 h_out (4 B) = 18 D bytes (+ 2 D with the LoRA delta, + 12 B of ACT state); see
-:func:`lti_act_step_bytes`. Widths up to ``MAX_D`` = 4096 (whole row in registers).
+``bench.ops_recurrent.lti_act_step_bytes``. Widths up to ``MAX_D`` = 4096 (whole row in registers).
 """
 
 from __future__ import annotations
@@ -210,36 +210,6 @@ class HaltCheck:
         if prev[1] is not None:
             prev[1].synchronize()
         return bool(prev[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Bytes / FLOPs for the benchmark (what the kernels must move: each input once, each output once)
-# ---------------------------------------------------------------------------------------------
-
-def lti_act_step_bytes(n_tokens: int, D: int, dtype: torch.dtype, fused: bool = True,
-                       backward: bool = False, delta: bool = False) -> int:
-    """HBM bytes the Triton path moves for one step over ``n_tokens`` rows of width D.
-
-    Forward: read h, e, out (act), h_out (fp32), cum_p; write h' (act), h_out (fp32), cum_p, p
-    (+ x_next (act) when fused). Backward: read h, e, h', grad h' (act), grad h_out (fp32),
-    cum_p, p, grad cum_p (+ grad x when fused); write grad h, grad e, grad out (act), grad cum_p.
-    ``delta``: the LoRA delta is read too (forward only; its gradient is grad out).
-    Parameter vectors and column partials are O(D) and not counted.
-    """
-    a = torch.empty((), dtype=dtype, device="cpu").element_size()
-    if not backward:
-        per_row = 3 * a + 4 + a + 4 + (a if fused else 0) + (a if delta else 0)
-        per_tok = 4 + 4 + 4
-    else:
-        per_row = 4 * a + 4 + 3 * a + (a if fused else 0)
-        per_tok = 4 * 4
-    return n_tokens * (D * per_row + per_tok)
-
-
-def lti_act_step_flops(n_tokens: int, D: int, fused: bool = True, backward: bool = False) -> int:
-    """Approximate elementwise FLOPs (the kernels are far below the compute roofline)."""
-    per = (4 + 2 + 2 + (6 if fused else 0)) if not backward else (10 + (10 if fused else 0))
-    return n_tokens * D * per
 
 
 # ---------------------------------------------------------------------------------------------

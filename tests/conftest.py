@@ -65,14 +65,12 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _restore_cpu_variants():
-    """Every CPU variant back to its state before the test (tests switch them by name with
-    ``mythos_kernels.set_cpu_variant``)."""
+    """Every CPU variant back to its default after the test (tests switch them by name with
+    ``mythos_kernels.set_cpu_variant``; the defaults follow the environment variables)."""
     import mythos_kernels as K
 
-    before = [(name, on) for name, _, on, _ in K.cpu_variants()]
     yield
-    for name, on in before:
-        K.set_cpu_variant(name, on)
+    K.reset_cpu_variants()
 
 
 @pytest.fixture(params=["size-floors", "every-cpu-form"])
@@ -82,7 +80,7 @@ def cpu_forms(request, monkeypatch):
     products, packing, expert pairs, split segments, oneDNN) serves the tiny model too."""
     if request.param == "every-cpu-form":
         import importlib
-        lin = importlib.import_module("mythos_kernels.linear")
+        lin = importlib.import_module("mythos_kernels.cpu.linear")
         moe = importlib.import_module("mythos_kernels.cpu.moe")
         monkeypatch.setattr(lin, "SPLIT_MIN_WEIGHT", 1)
         monkeypatch.setattr(lin, "ONEDNN_MIN_WEIGHT", 1)

@@ -168,7 +168,7 @@ def test_dense_split_in_compiled_code_only_when_enabled(split, on_cpu):
     only inside K.compiled_split(True) with autograd off; otherwise plain F.linear. Same numbers
     either way; a change of the switch recompiles rather than reusing the other graph."""
     import mythos_kernels as K
-    from mythos_kernels import linear as L
+    from mythos_kernels.cpu import linear as L
 
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(3)

@@ -12,7 +12,7 @@ import mythos_kernels as K
 # every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
-L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+L = importlib.import_module("mythos_kernels.cpu.linear")   # the CPU forms (K.dense is the op)
 M = importlib.import_module("mythos_kernels.cpu.moe")
 
 
@@ -63,3 +63,26 @@ def test_cpu_autocast_inference_takes_the_general_path():
     assert logits.dtype == torch.bfloat16                 # as autocast's F.linear gives
     ref_logits = h @ head_w.t()
     assert float((logits.float() - ref_logits).norm() / ref_logits.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize("name, env", [("onednn", "MYTHOS_CPU_ONEDNN"),
+                                       ("weight_copies", "MYTHOS_CPU_WEIGHT_COPIES")])
+def test_env_switch_sets_the_variant_default(monkeypatch, name, env):
+    """A variant with an environment switch: the variable (read on each use) sets its default,
+    shown by ``cpu_variants``; ``set_cpu_variant`` overrides it, ``None`` goes back to it."""
+    def shown():
+        return {n: on for n, _, on, _ in K.cpu_variants()}[name]
+
+    monkeypatch.delenv(env, raising=False)
+    assert shown() is True
+    monkeypatch.setenv(env, "0")
+    assert shown() is False and K._dispatch.cpu_enabled(name) is False
+    K.set_cpu_variant(name, True)
+    assert shown() is True
+    with K.cpu_variant(name, False):
+        assert shown() is False
+    assert shown() is True
+    K.set_cpu_variant(name, None)
+    assert shown() is False
+    monkeypatch.setenv(env, "on")
+    assert shown() is True

@@ -18,7 +18,7 @@ import mythos_kernels as K
 # every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
-L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+L = importlib.import_module("mythos_kernels.cpu.linear")   # the CPU forms (K.dense is the op)
 M = importlib.import_module("mythos_kernels.cpu.moe")
 
 

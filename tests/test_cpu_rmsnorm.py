@@ -12,7 +12,7 @@ import mythos_kernels as K
 # every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
-L = importlib.import_module("mythos_kernels.linear")   # the module (K.dense is the function)
+L = importlib.import_module("mythos_kernels.cpu.linear")   # the CPU forms (K.dense is the op)
 M = importlib.import_module("mythos_kernels.cpu.moe")
 
 
@@ -77,3 +77,19 @@ def test_rms_norm_half_and_mixed_keep_the_formula(case):
         return
     assert not R._fused_ok(x, w)
     assert torch.equal(out, _rms_formula(x, w, 1e-6))
+
+
+def test_rms_norm_switch_off_takes_the_formula(monkeypatch):
+    """The ``rmsnorm`` variant off: the formula itself (F.rms_norm not called), same values."""
+    R = importlib.import_module("mythos_kernels.rmsnorm")
+    calls = []
+    real = R.F.rms_norm
+    monkeypatch.setattr(R.F, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w = _rand(3, 5, 130), _rand(130)
+    on = K.rms_norm(x, w, 1e-6)
+    n = len(calls)
+    assert n > 0
+    with K.cpu_variant("rmsnorm", False):
+        assert not R._fused_ok(x, w)
+        off = K.rms_norm(x, w, 1e-6)
+    assert len(calls) == n and torch.equal(on, off)

@@ -80,7 +80,7 @@ def test_plan_at_mid_sizes_takes_the_cpu_forms():
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     with torch.inference_mode():
         probe = torch.empty(1, 1, 256)
-        assert K.linear._split_rows_ok(probe, m.recurrent.block.attn.q_down.weight)
+        assert K.cpu.linear._split_rows_ok(probe, m.recurrent.block.attn.q_down.weight)
     for B in (1, 2):
         _compare_steps(m, B, prompt=6, steps=3, n_loops=3)
 
@@ -259,9 +259,9 @@ def test_dense_plan_is_dense(rows, shape):
     x = torch.randn(rows, 1, shape[1])
     with torch.inference_mode():
         for bias in (None, b):
-            assert torch.equal(K.linear.dense_plan(w, bias, rows)(x), K.dense(x, w, bias))
+            assert torch.equal(K.cpu.linear.dense_plan(w, bias, rows)(x), K.dense(x, w, bias))
         x2 = x[:, 0]
-        assert torch.equal(K.linear.dense_plan(w, None, rows, lead=1)(x2), K.dense(x2, w))
+        assert torch.equal(K.cpu.linear.dense_plan(w, None, rows, lead=1)(x2), K.dense(x2, w))
 
 
 def test_swiglu_plan_is_the_packed_sum():
@@ -272,11 +272,11 @@ def test_swiglu_plan_is_the_packed_sum():
     downs = [torch.randn(D, H) for _ in range(S)]
     x = torch.randn(3, D)
     with torch.no_grad():
-        run = K.linear.swiglu_plan(gates, ups, downs, rows=3)
+        run = K.cpu.linear.swiglu_plan(gates, ups, downs, rows=3)
         assert run is not None
         assert torch.equal(run(x), K.shared_swiglu_packed(x, gates, ups, downs))
         small = [t[:4, :8].contiguous() for t in gates]      # below the packing floor
-        assert K.linear.swiglu_plan(small, small, [t.t().contiguous() for t in small], 3) is None
+        assert K.cpu.linear.swiglu_plan(small, small, [t.t().contiguous() for t in small], 3) is None
 
 
 def test_lti_step_with_a_given_A():

@@ -58,7 +58,7 @@ def test_env_int_and_env_choice(monkeypatch):
 
 def _onednn_switch() -> bool:
     """``_onednn_ok`` on inputs that pass every other condition (the switch decides)."""
-    from mythos_kernels import linear
+    from mythos_kernels.cpu import linear
 
     x = torch.randn(linear.SPLIT_ROWS + 1, 256, device="cpu")
     w = torch.randn(linear.ONEDNN_MIN_WEIGHT // 256, 256, device="cpu")
@@ -79,7 +79,7 @@ def _readers():
 @pytest.mark.parametrize("name", SWITCHES)
 def test_each_switch_reader(monkeypatch, name):
     """Each switch: on by default, ``false``/``off`` turn it off (not on), bad values raise."""
-    from mythos_kernels import linear
+    from mythos_kernels.cpu import linear
 
     read = _readers()[name]
     on = linear.onednn_available() if name == "MYTHOS_CPU_ONEDNN" else True

@@ -26,7 +26,6 @@ from mythos_kernels.mla_decode import (
     mla_decode_attention,
     mla_decode_attention_reference,
     mla_decode_attention_triton,
-    mla_decode_bytes,
     mla_decode_reference,
 )
 
@@ -260,6 +259,8 @@ def test_decode_dispatch_and_errors():
 
 
 def test_decode_bytes():
+    from bench.ops_mla import mla_decode_bytes
+
     assert mla_decode_bytes(1, 4096, 512, 64, 16) == 2 * (4096 * 576 + 16 * (1024 + 64))
 
 

@@ -348,9 +348,11 @@ def test_kernels_registered():
 
 
 def test_flops_bytes_helpers():
-    assert M.moe_experts_flops(512, 2048, 2048, 4) == 6 * 512 * 4 * 2048 * 2048
-    assert M.moe_experts_flops(1, 8, 8, 2, backward=True) == 3 * M.moe_experts_flops(1, 8, 8, 2)
-    assert M.moe_experts_bytes(1, 64, 32, 4, 64) < M.moe_experts_bytes(512, 64, 32, 4, 64)
+    from bench.ops_moe import moe_experts_bytes, moe_experts_flops
+
+    assert moe_experts_flops(512, 2048, 2048, 4) == 6 * 512 * 4 * 2048 * 2048
+    assert moe_experts_flops(1, 8, 8, 2, backward=True) == 3 * moe_experts_flops(1, 8, 8, 2)
+    assert moe_experts_bytes(1, 64, 32, 4, 64) < moe_experts_bytes(512, 64, 32, 4, 64)
 
 
 # -------------------------------------------------------------------------- model level ----

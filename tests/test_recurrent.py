@@ -441,16 +441,18 @@ def test_forced_triton_that_cannot_run_raises():
 
 
 def test_kernels_registered_and_bytes_helper():
+    from bench.ops_recurrent import lti_act_step_bytes, lti_act_step_flops
+
     names = K.registered_kernels()
     assert {"recurrent_fwd", "recurrent_bwd"} <= set(names)
     assert len(names["recurrent_fwd"].configs) >= 6
     n, D = 16384, 2048
     # fused forward bf16: h, e, out, h' and x_next at 2 B + h_out read and write at 4 B
-    assert R.lti_act_step_bytes(n, D, torch.bfloat16) == n * (18 * D + 12)
-    assert R.lti_act_step_bytes(n, D, torch.float32, fused=False) == n * (24 * D + 12)
-    assert R.lti_act_step_bytes(n, D, torch.bfloat16, backward=True) > \
-        R.lti_act_step_bytes(n, D, torch.bfloat16)
-    assert R.lti_act_step_flops(n, D) > 0
+    assert lti_act_step_bytes(n, D, torch.bfloat16) == n * (18 * D + 12)
+    assert lti_act_step_bytes(n, D, torch.float32, fused=False) == n * (24 * D + 12)
+    assert lti_act_step_bytes(n, D, torch.bfloat16, backward=True) > \
+        lti_act_step_bytes(n, D, torch.bfloat16)
+    assert lti_act_step_flops(n, D) > 0
 
 
 def test_all_halted_is_device_side():

@@ -14,26 +14,19 @@ A switch that does not apply to a suite (e.g. the few-row paths in a 512-token f
 this machine's noise floor for that suite.
 
 Switches (what "off" runs): every registered CPU variant by its name
-(``mythos_kernels.cpu_variants()``, switched with ``set_cpu_variant``; the MoE's:
-``moe_experts_cpu`` -> the sorted reference, ``moe_pairs``, ``moe_split``, ``moe_seg_pairs``,
-``moe_scratch``, ``moe_grouped_mm``), and these not yet in the table:
-  dense_split  K.dense -> F.linear for few rows (no two-core split)
-  vecmat_head  the decode head's split-K product -> x @ W^T copy
-  packed       packed shared-expert / FFN products -> one product per weight
-  mla_cpu      absorbed MLA decode's per-head bmms -> einsums
-  onednn       oneDNN products for more than 8 rows (dense, head) -> F.linear / blocked head
-  rmsnorm      F.rms_norm (CPU fp32) -> open-mythos's pow/mean/rsqrt formula
-  head_kept    the forward head's kept logits (_scratch.kept_output, column blocks) -> one fresh
-               oneDNN product
-  decode_plan  generate's planned decode step (mythos.decode) -> the steps through the modules
-  fast_multinomial  generate's sampling draw (mythos.sampling.multinomial_one: uniform_ + vectorized
-               log1p) -> torch.multinomial (same tokens)
+(``mythos_kernels.cpu_variants()``, switched with ``set_cpu_variant``), e.g. ``dense_split``
+(few-row products without the two-core split), ``onednn``, ``lm_head_cpu``, ``vecmat_head``,
+``head_kept``, ``weight_copies``, ``packed_swiglu``, ``mla_cpu``, ``rmsnorm`` and the MoE's
+``moe_experts_cpu``, ``moe_pairs``, ``moe_split``, ``moe_seg_pairs``, ``moe_scratch``,
+``moe_grouped_mm``; and the two switches of the model side, set through their environment
+variables (``ENV_SWITCHES``):
+  decode_plan       generate's planned decode step (mythos.decode) -> the steps through the modules
+  fast_multinomial  generate's sampling draw (mythos.sampling) -> torch.multinomial (same tokens)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -51,42 +44,26 @@ from bench.harness import append_jsonl, cpu_results, time_interleaved  # noqa: E
 from bench.model import MID  # noqa: E402
 from mythos.cache import MythosCache  # noqa: E402
 
-_lin = importlib.import_module("mythos_kernels.linear")
-_mla = importlib.import_module("mythos_kernels.mla_decode")
-_rms = importlib.import_module("mythos_kernels.rmsnorm")
-_plan = importlib.import_module("mythos.decode")
-_samp = importlib.import_module("mythos.sampling")
-
-SWITCHES = {
-    "dense_split": (_lin, "_split_rows_ok", lambda *a: False),
-    "vecmat_head": (_lin, "vecmat", lambda x, w: x @ w),
-    "packed": (K, "packable", lambda *a: False),
-    "mla_cpu": (_mla, "_cpu_inference", lambda *a: False),
-    "onednn": (_lin, "_onednn_ok", lambda *a: False),
-    "rmsnorm": (_rms, "_fused_ok", lambda *a: False),
-    "head_kept": (_lin, "kept_output", lambda *a: None),
-    "decode_plan": (_plan, "enabled", lambda: False),
-    "fast_multinomial": (_samp, "enabled", lambda: False),
-}
+ENV_SWITCHES = {"decode_plan": "MYTHOS_CPU_DECODE_PLAN",
+                "fast_multinomial": "MYTHOS_CPU_FAST_MULTINOMIAL"}   # read on each use
 
 
 VARIANTS = [name for name, _, _, _ in K.cpu_variants()]   # switched by name, through the table
 
 
 class Switch:
-    """One switch: a registered CPU variant (by name), or a patched function (``SWITCHES``)."""
+    """One switch: a registered CPU variant, or a model-side environment switch, by name."""
 
     def __init__(self, name: str):
+        if name not in VARIANTS and name not in ENV_SWITCHES:
+            raise ValueError(f"no switch {name!r}; known: {VARIANTS + list(ENV_SWITCHES)}")
         self.name = name
-        if name not in VARIANTS:
-            self.mod, self.attr, self.off_fn = SWITCHES[name]
-            self.on_fn = getattr(self.mod, self.attr)
 
     def set(self, on: bool) -> None:
         if self.name in VARIANTS:
             K.set_cpu_variant(self.name, on)
         else:
-            setattr(self.mod, self.attr, self.on_fn if on else self.off_fn)
+            os.environ[ENV_SWITCHES[self.name]] = "1" if on else "0"
 
 
 def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool, list[float]]:
@@ -174,7 +151,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    known = VARIANTS + list(SWITCHES)
+    known = VARIANTS + list(ENV_SWITCHES)
     names = known if args.switches == "all" else args.switches.split(",")
     bad = [n for n in names if n not in known]
     if bad:

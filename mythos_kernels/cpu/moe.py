@@ -21,11 +21,11 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from .. import linear as _lin
 from .._dispatch import _compiling, _transformed, cpu_enabled, cpu_inference, register_cpu
 from .._scratch import scratch
-from ..linear import vecmat
 from ..moe import _swiglu, _swiglu_in_place
+from . import linear as _lin
+from .linear import vecmat
 
 
 def _buffer(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -151,15 +151,14 @@ PAD_SEGMENT_ROWS = 24  # padded-form rule: what a sorted segment's calls and col
 
 def moe_experts_cpu(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                     w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU inference (no autograd), in the fastest of three
-    plain-torch forms (timings: the 2-core machine, mid config, one MoE call):
+    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU inference (no autograd), in the
+    fastest of three plain-torch forms:
 
     - at most ``FEW_PAIRS`` pairs (decode): :func:`moe_experts_few_pairs` (two pairs per bmm);
-    - balanced routing: :func:`moe_experts_padded`, two bmms over all experts (512 tokens:
-      13.2-13.4 ms -> 8.8-10.1 ms);
+    - balanced routing: :func:`moe_experts_padded`, two bmms over all experts;
     - otherwise (skewed routing, e.g. a random-init model): :func:`moe_experts_sorted`, the
-      reference's sorted segments without its pair-order copies (13.5 -> 11.2 ms), small
-      segments two experts per bmm and large ones through oneDNN (about 8 ms).
+      reference's sorted segments without its pair-order copies, small segments two experts per
+      bmm and large ones through oneDNN.
 
     The padded form is taken when its slab (experts x the largest count) has at most the real
     pair rows plus ``PAD_SEGMENT_ROWS`` per non-empty expert: each of the sorted form's segments
@@ -187,13 +186,7 @@ def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> b
     (non-empty experts)`` and, when the sorted form would pair small segments
     (:func:`_pair_segments_ok`), ``pairs >= PAD_MIN_ROWS * E`` (the slab's bmm streams every
     expert's weights, empty ones too; the paired segments read only the busy ones, in half the
-    calls). Measured by tools/cpu_moe_forms.py over 54 routings (E 8-128, D 256-1024, F 64-512,
-    16-512 tokens, balanced to skewed; rows in bench/results/cpu/moe_forms.jsonl). Without
-    pairs: the chosen form's time summed 1.03x the faster form's, worst case 1.33x; the former
-    rule (slab at most 1.5x the pair rows) 1.11x, worst 4.2x (a balanced E=128 top-8 routing
-    sent to the sorted form). With pairs, three runs (162 routings): 1.03x, worst 1.42x; without
-    the rows-per-expert term 1.05x, worst 1.72x (few tokens over many experts sent to the slab);
-    the sorted form always: 1.03x, worst 1.70x."""
+    calls). The constants are the ``moe_forms`` bench suite's (balanced to skewed routings)."""
     E = len(counts)
     if paired and pairs < PAD_MIN_ROWS * E:
         return False
@@ -238,7 +231,7 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
 
 SMALL_SEGMENT = 128   # sorted form: experts with fewer rows take the two-core split products
 # ... when an expert's w13 has at least this many elements (smaller ones: the split's own cost
-# wins; measured mm / split time 0.64-0.88 at D x 2F = 4k-32k elements, 1.08-1.66 at 128k)
+# outweighs the second core)
 SPLIT_MIN_EXPERT = 1 << 17
 
 
@@ -255,10 +248,8 @@ def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out:
     """One expert's SwiGLU over a few rows, each product as one bmm over two column halves of the
     weight (one per core; no copy of the weight): the gate and up halves of ``w13e`` [D, 2F],
     then the two column halves of ``w2e`` [F, D]; writes [c, D] into ``out``. Few-row products
-    are compute-bound here (the same time with the weights in cache or not, ~100 GFLOP/s at 25
-    rows) and MKL or oneDNN parallelize them poorly: measured (2-core machine, 512 x 256 and
-    128 x 512 weights) 164 -> 138 us per expert at 8 rows, 180 -> 150 at 32 against ``mm``;
-    oneDNN took 182 / 275 us there. At 128 rows and more oneDNN is as fast or faster."""
+    are compute-bound and MKL or oneDNN parallelize them poorly; from ``SMALL_SEGMENT`` rows
+    oneDNN is as fast or faster."""
     c, D = xs.shape
     Fh = w2e.shape[0]
     gu = torch.bmm(xs.expand(2, c, D),
@@ -271,9 +262,8 @@ def _segment_split(xs: torch.Tensor, w13e: torch.Tensor, w2e: torch.Tensor, out:
 
 def _pair_segments_ok(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether :func:`moe_experts_sorted` multiplies small segments two experts at a time
-    (:func:`_segment_pair`): fp32 with contiguous stacks, any expert size and thread count
-    (measured over the shapes of tools/cpu_moe_forms.py: 1.0-2.2x on the sorted form with two
-    threads, 1.0-1.7x with one; the calls it saves are most of a small segment's cost)."""
+    (:func:`_segment_pair`): fp32 with contiguous stacks, any expert size and thread count (the
+    calls it saves are most of a small segment's cost)."""
     return cpu_enabled("moe_seg_pairs") and _fp32_stacks(x, w13, w2, 0)
 
 
