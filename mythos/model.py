@@ -631,7 +631,11 @@ class OpenMythos(nn.Module):
                  temperature: float = 1.0, top_k: int = 50,
                  cuda_graph: Optional[bool] = None,
                  static: Optional[bool] = None,
-                 compiled: bool = False) -> torch.Tensor:
+                 compiled: bool = False, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, draft_loops: Optional[int] = None,
+                 draft_tokens: int = 4, exit_criterion: Optional[str] = None,
+                 exit_threshold: Optional[float] = None,
+                 exit_fill: str = "recompute") -> torch.Tensor:
         """Autoregressive sampling with a preallocated KV cache: [B, T] -> [B, T + max_new_tokens].
 
         Same sampling as open-mythos (logits / temperature, top-k filter, multinomial); top_k=1
@@ -652,6 +656,9 @@ class OpenMythos(nn.Module):
                 step's forms and checks settled once, after the prefill; bitwise the same
                 values) where its conditions hold (fp32, no hooks, backend not forced to triton;
                 ``MYTHOS_CPU_DECODE_PLAN=0`` turns it off).
+            top_p, min_p, draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill:
+                nucleus / min-p filters, self-speculative decoding and per-token early exit, run
+                by :func:`mythos.adaptive.generate` (eager, module path) when any is set.
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
                 it needs a C++ compiler). Meant for the CPU: on a GPU the compiled step runs
                 without a CUDA graph and is slower than the default captured eager step
@@ -673,6 +680,12 @@ class OpenMythos(nn.Module):
                 ``torch._dynamo.config.recompile_limit`` (8 by default) per process; past that
                 it runs the step eagerly (torch logs a warning), same tokens, eager speed.
         """
+        if (top_p, min_p, draft_loops, exit_criterion, exit_threshold) != (None,) * 5:
+            from .adaptive import generate as adaptive_generate  # top-p/min-p, exit, speculative
+            return adaptive_generate(self, input_ids, max_new_tokens, n_loops, temperature, top_k,
+                                     top_p, min_p, draft_loops, draft_tokens, exit_criterion,
+                                     exit_threshold, exit_fill, cuda_graph=cuda_graph,
+                                     static=static, compiled=compiled)
         max_new_tokens = check_int("max_new_tokens", max_new_tokens, lo=0)
         # +inf: uniform sampling, as open-mythos's logits / inf
         temperature = check_float("temperature", temperature, lo=0, inf_ok=True)
