@@ -13,8 +13,9 @@
 #   tools/gpu_run.sh ops-<group>   python -m bench --full --ops <group> (groups: see `list`)
 #   tools/gpu_run.sh ops           every ops-<group> in turn (several commands' worth)
 #   tools/gpu_run.sh model         python -m bench --full --model (decode B=1,32 x context 512..8k)
+#   tools/gpu_run.sh adaptive      python -m bench --model --suites adaptive (early exit, speculative; CPU)
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
-#   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
+#   tools/gpu_run.sh all           tests report ops model adaptive plots (far more than 10 minutes)
 #
 # Several parts in one call run in order: `tools/gpu_run.sh tests report`.
 # The results rows carry the git commit; where the checkout has no .git, pass it in:
@@ -131,12 +132,15 @@ EOF
     model)
       run model "$PY" -m bench --full --model --no-plot --out "$RES" --time-budget "$BENCH_BUDGET"
       ;;
+    adaptive)
+      run adaptive "$PY" -m bench --model --suites adaptive --no-plot --out "$RES"
+      ;;
     plots)
       run plots "$PY" -m bench.plot "$RES/results.jsonl" --out "$RES"
       ;;
     all)
       local rc=0
-      for p in tests report ops model plots; do part "$p" || rc=$?; done
+      for p in tests report ops model adaptive plots; do part "$p" || rc=$?; done
       return "$rc"
       ;;
     *)
