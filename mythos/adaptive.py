@@ -140,8 +140,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64,
                              "exit_criterion (these decode eagerly)")
     a = check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
                    draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill)
-    new = [b for b in _chunks(model, input_ids, a, stats)]
-    return torch.cat([input_ids.long()] + new, 1)
+    new = list(_chunks(model, input_ids, a, stats))
+    with torch.inference_mode(False):   # a normal tensor, also when called in inference mode
+        return torch.cat([input_ids.long()] + new, 1)
 
 
 __all__ = ["check_args", "generate", "stream"]
