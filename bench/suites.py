@@ -13,6 +13,10 @@
                       and ``moe_experts_cpu``'s pick over routings from balanced to skewed: the
                       measurement behind ``PAD_SEGMENT_ROWS`` / ``PAD_MIN_ROWS`` in
                       ``mythos_kernels.moe``. Rows in ``moe_forms.jsonl``.
+* ``adaptive``     -- per-token early exit (criterion x threshold x fill: tokens/s against top-1
+                      agreement and KL with full depth) and self-speculative decoding (tokens/s,
+                      acceptance) on the mid config (``bench.adaptive``). Rows in
+                      ``adaptive.jsonl``, the frontier plot in ``adaptive.png``.
 
 Each writes JSON lines to ``<out>/<suite>.jsonl`` (default ``bench/results/cpu/``); the ``tiny``
 level runs small shapes for the tests.
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ._openmythos import load_open_mythos
+from .adaptive import run_adaptive
 from .devinfo import run_info
 from .harness import append_jsonl, time_interleaved
 from .model import CPU_CONFIGS, MID
@@ -254,7 +259,8 @@ def run_moe_forms(level: str = "quick") -> list[dict]:
 
 
 NAMED_SUITES: dict[str, Callable[[str], list[dict]]] = {
-    "compare": run_compare, "linear_split": run_linear_split, "moe_forms": run_moe_forms}
+    "compare": run_compare, "linear_split": run_linear_split, "moe_forms": run_moe_forms,
+    "adaptive": run_adaptive}
 
 
 def run_named_suites(names: list[str], level: str, out_dir: Path | str) -> dict[str, list[dict]]:

@@ -25,6 +25,7 @@ from mythos_kernels._dispatch import _compiling, _transformed
 
 from . import decode
 from ._validate import ArgumentTypeError, check_int, device_memory_bytes
+from .adaptive import generate as adaptive_generate
 from .cache import CacheWrite, LayerCache, cache_length, check_cache
 from .checkpoint import rope_load_hook
 from .config import MythosConfig, check_allocation
@@ -251,7 +252,11 @@ class OpenMythos(nn.Module):
                  temperature: float = 1.0, top_k: int = 50,
                  cuda_graph: Optional[bool] = None,
                  static: Optional[bool] = None,
-                 compiled: bool = False) -> torch.Tensor:
+                 compiled: bool = False, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, draft_loops: Optional[int] = None,
+                 draft_tokens: int = 4, exit_criterion: Optional[str] = None,
+                 exit_threshold: Optional[float] = None,
+                 exit_fill: str = "recompute") -> torch.Tensor:
         """Autoregressive sampling with a preallocated KV cache: [B, T] -> [B, T + max_new_tokens].
 
         Same sampling as open-mythos (logits / temperature, top-k filter, multinomial); top_k=1
@@ -272,6 +277,10 @@ class OpenMythos(nn.Module):
                 step's forms and checks settled once, after the prefill; bitwise the same
                 values) where its conditions hold (fp32, no hooks, backend not forced to triton;
                 ``MYTHOS_CPU_DECODE_PLAN=0`` turns it off).
+            top_p, min_p, draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill:
+                nucleus / min-p filters, self-speculative decoding and per-token early exit, run
+                by :func:`mythos.adaptive.generate` (eager, module path) when any differs from
+                its default.
             compiled: run the static decode step through ``torch.compile`` (inductor; on the CPU
                 it needs a C++ compiler). Meant for the CPU: on a GPU the captured eager step
                 is faster. The first call per configuration and shape compiles (tens of
@@ -283,6 +292,12 @@ class OpenMythos(nn.Module):
                 ``torch._dynamo.config.recompile_limit`` per process; past that the step runs
                 eagerly (same tokens).
         """
+        adaptive = (top_p, min_p, draft_loops, draft_tokens, exit_criterion, exit_threshold,
+                    exit_fill)
+        if adaptive != (None, None, None, 4, None, None, "recompute"):
+            return adaptive_generate(self, input_ids, max_new_tokens, n_loops, temperature, top_k,
+                                     *adaptive, cuda_graph=cuda_graph, static=static,
+                                     compiled=compiled)
         return _generate(self, input_ids, max_new_tokens, n_loops, temperature, top_k,
                          cuda_graph, static, compiled)
 

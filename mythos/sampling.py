@@ -24,13 +24,15 @@ torch's own errors: NaN, inf or a negative probability, or a row summing to 0.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from mythos_kernels._env import env_flag
 
-from ._validate import check_int
+from ._validate import check_float, check_int
 
 _EXACT: list[bool] = []     # [agrees with torch.multinomial], probed on first use
 
@@ -48,6 +50,73 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
         return logits
     v, _ = logits.topk(min(top_k, logits.shape[-1]))
     return logits.masked_fill(logits < v[:, -1:], float("-inf"))
+
+
+def check_top_p(top_p) -> Optional[float]:
+    """``top_p`` as a float in (0, 1], or None (no nucleus filter)."""
+    return None if top_p is None else check_float("top_p", top_p, lo=0, hi=1, lo_open=True)
+
+
+def check_min_p(min_p) -> Optional[float]:
+    """``min_p`` as a float in [0, 1], or None (no min-p filter)."""
+    return None if min_p is None else check_float("min_p", min_p, lo=0, hi=1)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: Optional[float]) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of highest-probability tokens whose probability sums
+    to at least ``top_p`` (ties at the boundary by sort order; the top token always kept); the
+    rest set to -inf. ``top_p`` None or 1 keeps every logit."""
+    top_p = check_top_p(top_p)
+    if top_p is None or top_p >= 1.0:
+        return logits
+    srt, idx = logits.sort(-1, descending=True)
+    probs = torch.softmax(srt.float(), -1)
+    before = probs.cumsum(-1) - probs              # mass of the tokens ranked above each one
+    drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: Optional[float]) -> torch.Tensor:
+    """Min-p filter: tokens whose probability is below ``min_p`` times the top token's set to
+    -inf (``p < min_p * p_max`` <=> ``logit < max + log(min_p)``). None or 0 keeps every logit."""
+    min_p = check_min_p(min_p)
+    if not min_p:
+        return logits
+    cut = logits.amax(-1, keepdim=True) + math.log(min_p)
+    return logits.masked_fill(logits < cut, float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None) -> torch.Tensor:
+    """top-k, then top-p, then min-p (each off at its default), on temperature-scaled logits."""
+    return min_p_filter(top_p_filter(top_k_filter(logits, top_k), top_p), min_p)
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """The distribution a sampling step draws from: softmax of the filtered ``logits /
+    temperature`` [..., V] (fp32); ``temperature=0`` gives the one-hot argmax."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.softmax(filter_logits(flat / temperature, top_k, top_p, min_p), -1
+                         ).reshape(logits.shape)
+
+
+def sample_filtered(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None,
+                    top_p: Optional[float] = None, min_p: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits [B, V] -> next token [B]: ``mythos.model.sample``'s rule with the top-p and min-p
+    filters too (with both off the same draws); non-finite rows refused first."""
+    if temperature == 0:
+        top, tok = logits.max(-1)
+        check_finite_rows(top)
+        return tok
+    check_finite_rows(logits.amax(-1))
+    probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p, min_p), -1)
+    return multinomial_one(probs, generator).squeeze(-1)
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -127,5 +196,6 @@ def multinomial_one(probs: torch.Tensor, generator: Optional[torch.Generator] = 
     return _draw(probs, generator)
 
 
-__all__ = ["NonFiniteLogitsError", "check_finite_rows", "enabled", "exact", "multinomial_one",
-           "top_k_filter"]
+__all__ = ["NonFiniteLogitsError", "check_finite_rows", "check_min_p", "check_top_p", "enabled",
+           "exact", "filter_logits", "min_p_filter", "multinomial_one", "probabilities",
+           "sample_filtered", "top_k_filter", "top_p_filter"]

@@ -216,3 +216,62 @@ def test_generate_with_a_nan_weight_raises(static, temperature):
     with pytest.raises(sampling.NonFiniteLogitsError):
         m.generate(torch.randint(0, 97, (2, 4)), max_new_tokens=3, n_loops=2,
                    temperature=temperature, static=static)
+
+
+# ---------------------------------------------------------------- top-p, min-p
+def _top_p_slow(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Row by row: keep tokens in descending probability order until their sum reaches top_p."""
+    out = torch.full_like(logits, float("-inf"))
+    for r in range(logits.shape[0]):
+        p = torch.softmax(logits[r], -1)
+        total = 0.0
+        for i in p.argsort(descending=True).tolist():
+            out[r, i] = logits[r, i]
+            total += float(p[i])
+            if total >= top_p:
+                break
+    return out
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.77, 0.999])
+def test_top_p_filter_against_slow(top_p):
+    g = torch.Generator().manual_seed(int(top_p * 1000))
+    logits = torch.randn(5, 13, generator=g) * 2
+    torch.testing.assert_close(sampling.top_p_filter(logits, top_p), _top_p_slow(logits, top_p))
+    assert torch.equal(sampling.top_p_filter(logits, 1.0), logits)
+    assert torch.equal(sampling.top_p_filter(logits, None), logits)
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.2, 0.9])
+def test_min_p_filter_against_definition(min_p):
+    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(3)) * 2
+    p = torch.softmax(logits, -1)
+    keep = p >= min_p * p.amax(-1, keepdim=True)
+    out = sampling.min_p_filter(logits, min_p)
+    assert torch.equal(torch.isfinite(out), keep)
+    assert torch.equal(out[keep], logits[keep])
+    assert torch.equal(sampling.min_p_filter(logits, 0.0), logits)
+
+
+def test_sample_filtered_defaults_are_sample():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    for temperature, top_k in ((0.0, 0), (0.7, 0), (1.3, 5)):
+        torch.manual_seed(9)
+        a = sample(logits, temperature, top_k)
+        torch.manual_seed(9)
+        b = sampling.sample_filtered(logits, temperature, top_k, None, None)
+        torch.manual_seed(9)
+        c = sampling.sample_filtered(logits, temperature, top_k, 1.0, 0.0)
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name,value", [("top_p", -0.1), ("top_p", 0.0), ("top_p", 1.01),
+                                        ("top_p", float("nan")), ("min_p", -0.5),
+                                        ("min_p", 1.5), ("min_p", float("nan")),
+                                        ("min_p", float("inf"))])
+def test_top_p_min_p_bad_values(name, value):
+    logits = torch.randn(2, 7)
+    with pytest.raises(ValueError, match=name):
+        sampling.sample_filtered(logits, 1.0, 0, **{name: value})
+    with pytest.raises(TypeError, match=name):
+        sampling.sample_filtered(logits, 1.0, 0, **{name: "0.5"})

@@ -19,8 +19,9 @@
 #   tools/gpu_run.sh dist          torchrun (1 process, NCCL): a few bf16 steps of mythos_1b dims under
 #                                  --dist fsdp and --dist ddp; losses finite and equal within bf16
 #                                  tolerance -> dist_check.json
+#   tools/gpu_run.sh adaptive      python -m bench --model --suites adaptive (early exit, speculative)
 #   tools/gpu_run.sh plots         PNGs from results.jsonl
-#   tools/gpu_run.sh all           tests report ops model plots (far more than 10 minutes)
+#   tools/gpu_run.sh all           tests report ops model adaptive plots (far more than 10 minutes)
 #
 # Several parts in one call run in order: `tools/gpu_run.sh tests report`.
 # The results rows carry the git commit; where the checkout has no .git, pass it in:
@@ -94,7 +95,7 @@ run() {
 part() {
   case "$1" in
     list)
-      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model train dist plots"
+      echo "parts: tests report quick $(for g in $(groups); do printf 'ops-%s ' "$g"; done)model train dist adaptive plots"
       ;;
     tests)
       if ! "$PY" -c 'import pytest' 2>/dev/null; then
@@ -166,12 +167,15 @@ print(json.dumps(loss), "ok" if ok else "MISMATCH")
 sys.exit(0 if ok else 1)' "$RES" || rc=$?
       return "$rc"
       ;;
+    adaptive)
+      run adaptive "$PY" -m bench --model --suites adaptive --no-plot --out "$RES"
+      ;;
     plots)
       run plots "$PY" -m bench.plot "$RES/results.jsonl" --out "$RES"
       ;;
     all)
       local rc=0
-      for p in tests report ops model plots; do part "$p" || rc=$?; done
+      for p in tests report ops model adaptive plots; do part "$p" || rc=$?; done
       return "$rc"
       ;;
     *)

@@ -1,0 +1,148 @@
+"""Decoding beyond ``OpenMythos.generate``'s default loop: top-p / min-p sampling, streaming,
+per-token early exit (:mod:`mythos.early_exit`) and self-speculative decoding
+(:mod:`mythos.speculative`).
+
+:func:`stream` yields each step's tokens as they are decoded; :func:`generate` returns them all
+(``OpenMythos.generate`` hands its call here when one of these options is set). Both validate
+every argument before any compute, with ``generate``'s rules. Decoding runs through the module
+path (``OpenMythos._hidden`` over a preallocated :class:`~mythos.cache.MythosCache`); with its
+defaults (no filter beyond top-k, no exit, no draft) :func:`stream` yields ``generate``'s eager
+tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from . import early_exit, speculative
+from ._validate import check_bool, check_float, check_int
+from .cache import MythosCache
+from .sampling import check_min_p, check_top_p, sample_filtered
+
+
+def check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
+               draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill) -> dict:
+    """Every argument checked (ValueError / TypeError naming it) and normalized."""
+    a = dict(max_new_tokens=check_int("max_new_tokens", max_new_tokens, lo=0),
+             temperature=check_float("temperature", temperature, lo=0, inf_ok=True),
+             top_k=check_int("top_k", top_k, none_ok=True) or 0,
+             top_p=check_top_p(top_p), min_p=check_min_p(min_p),
+             n_loops=check_int("n_loops", n_loops, lo=1, none_ok=True),
+             draft_loops=check_int("draft_loops", draft_loops, lo=1, none_ok=True),
+             draft_tokens=check_int("draft_tokens", draft_tokens, lo=1))
+    crit, thr, fill = early_exit.check_exit_args(exit_criterion, exit_threshold, exit_fill,
+                                                 model.cfg)
+    a.update(exit_criterion=crit, exit_threshold=thr, exit_fill=fill)
+    depth = a["n_loops"] or model.cfg.max_loop_iters
+    if a["draft_loops"] is not None:
+        if a["draft_loops"] > depth:
+            raise ValueError(f"draft_loops must be an int in [1, n_loops={depth}], got "
+                             f"{a['draft_loops']}")
+        if crit is not None:
+            raise ValueError("draft_loops and exit_criterion: choose one (speculative decoding "
+                             "verifies at full depth)")
+    model._check_inputs(input_ids, a["n_loops"], None, 0)
+    total = input_ids.shape[1] + a["max_new_tokens"] - 1
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({a['max_new_tokens']})"
+                         f" - 1 = {total} exceeds max_seq_len {model.cfg.max_seq_len}")
+    return a
+
+
+def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
+            ) -> Iterator[torch.Tensor]:
+    """Yield [B, m] blocks of new tokens (m = 1 except for speculative rounds)."""
+    B, P = input_ids.shape
+    N = a["max_new_tokens"]
+    if N == 0:
+        return
+    samp = (a["temperature"], a["top_k"], a["top_p"], a["min_p"])
+    cache = MythosCache(P + N - 1 + (a["draft_tokens"] if a["draft_loops"] else 0))
+    with torch.no_grad():
+        out = input_ids.new_empty(B, P + N, dtype=torch.long)
+        out[:, :P] = input_ids
+        h = model._hidden(input_ids, a["n_loops"], cache, 0)[:, -1]                # prefill
+        out[:, P] = sample_filtered(model._logits(h), *samp)
+    yield out[:, P:P + 1]
+    if a["draft_loops"] is not None:
+        it = speculative.rounds(model, out, P + 1, P + N, cache, a["n_loops"], a["draft_loops"],
+                                a["draft_tokens"], *samp, stats=stats)
+        while True:
+            with torch.no_grad():
+                r = next(it, None)
+            if r is None:
+                return
+            yield out[:, r[0]:r[1]]
+    for i in range(1, N):
+        pos = P + i - 1
+        with torch.no_grad():
+            cur = out[:, pos:pos + 1]
+            if a["exit_criterion"] is None:
+                h = model._hidden(cur, a["n_loops"], cache, pos)[:, -1]
+            else:
+                h, depth = early_exit.hidden_step(model, cur, cache, pos, a["n_loops"],
+                                                  a["exit_criterion"], a["exit_threshold"],
+                                                  a["exit_fill"])
+                if stats is not None:
+                    stats["loops"] = stats.get("loops", 0) + int(depth.sum())
+                    stats["tokens"] = stats.get("tokens", 0) + B
+            out[:, pos + 1] = sample_filtered(model._logits(h), *samp)
+        yield out[:, pos + 1:pos + 2]
+
+
+def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: Optional[int] = 8,
+           temperature: float = 1.0, top_k: Optional[int] = 50, top_p: Optional[float] = None,
+           min_p: Optional[float] = None, draft_loops: Optional[int] = None,
+           draft_tokens: int = 4, exit_criterion: Optional[str] = None,
+           exit_threshold: Optional[float] = None, exit_fill: str = "recompute",
+           stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
+    """Decode like ``model.generate`` and yield each new token as a [B] tensor as soon as it is
+    chosen (speculative rounds yield their accepted tokens one by one). Arguments are checked
+    when this is called, before the first token is computed.
+
+    Args:
+        top_p: nucleus filter in (0, 1] (None or 1: off); min_p: in [0, 1] (None or 0: off);
+            applied after top_k, on ``logits / temperature``.
+        draft_loops: self-speculative decoding: draft ``draft_tokens`` tokens per round with
+            this many loops, verify at ``n_loops`` (:mod:`mythos.speculative`).
+        exit_criterion, exit_threshold, exit_fill: per-token early exit
+            (:mod:`mythos.early_exit`): None (off), ``"act"``, ``"kl"`` or ``"latent"``.
+        stats: a dict that collects counts (speculative: drafted / accepted / rounds; early
+            exit: loops run / tokens).
+    """
+    a = check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
+                   draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill)
+    return _tokens(model, input_ids, a, stats)
+
+
+def _tokens(model, input_ids, a, stats) -> Iterator[torch.Tensor]:
+    for block in _chunks(model, input_ids, a, stats):
+        for j in range(block.shape[1]):
+            yield block[:, j].clone()
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64,
+             n_loops: Optional[int] = 8, temperature: float = 1.0, top_k: Optional[int] = 50,
+             top_p: Optional[float] = None, min_p: Optional[float] = None,
+             draft_loops: Optional[int] = None, draft_tokens: int = 4,
+             exit_criterion: Optional[str] = None, exit_threshold: Optional[float] = None,
+             exit_fill: str = "recompute", stats: Optional[dict] = None,
+             cuda_graph: Optional[bool] = None, static: Optional[bool] = None,
+             compiled: bool = False) -> torch.Tensor:
+    """:func:`stream`'s tokens appended to the prompt: [B, T] -> [B, T + max_new_tokens].
+    These modes decode eagerly: ``cuda_graph``, ``static`` or ``compiled`` set True is refused."""
+    for name, v in (("cuda_graph", cuda_graph), ("static", static), ("compiled", compiled)):
+        check_bool(name, v, none_ok=True)
+        if v:
+            raise ValueError(f"{name}=True is not available with top_p, min_p, draft_loops or "
+                             "exit_criterion (these decode eagerly)")
+    a = check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
+                   draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill)
+    new = list(_chunks(model, input_ids, a, stats))
+    with torch.inference_mode(False):   # a normal tensor, also when called in inference mode
+        return torch.cat([input_ids.long()] + new, 1)
+
+
+__all__ = ["check_args", "generate", "stream"]
