@@ -6,10 +6,11 @@
                 :mod:`mythos.checkpoint`'s load hooks). Rows: seconds per step split into
                 fwd / bwd / optim, tokens/s; on CUDA also the model FLOPs utilization against
                 the measured matmul peak (:mod:`bench.ceilings`). Variants: ``open-mythos``
-                (its logits + ``F.cross_entropy``), ``mythos`` (the same loss) and
-                ``mythos+fused-ce`` (hidden states -> final norm ->
-                ``mythos_kernels.linear_cross_entropy``, the logits never whole); the two
-                mythos variants step one model, each with its own AdamW.
+                (its logits + ``F.cross_entropy``), ``mythos`` (the training forward
+                ``mythos.train.train_forward``, then the full logits + ``F.cross_entropy``)
+                and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss``:
+                final norm -> ``mythos_kernels.linear_cross_entropy``, the logits never
+                whole); the two mythos variants step one model, each with its own AdamW.
 * ``memory`` -- the peak memory of one step (forward, loss, backward, AdamW) above the built
                 model, each variant in a fresh child process: CPU ``ru_maxrss`` at the end minus
                 the child's RSS after building the model and optimizer (torch's CPU allocations
@@ -18,9 +19,11 @@
                 parameters' bytes, the same for every variant) are reported apart
                 (``grads_adam_bytes``) and taken off in ``activation_peak_bytes``.
 
-Activation checkpointing: :data:`CHECKPOINTING` names a hook ``"module:function"`` that takes a
-mythos model and turns per-iteration checkpointing on (the training package provides it); while
-it is None the ``+ckpt`` memory rows are reported as skipped.
+Activation checkpointing: :data:`CHECKPOINTING` names the training forward ``"module:function"``
+the mythos variants run, called as ``fn(model, ids, n_loops, act=True, checkpoint=...)`` and
+returning an object with the coda output ``.h``; the ``+ckpt`` memory rows pass
+``checkpoint=True`` (each recurrent iteration recomputed in backward). While it is None the
+mythos variants run ``model._hidden`` and the ``+ckpt`` rows are reported as skipped.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from . import ceilings as _ceil
 from .devinfo import REPO, run_info
 from .model import CONFIGS, build_models, precision_ctx
 
-# the checkpointing switch for the lead to wire: "mythos.train.<module>:<function>(model)"
-CHECKPOINTING: str | None = None
+# the training forward of the mythos variants: fn(model, ids, n_loops, act=, checkpoint=) -> .h
+CHECKPOINTING: str | None = "mythos.train.recurrence:train_forward"
 
 VARIANTS = ("open-mythos", "mythos", "mythos+fused-ce")
 PLANS: dict[tuple[str, str], dict[str, Any]] = {
@@ -65,15 +68,33 @@ PLANS[("tiny", "cuda")] = PLANS[("tiny", "cpu")]
 # --------------------------------------------------------------------------- one step
 
 
-def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_loops: int
-             ) -> torch.Tensor:
+def _train_forward() -> Callable[..., Any] | None:
+    """The function :data:`CHECKPOINTING` names, or None."""
+    if CHECKPOINTING is None:
+        return None
+    mod, fn = CHECKPOINTING.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_loops: int,
+             checkpoint: bool = False) -> torch.Tensor:
     """The training loss of one variant (next-token targets, -100 ignored)."""
+    if variant == "open-mythos":
+        logits = model(ids, n_loops=n_loops)                                 # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    fwd = _train_forward()
+    if fwd is None:
+        if checkpoint:
+            raise ValueError("checkpoint=True needs bench.train.CHECKPOINTING set")
+        h = model._hidden(ids, n_loops, None, 0)                             # [B, T, D]
+    else:
+        h = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint).h      # [B, T, D]
     if variant == "mythos+fused-ce":
         import mythos_kernels as mk
 
-        h = model.norm(model._hidden(ids, n_loops, None, 0))                # [B, T, D]
+        h = model.norm(h)
         return mk.linear_cross_entropy(h.flatten(0, 1), model.head.weight, targets.flatten())
-    logits = model(ids, n_loops=n_loops)                                     # [B, T, V]
+    logits = model._logits(h)                                                # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -82,8 +103,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device
-              ) -> Callable[[], dict[str, float]]:
+def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device,
+              checkpoint: bool = False) -> Callable[[], dict[str, float]]:
     """A callable running one optimizer step, returning its phases' seconds."""
     impl = "open-mythos" if variant == "open-mythos" else "mythos"
 
@@ -91,7 +112,7 @@ def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device
         _sync(device)
         t0 = time.perf_counter()
         with precision_ctx(impl, dtype, device):
-            loss = _loss_fn(variant, model, ids, targets, n_loops)
+            loss = _loss_fn(variant, model, ids, targets, n_loops, checkpoint)
         _sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -213,6 +234,8 @@ def _rss_bytes() -> int:
 
 def child_peak(spec: dict) -> dict:
     """In a fresh process: build one variant, then one step; peak bytes above the built model."""
+    global CHECKPOINTING
+    CHECKPOINTING = spec.get("train_forward", CHECKPOINTING)
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     cfg = CONFIGS[spec["config"]]
@@ -221,12 +244,10 @@ def child_peak(spec: dict) -> dict:
     models, _ = build_models(cfg, device, dtype, impls=(impl,))
     model = models[impl]
     _trainable(models)
-    if spec.get("checkpointing"):
-        mod, fn = spec["checkpointing"].split(":")
-        getattr(importlib.import_module(mod), fn)(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids, targets = _batch(cfg["vocab_size"], spec["B"], spec["T"], device)
-    step = make_step(variant, model, opt, ids, targets, spec["n_loops"], dtype, device)
+    step = make_step(variant, model, opt, ids, targets, spec["n_loops"], dtype, device,
+                     checkpoint=bool(spec.get("checkpointing")))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -242,10 +263,11 @@ def child_peak(spec: dict) -> dict:
 
 
 def measure_peak(variant: str, plan: dict, mem: dict, device: torch.device,
-                 checkpointing: str | None = None, timeout_s: float = 1800) -> dict:
+                 checkpointing: bool = False, timeout_s: float = 1800) -> dict:
     """Run :func:`child_peak` in a fresh Python process and parse its JSON line."""
     spec = dict(variant=variant, device=device.type, dtype=str(plan["dtype"]).split(".")[-1],
-                config=plan["config"], checkpointing=checkpointing, **mem)
+                config=plan["config"], checkpointing=checkpointing, train_forward=CHECKPOINTING,
+                **mem)
     code = ("import json, sys; from bench.train import child_peak; "
             "print('PEAK ' + json.dumps(child_peak(json.loads(sys.argv[1]))))")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
@@ -278,7 +300,7 @@ def run_memory_suite(plan: dict, device: torch.device) -> list[dict]:
                 rows.append({**row, "status": "skipped", "reason": why})
                 continue
             try:
-                res = measure_peak(variant, plan, mem, device, CHECKPOINTING if ckpt else None)
+                res = measure_peak(variant, plan, mem, device, ckpt)
                 act = res["peak_bytes"] - 3 * res["param_bytes"]
                 row.update(status="ok", peak_bytes=res["peak_bytes"],
                            grads_adam_bytes=3 * res["param_bytes"], activation_peak_bytes=act,
