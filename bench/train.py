@@ -3,9 +3,10 @@
 * ``step``   -- forward (``n_loops`` = 8, every loop runs: ``act_threshold`` = 100 in both
                 models), the loss, backward, ``AdamW.step``; the variants run interleaved in one
                 process, same weights (open-mythos's state dict loaded into mythos through
-                :mod:`mythos.checkpoint`'s load hooks). Rows: seconds per step split into
-                fwd / bwd / optim, tokens/s; on CUDA also the model FLOPs utilization against
-                the measured matmul peak (:mod:`bench.ceilings`). Variants: ``open-mythos``
+                :mod:`mythos.checkpoint`'s load hooks), the same AdamW (torch's fused kernel).
+                Rows: seconds per step split into fwd / bwd / optim, tokens/s; on CUDA also the
+                model FLOPs utilization against the measured matmul peak
+                (:mod:`bench.ceilings`). Variants: ``open-mythos``
                 (its logits + ``F.cross_entropy``), ``mythos`` (the training forward
                 ``mythos.train.train_forward``, then the full logits + ``F.cross_entropy``)
                 and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss``:
@@ -134,6 +135,12 @@ def _batch(vocab: int, B: int, T: int, device: torch.device) -> tuple[torch.Tens
     return seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
 
 
+def _adamw(model) -> torch.optim.Optimizer:
+    """The optimizer of every variant: AdamW with torch's fused kernel (CPU and CUDA), as
+    :func:`mythos.train.make_optimizer` builds it."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+
 def _trainable(models: dict) -> None:
     for m in models.values():
         m.train()
@@ -178,7 +185,7 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
         if impl not in models:
             continue
         model = models[impl]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = _adamw(model)
         steps[v] = make_step(v, model, opt, ids, targets, n_loops, dtype, device)
     failed: dict[str, str] = {}
     for v, fn in list(steps.items()):  # warm-up: one step each (allocates grads and AdamW state)
@@ -244,7 +251,7 @@ def child_peak(spec: dict) -> dict:
     models, _ = build_models(cfg, device, dtype, impls=(impl,))
     model = models[impl]
     _trainable(models)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = _adamw(model)
     ids, targets = _batch(cfg["vocab_size"], spec["B"], spec["T"], device)
     step = make_step(variant, model, opt, ids, targets, spec["n_loops"], dtype, device,
                      checkpoint=bool(spec.get("checkpointing")))
@@ -279,13 +286,14 @@ def measure_peak(variant: str, plan: dict, mem: dict, device: torch.device,
     raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-400:]}")
 
 
-def run_memory_suite(plan: dict, device: torch.device) -> list[dict]:
+def run_memory_suite(plan: dict, device: torch.device, variants=VARIANTS,
+                     checkpointing: tuple[bool, ...] = (False, True)) -> list[dict]:
     """Peak memory rows: each variant, with and without checkpointing."""
     mem = plan["mem"]
     info = run_info(device)
     rows = []
-    for variant in VARIANTS:
-        for ckpt in (False, True):
+    for variant in variants:
+        for ckpt in checkpointing:
             name = variant + ("+ckpt" if ckpt else "")
             row = {"kind": "model", "op": "model_train_memory", "suite": "train_memory",
                    "provider": name, "impl": name, "config": plan["config"],
