@@ -91,10 +91,9 @@ def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_lo
     else:
         h = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint).h      # [B, T, D]
     if variant == "mythos+fused-ce":
-        import mythos_kernels as mk
+        from mythos.train import lm_loss
 
-        h = model.norm(h)
-        return mk.linear_cross_entropy(h.flatten(0, 1), model.head.weight, targets.flatten())
+        return lm_loss(model, h, targets, fused=True)
     logits = model._logits(h)                                                # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 

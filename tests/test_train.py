@@ -131,6 +131,19 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
+def test_checkpointing_recomputes_prelude_and_coda_in_backward():
+    torch.manual_seed(3)
+    model = OpenMythos(micro_cfg(act_threshold=5.0)).train()
+    ids = torch.randint(0, 40, (2, 9))
+    calls = []
+    for name, layer in (("prelude", model.prelude[0]), ("coda", model.coda[0])):
+        layer.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
+    for ckpt, per_layer in ((False, 1), (True, 2)):
+        calls.clear()
+        train_forward(model, ids, 2, checkpoint=ckpt).h.sum().backward()
+        assert calls.count("prelude") == calls.count("coda") == per_layer, (ckpt, calls)
+
+
 def test_ponder_depth_and_gradients():
     torch.manual_seed(3)
     model = OpenMythos(micro_cfg(act_threshold=0.9)).double()
