@@ -15,10 +15,12 @@
 * ``memory`` -- the peak memory of one step (forward, loss, backward, AdamW) above the built
                 model, each variant in a fresh child process: CPU ``ru_maxrss`` at the end minus
                 the child's RSS after building the model and optimizer (torch's CPU allocations
-                are invisible to tracemalloc); CUDA ``max_memory_allocated`` minus the memory
-                allocated before the step. The step's own grads and AdamW state (3 x the
-                parameters' bytes, the same for every variant) are reported apart
-                (``grads_adam_bytes``) and taken off in ``activation_peak_bytes``.
+                are invisible to tracemalloc; glibc's mmap threshold fixed at
+                :data:`MMAP_THRESHOLD` so that the RSS follows the live tensors); CUDA
+                ``max_memory_allocated`` minus the memory allocated before the step. The
+                step's own grads and AdamW state (3 x the parameters' bytes, the same for every
+                variant) are reported apart (``grads_adam_bytes``) and taken off in
+                ``activation_peak_bytes``.
 
 Activation checkpointing: :data:`CHECKPOINTING` names the training forward ``"module:function"``
 the mythos variants run, called as ``fn(model, ids, n_loops, act=True, checkpoint=...)`` and
@@ -50,6 +52,10 @@ from .model import CONFIGS, build_models, precision_ctx
 CHECKPOINTING: str | None = "mythos.train.recurrence:train_forward"
 
 VARIANTS = ("open-mythos", "mythos", "mythos+fused-ce")
+# glibc's mmap threshold in the CPU memory children: fixed, so that freed activations are
+# unmapped (with the default dynamic threshold freed blocks stay in the heap and ru_maxrss
+# counts them as if still live)
+MMAP_THRESHOLD = 128 * 1024
 PLANS: dict[tuple[str, str], dict[str, Any]] = {
     ("tiny", "cpu"): dict(config="mid", dtype=torch.float32, B=1, T=16, n_loops=2, reps=1,
                           mem=None),
@@ -277,6 +283,8 @@ def measure_peak(variant: str, plan: dict, mem: dict, device: torch.device,
     code = ("import json, sys; from bench.train import child_peak; "
             "print('PEAK ' + json.dumps(child_peak(json.loads(sys.argv[1]))))")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    if device.type == "cpu":   # every block over 128 KiB mmapped: freed tensors leave the RSS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     for line in proc.stdout.splitlines():
@@ -300,7 +308,8 @@ def run_memory_suite(plan: dict, device: torch.device, variants=VARIANTS,
                    "batch": mem["B"], "context": mem["T"],
                    "shape": {"B": mem["B"], "T": mem["T"]},
                    "method": "cuda max_memory_allocated" if device.type == "cuda"
-                   else "child ru_maxrss - rss after build", **info}
+                   else f"child ru_maxrss - rss after build (MALLOC_MMAP_THRESHOLD_="
+                   f"{MMAP_THRESHOLD})", **info}
             if ckpt and (variant == "open-mythos" or CHECKPOINTING is None):
                 why = ("open-mythos has no activation checkpointing" if variant == "open-mythos"
                        else "no checkpointing hook wired (bench.train.CHECKPOINTING)")
