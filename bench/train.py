@@ -3,24 +3,30 @@
 * ``step``   -- forward (``n_loops`` = 8, every loop runs: ``act_threshold`` = 100 in both
                 models), the loss, backward, ``AdamW.step``; the variants run interleaved in one
                 process, same weights (open-mythos's state dict loaded into mythos through
-                :mod:`mythos.checkpoint`'s load hooks). Rows: seconds per step split into
-                fwd / bwd / optim, tokens/s; on CUDA also the model FLOPs utilization against
-                the measured matmul peak (:mod:`bench.ceilings`). Variants: ``open-mythos``
-                (its logits + ``F.cross_entropy``), ``mythos`` (the same loss) and
-                ``mythos+fused-ce`` (hidden states -> final norm ->
-                ``mythos_kernels.linear_cross_entropy``, the logits never whole); the two
-                mythos variants step one model, each with its own AdamW.
+                :mod:`mythos.checkpoint`'s load hooks), the same AdamW (torch's fused kernel).
+                Rows: seconds per step split into fwd / bwd / optim, tokens/s; on CUDA also the
+                model FLOPs utilization against the measured matmul peak
+                (:mod:`bench.ceilings`). Variants: ``open-mythos``
+                (its logits + ``F.cross_entropy``), ``mythos`` (the training forward
+                ``mythos.train.train_forward``, then the full logits + ``F.cross_entropy``)
+                and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss``:
+                final norm -> ``mythos_kernels.linear_cross_entropy``, the logits never
+                whole); the two mythos variants step one model, each with its own AdamW.
 * ``memory`` -- the peak memory of one step (forward, loss, backward, AdamW) above the built
                 model, each variant in a fresh child process: CPU ``ru_maxrss`` at the end minus
                 the child's RSS after building the model and optimizer (torch's CPU allocations
-                are invisible to tracemalloc); CUDA ``max_memory_allocated`` minus the memory
-                allocated before the step. The step's own grads and AdamW state (3 x the
-                parameters' bytes, the same for every variant) are reported apart
-                (``grads_adam_bytes``) and taken off in ``activation_peak_bytes``.
+                are invisible to tracemalloc; glibc's mmap threshold fixed at
+                :data:`MMAP_THRESHOLD` so that the RSS follows the live tensors); CUDA
+                ``max_memory_allocated`` minus the memory allocated before the step. The
+                step's own grads and AdamW state (3 x the parameters' bytes, the same for every
+                variant) are reported apart (``grads_adam_bytes``) and taken off in
+                ``activation_peak_bytes``.
 
-Activation checkpointing: :data:`CHECKPOINTING` names a hook ``"module:function"`` that takes a
-mythos model and turns per-iteration checkpointing on (the training package provides it); while
-it is None the ``+ckpt`` memory rows are reported as skipped.
+Activation checkpointing: :data:`CHECKPOINTING` names the training forward ``"module:function"``
+the mythos variants run, called as ``fn(model, ids, n_loops, act=True, checkpoint=...)`` and
+returning an object with the coda output ``.h``; the ``+ckpt`` memory rows pass
+``checkpoint=True`` (each recurrent iteration recomputed in backward). While it is None the
+mythos variants run ``model._hidden`` and the ``+ckpt`` rows are reported as skipped.
 """
 
 from __future__ import annotations
@@ -42,10 +48,14 @@ from . import ceilings as _ceil
 from .devinfo import REPO, run_info
 from .model import CONFIGS, build_models, precision_ctx
 
-# the checkpointing switch for the lead to wire: "mythos.train.<module>:<function>(model)"
-CHECKPOINTING: str | None = None
+# the training forward of the mythos variants: fn(model, ids, n_loops, act=, checkpoint=) -> .h
+CHECKPOINTING: str | None = "mythos.train.recurrence:train_forward"
 
 VARIANTS = ("open-mythos", "mythos", "mythos+fused-ce")
+# glibc's mmap threshold in the CPU memory children: fixed, so that freed activations are
+# unmapped (with the default dynamic threshold freed blocks stay in the heap and ru_maxrss
+# counts them as if still live)
+MMAP_THRESHOLD = 128 * 1024
 PLANS: dict[tuple[str, str], dict[str, Any]] = {
     ("tiny", "cpu"): dict(config="mid", dtype=torch.float32, B=1, T=16, n_loops=2, reps=1,
                           mem=None),
@@ -65,15 +75,32 @@ PLANS[("tiny", "cuda")] = PLANS[("tiny", "cpu")]
 # --------------------------------------------------------------------------- one step
 
 
-def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_loops: int
-             ) -> torch.Tensor:
-    """The training loss of one variant (next-token targets, -100 ignored)."""
-    if variant == "mythos+fused-ce":
-        import mythos_kernels as mk
+def _train_forward() -> Callable[..., Any] | None:
+    """The function :data:`CHECKPOINTING` names, or None."""
+    if CHECKPOINTING is None:
+        return None
+    mod, fn = CHECKPOINTING.split(":")
+    return getattr(importlib.import_module(mod), fn)
 
-        h = model.norm(model._hidden(ids, n_loops, None, 0))                # [B, T, D]
-        return mk.linear_cross_entropy(h.flatten(0, 1), model.head.weight, targets.flatten())
-    logits = model(ids, n_loops=n_loops)                                     # [B, T, V]
+
+def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_loops: int,
+             checkpoint: bool = False) -> torch.Tensor:
+    """The training loss of one variant (next-token targets, -100 ignored)."""
+    if variant == "open-mythos":
+        logits = model(ids, n_loops=n_loops)                                 # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    fwd = _train_forward()
+    if fwd is None:
+        if checkpoint:
+            raise ValueError("checkpoint=True needs bench.train.CHECKPOINTING set")
+        h = model._hidden(ids, n_loops, None, 0)                             # [B, T, D]
+    else:
+        h = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint).h      # [B, T, D]
+    if variant == "mythos+fused-ce":
+        from mythos.train import lm_loss
+
+        return lm_loss(model, h, targets, fused=True)
+    logits = model._logits(h)                                                # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -82,8 +109,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device
-              ) -> Callable[[], dict[str, float]]:
+def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device,
+              checkpoint: bool = False) -> Callable[[], dict[str, float]]:
     """A callable running one optimizer step, returning its phases' seconds."""
     impl = "open-mythos" if variant == "open-mythos" else "mythos"
 
@@ -91,7 +118,7 @@ def make_step(variant: str, model, opt, ids, targets, n_loops, dtype, device
         _sync(device)
         t0 = time.perf_counter()
         with precision_ctx(impl, dtype, device):
-            loss = _loss_fn(variant, model, ids, targets, n_loops)
+            loss = _loss_fn(variant, model, ids, targets, n_loops, checkpoint)
         _sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -111,6 +138,12 @@ def _batch(vocab: int, B: int, T: int, device: torch.device) -> tuple[torch.Tens
     g = torch.Generator().manual_seed(5)
     seq = torch.randint(0, vocab, (B, T + 1), generator=g)
     return seq[:, :-1].contiguous().to(device), seq[:, 1:].contiguous().to(device)
+
+
+def _adamw(model) -> torch.optim.Optimizer:
+    """The optimizer of every variant: AdamW with torch's fused kernel (CPU and CUDA), as
+    :func:`mythos.train.make_optimizer` builds it."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
 
 def _trainable(models: dict) -> None:
@@ -157,7 +190,7 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
         if impl not in models:
             continue
         model = models[impl]
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        opt = _adamw(model)
         steps[v] = make_step(v, model, opt, ids, targets, n_loops, dtype, device)
     failed: dict[str, str] = {}
     for v, fn in list(steps.items()):  # warm-up: one step each (allocates grads and AdamW state)
@@ -213,6 +246,8 @@ def _rss_bytes() -> int:
 
 def child_peak(spec: dict) -> dict:
     """In a fresh process: build one variant, then one step; peak bytes above the built model."""
+    global CHECKPOINTING
+    CHECKPOINTING = spec.get("train_forward", CHECKPOINTING)
     device = torch.device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     cfg = CONFIGS[spec["config"]]
@@ -221,12 +256,10 @@ def child_peak(spec: dict) -> dict:
     models, _ = build_models(cfg, device, dtype, impls=(impl,))
     model = models[impl]
     _trainable(models)
-    if spec.get("checkpointing"):
-        mod, fn = spec["checkpointing"].split(":")
-        getattr(importlib.import_module(mod), fn)(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = _adamw(model)
     ids, targets = _batch(cfg["vocab_size"], spec["B"], spec["T"], device)
-    step = make_step(variant, model, opt, ids, targets, spec["n_loops"], dtype, device)
+    step = make_step(variant, model, opt, ids, targets, spec["n_loops"], dtype, device,
+                     checkpoint=bool(spec.get("checkpointing")))
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -242,13 +275,16 @@ def child_peak(spec: dict) -> dict:
 
 
 def measure_peak(variant: str, plan: dict, mem: dict, device: torch.device,
-                 checkpointing: str | None = None, timeout_s: float = 1800) -> dict:
+                 checkpointing: bool = False, timeout_s: float = 1800) -> dict:
     """Run :func:`child_peak` in a fresh Python process and parse its JSON line."""
     spec = dict(variant=variant, device=device.type, dtype=str(plan["dtype"]).split(".")[-1],
-                config=plan["config"], checkpointing=checkpointing, **mem)
+                config=plan["config"], checkpointing=checkpointing, train_forward=CHECKPOINTING,
+                **mem)
     code = ("import json, sys; from bench.train import child_peak; "
             "print('PEAK ' + json.dumps(child_peak(json.loads(sys.argv[1]))))")
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    if device.type == "cpu":   # every block over 128 KiB mmapped: freed tensors leave the RSS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=str(REPO), env=env,
                           capture_output=True, text=True, timeout=timeout_s)
     for line in proc.stdout.splitlines():
@@ -257,13 +293,14 @@ def measure_peak(variant: str, plan: dict, mem: dict, device: torch.device,
     raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-400:]}")
 
 
-def run_memory_suite(plan: dict, device: torch.device) -> list[dict]:
+def run_memory_suite(plan: dict, device: torch.device, variants=VARIANTS,
+                     checkpointing: tuple[bool, ...] = (False, True)) -> list[dict]:
     """Peak memory rows: each variant, with and without checkpointing."""
     mem = plan["mem"]
     info = run_info(device)
     rows = []
-    for variant in VARIANTS:
-        for ckpt in (False, True):
+    for variant in variants:
+        for ckpt in checkpointing:
             name = variant + ("+ckpt" if ckpt else "")
             row = {"kind": "model", "op": "model_train_memory", "suite": "train_memory",
                    "provider": name, "impl": name, "config": plan["config"],
@@ -271,14 +308,15 @@ def run_memory_suite(plan: dict, device: torch.device) -> list[dict]:
                    "batch": mem["B"], "context": mem["T"],
                    "shape": {"B": mem["B"], "T": mem["T"]},
                    "method": "cuda max_memory_allocated" if device.type == "cuda"
-                   else "child ru_maxrss - rss after build", **info}
+                   else f"child ru_maxrss - rss after build (MALLOC_MMAP_THRESHOLD_="
+                   f"{MMAP_THRESHOLD})", **info}
             if ckpt and (variant == "open-mythos" or CHECKPOINTING is None):
                 why = ("open-mythos has no activation checkpointing" if variant == "open-mythos"
                        else "no checkpointing hook wired (bench.train.CHECKPOINTING)")
                 rows.append({**row, "status": "skipped", "reason": why})
                 continue
             try:
-                res = measure_peak(variant, plan, mem, device, CHECKPOINTING if ckpt else None)
+                res = measure_peak(variant, plan, mem, device, ckpt)
                 act = res["peak_bytes"] - 3 * res["param_bytes"]
                 row.update(status="ok", peak_bytes=res["peak_bytes"],
                            grads_adam_bytes=3 * res["param_bytes"], activation_peak_bytes=act,

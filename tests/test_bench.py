@@ -459,3 +459,37 @@ def test_unknown_named_suite_raises(tmp_path):
 
     with pytest.raises(ValueError, match="named suites are"):
         run_named_suites(["nope"], "tiny", tmp_path)
+
+
+def test_train_losses_and_checkpointing_hook(om):
+    """The train suite's mythos variants: the same loss as open-mythos on the same weights, with
+    and without the fused head and per-iteration checkpointing (the switch is wired)."""
+    from bench import train as bt
+    from bench.model import CPU_CONFIGS, build_models
+
+    assert bt._train_forward() is not None
+    models, _ = build_models(CPU_CONFIGS["tiny-gqa"], torch.device("cpu"), torch.float32)
+    bt._trainable(models)
+    ids, targets = bt._batch(CPU_CONFIGS["tiny-gqa"]["vocab_size"], 2, 9, torch.device("cpu"))
+    ref = bt._loss_fn("open-mythos", models["open-mythos"], ids, targets, 3)
+    grads = None
+    for variant in ("mythos", "mythos+fused-ce"):
+        for ckpt in (False, True):
+            model = models["mythos"]
+            loss = bt._loss_fn(variant, model, ids, targets, 3, checkpoint=ckpt)
+            torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+            g = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+            if grads is None:
+                grads = g
+            for a, b in zip(g, grads):
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_memory_child_with_checkpointing():
+    from bench import train as bt
+
+    plan = dict(bt.PLANS[("tiny", "cpu")])
+    res = bt.measure_peak("mythos+fused-ce", plan, dict(B=1, T=8, n_loops=2), torch.device("cpu"),
+                          checkpointing=True, timeout_s=600)
+    assert res["peak_bytes"] > 0 and res["param_bytes"] > 0 and res["step_s"] > 0

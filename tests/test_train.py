@@ -131,6 +131,19 @@ def test_activation_checkpointing_same_gradients():
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
+def test_checkpointing_recomputes_prelude_and_coda_in_backward():
+    torch.manual_seed(3)
+    model = OpenMythos(micro_cfg(act_threshold=5.0)).train()
+    ids = torch.randint(0, 40, (2, 9))
+    calls = []
+    for name, layer in (("prelude", model.prelude[0]), ("coda", model.coda[0])):
+        layer.register_forward_pre_hook(lambda *_, n=name: calls.append(n))
+    for ckpt, per_layer in ((False, 1), (True, 2)):
+        calls.clear()
+        train_forward(model, ids, 2, checkpoint=ckpt).h.sum().backward()
+        assert calls.count("prelude") == calls.count("coda") == per_layer, (ckpt, calls)
+
+
 def test_ponder_depth_and_gradients():
     torch.manual_seed(3)
     model = OpenMythos(micro_cfg(act_threshold=0.9)).double()
@@ -368,15 +381,28 @@ def test_help_documents_every_flag(capsys):
         assert flag in text, flag
 
 
-def test_lm_loss_matches_cross_entropy():
+@pytest.mark.parametrize("fused", [True, False])
+def test_lm_loss_matches_cross_entropy(fused):
     torch.manual_seed(5)
     model = OpenMythos(micro_cfg())
-    h = torch.randn(2, 5, 32)
-    t = torch.randint(0, 40, (2, 5))
+    h = torch.randn(2, 7, 32, requires_grad=True)
+    t = torch.randint(0, 40, (2, 7))
     t[0, :3] = IGNORE
     ref = torch.nn.functional.cross_entropy(model._logits(h).reshape(-1, 40), t.reshape(-1),
                                             ignore_index=IGNORE)
-    torch.testing.assert_close(lm_loss(model, h, t), ref)
+    ref_g = torch.autograd.grad(ref, [h, model.head.weight, model.norm.weight])
+    loss = lm_loss(model, h, t, fused=fused)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    got_g = torch.autograd.grad(loss, [h, model.head.weight, model.norm.weight])
+    for name, g, r in zip(("dh", "dW_head", "dnorm"), got_g, ref_g):
+        torch.testing.assert_close(g, r, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lm_loss_rejects_a_non_bool_flag():
+    model = OpenMythos(micro_cfg())
+    with pytest.raises(TypeError, match="fused"):
+        lm_loss(model, torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.long), fused=1)
 
 
 # -- the Triton path (interpreter on CPU) --------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import mythos_kernels as K
 from mythos.model import OpenMythos
 
 from .data import IGNORE
@@ -23,11 +24,22 @@ def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tor
     return h.reshape(-1, h.shape[-1]).index_select(0, keep), flat_t.index_select(0, keep)
 
 
-def lm_loss(model: OpenMythos, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: OpenMythos, h: torch.Tensor, targets: torch.Tensor, fused: bool = True
+            ) -> torch.Tensor:
     """Mean cross-entropy over the positions with a target (``targets != -100``) of the logits
-    ``head(norm(h))``; h [B, T, D] is the coda output (``train_forward(...).h``)."""
+    ``head(norm(h))``; h [B, T, D] is the coda output (``train_forward(...).h``).
+
+    ``fused=True`` computes it with :func:`mythos_kernels.linear_cross_entropy` (the logits are
+    never whole: chunked on the CPU, the Triton row kernel on CUDA); ``fused=False`` builds the
+    full logits and calls ``F.cross_entropy`` (the same value up to fp32 rounding).
+    """
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
     hs, ts = _selected(h, targets)
-    return _head_loss(model.norm(hs), model.head.weight, ts)
+    hs = model.norm(hs)                                                      # [N, D]
+    if not fused:
+        return _head_loss(hs, model.head.weight, ts)
+    return K.linear_cross_entropy(hs, model.head.weight, ts, ignore_index=IGNORE).float()
 
 
 @torch.no_grad()

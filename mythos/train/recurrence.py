@@ -162,8 +162,9 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
         grad_loops: only the last ``grad_loops`` of the ``n_loops`` iterations build a graph;
             the earlier ones run under ``torch.no_grad`` (their h, ACT output and cumulative
             halting probability enter as constants; e keeps its gradient). None: all of them.
-        checkpoint: recompute each graph-building iteration in backward instead of keeping its
-            activations (``torch.utils.checkpoint``, non-reentrant).
+        checkpoint: recompute each graph-building iteration, and each prelude and coda layer, in
+            backward instead of keeping its activations (``torch.utils.checkpoint``,
+            non-reentrant).
         halt_check: ``(cum_p, threshold) -> bool``, the early-exit decision (default the
             recurrent block's ``halt_reducer`` or ``K.HaltCheck``).
 
@@ -185,12 +186,19 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
     freqs = model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis
     freqs_cis = freqs[:T]
     mask = CAUSAL if T > 1 else None
+    ckpt = checkpoint and torch.is_grad_enabled()
+
+    def run_layer(layer: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+        step = functools.partial(layer, freqs_cis=freqs_cis, mask=mask, kv_cache=None,
+                                 cache_key=name, positions=None)
+        return _checkpoint(step, x, use_reentrant=False) if ckpt else step(x)
+
     for i, layer in enumerate(model.prelude):
-        x = layer(x, freqs_cis, mask, None, f"prelude_{i}", None)
+        x = run_layer(layer, x, f"prelude_{i}")
     x, depth, run = recurrent_forward(model.recurrent, x, x, freqs_cis, mask, n_loops, act,
                                       grad_loops, checkpoint, halt_check)
     for i, layer in enumerate(model.coda):
-        x = layer(x, freqs_cis, mask, None, f"coda_{i}", None)
+        x = run_layer(layer, x, f"coda_{i}")
     return ForwardOut(x, depth, run)
 
 
