@@ -19,7 +19,7 @@ An op that has no Triton kernel yet uses its reference (or a CPU form) under eve
 CPU forms register themselves (:func:`register_cpu`) with the op they serve, a predicate that
 says when they serve a call, and a name that switches them on and off (:func:`cpu_variant`,
 :func:`set_cpu_variant`, :func:`reset_cpu_variants`, listed by :func:`cpu_variants`; a variant
-may take its default from a ``MYTHOS_CPU_*`` environment variable); switches inside a form (a sub-form,
+may take its default from an environment variable, ``mythos_kernels._env``); switches inside a form (a sub-form,
 kept buffers) register with no function and are read with :func:`cpu_enabled`. Tests and A/B
 measurements switch variants by these names.
 
