@@ -244,6 +244,26 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux ``clear_refs`` 5), so
+    the peak read after a step is the step's, not the model build's; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """``VmHWM`` (peak RSS since the last :func:`_reset_peak_rss`) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 def child_peak(spec: dict) -> dict:
     """In a fresh process: build one variant, then one step; peak bytes above the built model."""
     global CHECKPOINTING
@@ -268,9 +288,11 @@ def child_peak(spec: dict) -> dict:
         res = step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        reset = _reset_peak_rss()            # else ru_maxrss may be the build's transient peak
         base = _rss_bytes()
         res = step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        top = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = top - base
     return {"peak_bytes": int(peak), "param_bytes": int(param_bytes), "step_s": res["step"]}
 
 
@@ -308,8 +330,8 @@ def run_memory_suite(plan: dict, device: torch.device, variants=VARIANTS,
                    "batch": mem["B"], "context": mem["T"],
                    "shape": {"B": mem["B"], "T": mem["T"]},
                    "method": "cuda max_memory_allocated" if device.type == "cuda"
-                   else f"child ru_maxrss - rss after build (MALLOC_MMAP_THRESHOLD_="
-                   f"{MMAP_THRESHOLD})", **info}
+                   else "child VmHWM of the step (reset after the build) - rss after build "
+                   f"(MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD})", **info}
             if ckpt and (variant == "open-mythos" or CHECKPOINTING is None):
                 why = ("open-mythos has no activation checkpointing" if variant == "open-mythos"
                        else "no checkpointing hook wired (bench.train.CHECKPOINTING)")
