@@ -156,3 +156,23 @@ def make_pair(om, seed: int = 0, perturb: float = 0.1, **kw):
     b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     b.load_state_dict(a.state_dict())
     return a, b
+
+
+@pytest.fixture
+def no_cpu_size_floors(monkeypatch):
+    """Tests of the CPU forms on small odd shapes: the forms' weight-size floors lowered so that
+    those shapes take the forms under test (``test_*_size_floor*`` restore them), and the split
+    forms on whatever the machine's thread count."""
+    import importlib
+
+    L = importlib.import_module("mythos_kernels.cpu.linear")
+    M = importlib.import_module("mythos_kernels.cpu.moe")
+    monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
+    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
+    monkeypatch.setattr(L, "two_threads", lambda: True)
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    """A fresh normal tensor of ``shape`` times ``scale``, in ``dtype``."""
+    return (torch.randn(*shape) * scale).to(dtype)

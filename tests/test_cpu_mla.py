@@ -6,28 +6,16 @@ import importlib
 
 import pytest
 import torch
+from conftest import rand as _rand
 
 import mythos_kernels as K
 
 # every test here is of the CPU inference forms: new tensors on the CPU also on a GPU machine
-pytestmark = pytest.mark.usefixtures("on_cpu")
+pytestmark = pytest.mark.usefixtures("on_cpu", "no_cpu_size_floors")
 
 L = importlib.import_module("mythos_kernels.cpu.linear")   # the CPU forms (K.dense is the op)
 M = importlib.import_module("mythos_kernels.cpu.moe")
 
-
-@pytest.fixture(autouse=True)
-def _no_size_floors(monkeypatch):
-    """These tests use small odd shapes: lower the forms' weight-size floors so that those shapes
-    take the forms under test (``test_*_size_floor*`` restore them)."""
-    monkeypatch.setattr(L, "SPLIT_MIN_WEIGHT", 1)
-    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT", 1)
-    monkeypatch.setattr(M, "SPLIT_MIN_EXPERT", 1)
-    monkeypatch.setattr(L, "two_threads", lambda: True)   # the split forms, whatever the machine
-
-
-def _rand(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape) * scale).to(dtype)
 
 
 @pytest.mark.parametrize("B,T,H", [(1, 1, 8), (3, 1, 5), (2, 4, 3)])
