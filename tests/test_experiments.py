@@ -150,6 +150,7 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     for argv in (["depth", "--out", str(tmp_path), "--steps", "0"],
                  ["depth", "--out", str(tmp_path), "--seeds", "a"],
                  ["depth", "--out", str(tmp_path), "--quick", "--scale"],
+                 ["act-scan", "--out", str(tmp_path), "--device", "nope"],
                  ["nope", "--out", str(tmp_path)]):
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -12,6 +12,7 @@ from .common import (
     Size,
     config_dict,
     evaluate,
+    finish_figure,
     mean_std,
     model_config,
     n_params,
@@ -90,15 +91,7 @@ def plot(res: dict, path: str) -> str:
         b.plot(r["hops"], r["hop_halt_depth"], marker="o", ms=3, label=f"threshold {t}")
     b.set(xlabel="hops", ylabel="mean halting depth", title=f"halting depth vs hops (up to {res['eval_loops']} loops)")
     b.legend(fontsize=7)
-    for ax in (a,):
-        if res.get("chance"):
-            ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, path, (a, b), (a,), res.get("chance"))
 
 
 def summary(res: dict) -> str:

@@ -8,6 +8,9 @@ import dataclasses
 import time
 from typing import Optional, Sequence
 
+from mythos.train.cli import int_at_least
+from mythos.train.trainer import resolve_device
+
 from .common import Size, set_threads
 
 SIZES = {
@@ -43,14 +46,7 @@ HELP = {"depth": "accuracy against n_loops 1..4L and hop count, three training r
         "vs-dense": "looped model against same-parameter and same-compute non-looped models"}
 
 
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+_pos_int = int_at_least(1)
 
 
 def _seeds(s: str) -> tuple:
@@ -97,7 +93,12 @@ def size_from_args(args: argparse.Namespace) -> Size:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(f"argument --device: {exc}")
     size = size_from_args(args)
     set_threads(args.threads if args.device in ("auto", "cpu") else None)
     t0 = time.perf_counter()

@@ -213,6 +213,21 @@ def pyplot():
     return plt
 
 
+def finish_figure(fig, path, axes, chance_axes, chance) -> str:
+    """Mark ``chance`` (a red dotted line) on ``chance_axes``, grid every axis, save ``fig`` to
+    ``path`` and close it."""
+    plt = pyplot()
+    if chance:
+        for ax in chance_axes:
+            ax.axhline(chance, color="r", ls=":", lw=1, label="chance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def config_dict(cfg: MythosConfig) -> dict:
     d = dataclasses.asdict(cfg)
     return {k: v for k, v in d.items() if not (isinstance(v, float) and not math.isfinite(v))}

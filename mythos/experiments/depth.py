@@ -12,6 +12,7 @@ from .common import (
     Size,
     config_dict,
     evaluate,
+    finish_figure,
     mean_std,
     model_config,
     n_params,
@@ -88,17 +89,13 @@ def plot(res: dict, path: str) -> str:
     b.axvspan(min(res["train_hops"]) - 0.5, max(res["train_hops"]) + 0.5, color="k", alpha=0.07,
               label="trained hops")
     b.set(xlabel="hops", ylabel=f"accuracy at n_loops={res['train_loops']}", title="accuracy vs hop count")
-    for ax in (a, b):
-        if res.get("chance"):
+    if res.get("chance"):
+        for ax in (a, b):
             ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
     for ax in (a, b):
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, path, (a, b), (), None)
 
 
 def summary(res: dict) -> str:

@@ -21,6 +21,7 @@ from .common import (
     Size,
     config_dict,
     evaluate,
+    finish_figure,
     mean_std,
     model_config,
     n_params,
@@ -108,15 +109,7 @@ def plot(res: dict, path: str) -> str:
               label="trained hops")
     b.set(xlabel="hops", ylabel="accuracy", ylim=(0, 1.02), title="accuracy vs hop count")
     b.legend(fontsize=7)
-    for ax in (a, b):
-        if res.get("chance"):
-            ax.axhline(res["chance"], color="r", ls=":", lw=1, label="chance")
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return finish_figure(fig, path, (a, b), (a, b), res.get("chance"))
 
 
 def summary(res: dict) -> str:

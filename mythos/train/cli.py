@@ -23,24 +23,22 @@ RESUME_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "keep", "e
                     "device", "dist")
 
 
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def int_at_least(lo: int):
+    """An argparse type: an int >= ``lo``."""
+    what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return v
+    return parse
 
 
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+_pos_int, _nonneg_int = int_at_least(1), int_at_least(0)
 
 
 def _finite(lo: float, strict: bool):
