@@ -26,7 +26,7 @@ and is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Optional
 
 import torch
@@ -178,6 +178,38 @@ class LayerCache:
 
 
 Mapping.register(LayerCache)   # isinstance(entry, Mapping), as open-mythos's dict entries
+
+
+class ReadOnlyLayer(LayerCache):
+    """A read-only view of a :class:`LayerCache`: attention through it sees the cached positions
+    and the new ones, and writes nothing (its buffers are the viewed layer's, never modified).
+    :meth:`append` returns ``cat(cached prefix, new)``, :meth:`write_at` full-capacity copies
+    with ``new`` at ``positions``."""
+
+    def __init__(self, lc: LayerCache):
+        super().__init__(lc.capacity, lc.max_capacity, lc.fixed, lc.heads)
+        self.length = lc.length
+        self.buffers = lc.buffers
+
+    def append(self, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        x0 = next(iter(new.values()))
+        self.check_append(x0.shape[0], x0.shape[1])
+        return {n: torch.cat([b[:, :self.length], new[n].detach()], 1)
+                for n, b in self.buffers.items()}
+
+    append_next = append
+
+    def write_at(self, positions: torch.Tensor, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.fixed or not self.buffers:
+            raise ValueError("write_at needs a MythosCache whose buffers were filled by a prefill")
+        return {n: b.index_copy(1, positions, new[n].detach().to(b.dtype))
+                for n, b in self.buffers.items()}
+
+
+def read_only(kv_cache: dict, keys: Iterable[str]) -> dict[str, ReadOnlyLayer]:
+    """Read-only views (:class:`ReadOnlyLayer`) of the layers ``keys`` of ``kv_cache``, as a
+    kv_cache dict: a forward through them attends over the cache and leaves it as it was."""
+    return {k: ReadOnlyLayer(kv_cache[k]) for k in keys}
 
 
 class MythosCache(dict):

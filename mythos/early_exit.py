@@ -5,9 +5,11 @@ depth a row (one token) may exit by one of three criteria:
 
 * ``act``: its cumulative ACT halting probability reaches ``threshold`` (default the config's
   ``act_threshold``: open-mythos's own rule; past that depth the ACT output no longer changes);
-* ``kl``: ``KL(p_t || p_{t-1}) < threshold`` where ``p_t = softmax(head(norm(y_t)))`` is the
-  next-token distribution of the depth-``t`` exit output ``y_t`` (the head on the loop output,
-  coda skipped), from depth 1 on;
+* ``kl``: ``KL(p_t || p_{t-1}) < threshold`` where ``p_t = softmax(head(norm(coda(y_t))))`` is
+  the next-token distribution of the depth-``t`` exit output ``y_t``, from depth 1 on: the real
+  prediction path (as Huginn's exit KL), so it costs a coda and a head per depth. The coda reads
+  its cache for past positions without writing it (:func:`mythos.cache.read_only`); it writes
+  its cache once, for the final output;
 * ``latent``: ``||h_t - h_{t-1}|| / ||h_t|| < threshold`` on the recurrent state, from depth 1 on.
 
 An exited row's output is ``y = h_out + r * h`` (``h_out`` the ACT accumulation, ``r`` the
@@ -22,8 +24,12 @@ still gets one entry per token; at the depths a row skipped it is, by ``fill``:
   ``attn_norm(loop_input(h, e, t))`` through the key/value path only (MLA: latent and rope key;
   GQA: K and V), no attention output, no MoE.
 
-Rows exit independently through masks; the loop stops early (one host read per depth) once every
-row has exited, unless ``fill`` is ``recompute``.
+Rows exit independently through masks. Two forms of the step give the same tokens and values:
+the eager one (the CPU default) stops the loop once every row has exited (one host read per
+depth; never for ``recompute``), skipping compute; the capturable one (the CUDA default) runs
+every depth with the updates of rows already out masked by ``torch.where``: no host read, no
+data-dependent branch, so it can be captured in a CUDA graph. With a position tensor it is the
+static step (cache written by index), which ``mythos.adaptive.generate`` captures.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 import mythos_kernels as K
 
 from ._validate import check_choice, check_float
+from .cache import read_only
 
 CRITERIA = ("act", "kl", "latent")
 FILLS = ("recompute", "latest", "project")
@@ -76,15 +83,24 @@ def kv_projection(attn: torch.nn.Module, xn: torch.Tensor, freqs: torch.Tensor
     return {"k": k, "v": attn.wv(xn).view(B, T, attn.n_kv_heads, attn.head_dim)}
 
 
-def _entry(lc, pos: int) -> dict[str, torch.Tensor]:
-    return {n: b[:, pos:pos + 1].clone() for n, b in lc.buffers.items()}
+def _entry(lc, pos: int, positions: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of position ``pos`` (or the position tensor ``positions`` [1]) of every buffer."""
+    if positions is None:
+        return {n: b[:, pos:pos + 1].clone() for n, b in lc.buffers.items()}
+    return {n: b.index_select(1, positions) for n, b in lc.buffers.items()}
 
 
-def _overwrite(lc, pos: int, rows: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
-    """Position ``pos`` of layer cache ``lc`` set to ``new`` where ``rows`` [B] (bool) holds."""
+def _overwrite(lc, pos: int, positions: Optional[torch.Tensor], rows: torch.Tensor,
+               new: dict[str, torch.Tensor]) -> None:
+    """Position ``pos`` (or ``positions``) of layer cache ``lc`` set to ``new`` where ``rows``
+    [B] (bool) holds."""
     for n, b in lc.buffers.items():
         m = rows.view((-1,) + (1,) * (b.dim() - 1))
-        b[:, pos:pos + 1] = torch.where(m, new[n].to(b.dtype), b[:, pos:pos + 1])
+        if positions is None:
+            b[:, pos:pos + 1] = torch.where(m, new[n].to(b.dtype), b[:, pos:pos + 1])
+        else:
+            b.index_copy_(1, positions, torch.where(m, new[n].to(b.dtype),
+                                                    b.index_select(1, positions)))
 
 
 def exit_output(h: torch.Tensor, h_out: torch.Tensor, cum_p: torch.Tensor, thr: float
@@ -95,18 +111,46 @@ def exit_output(h: torch.Tensor, h_out: torch.Tensor, cum_p: torch.Tensor, thr: 
 
 
 def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Optional[int],
-                criterion: str, threshold: float, fill: str) -> tuple[torch.Tensor, torch.Tensor]:
+                criterion: str, threshold: float, fill: str, capturable: Optional[bool] = None,
+                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step with early exit: tokens [B, 1] at position ``pos`` appended to ``cache``
     (which holds every layer and depth for positions [0, pos)) -> (hidden [B, D] before the
-    final norm, loops each row ran [B] int64)."""
+    final norm, loops each row ran [B] int64).
+
+    Args:
+        capturable: run every depth with masked updates (no host read; module docstring);
+            default: for CUDA tensors. False: stop once every row has exited.
+        positions: an int64 tensor [1] holding ``pos`` on ``tok``'s device: the static step
+            (cache written at that index of a :class:`~mythos.cache.MythosCache` filled by a
+            prefill, attention masked by position; the caller tracks the cache length); always
+            capturable.
+    """
+    if positions is not None:
+        if capturable is False:
+            raise ValueError("capturable=False with positions: the static step is capturable")
+        capturable = True
+    elif capturable is None:
+        capturable = tok.is_cuda
     cfg, rec = model.cfg, model.recurrent
     n_loops = n_loops or cfg.max_loop_iters
     B = tok.shape[0]
     x = model.embed(tok)
-    freqs = (model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis)[pos:pos + 1]
+    table = model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis
+    freqs = table[pos:pos + 1] if positions is None else table.index_select(0, positions)
     for i, layer in enumerate(model.prelude):
-        x = layer(x, freqs, None, cache, f"prelude_{i}")
+        x = layer(x, freqs, None, cache, f"prelude_{i}", positions)
     e = h = x
+    coda_keys = [f"coda_{i}" for i in range(len(model.coda))]
+    peek = read_only(cache, coda_keys) if criterion == "kl" else None
+
+    def log_p(y_t: torch.Tensor) -> torch.Tensor:
+        """log softmax of the next-token logits of exit output ``y_t``: coda (reading the cache,
+        writing nothing), final norm, head."""
+        z = y_t.to(e.dtype)
+        for key, layer in zip(coda_keys, model.coda):
+            z = layer(z, freqs, None, peek, key, positions)
+        return torch.log_softmax(model._logits(z[:, -1]).float(), -1)
+
     thr_act = cfg.act_threshold
     acc = K.acc_dtype(h.dtype)
     cum_p = torch.zeros(B, 1, device=h.device, dtype=acc)
@@ -121,7 +165,7 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
     t = -1
     for t in range(n_loops):
         key = f"recurrent_loop_{t}"
-        out = rec.block(x_in, freqs, None, cache, key)
+        out = rec.block(x_in, freqs, None, cache, key, positions)
         delta = rec.lora(out, t)
         if delta.dtype != out.dtype:
             out, delta = out + delta, None
@@ -130,10 +174,9 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
                              halt.weight, halt.bias, thr_act, next_loop=nxt, delta=delta)
         a3 = active.view(B, 1, 1)
         lc = cache[key]
-        if fill != "recompute" and last is not None:   # rows already out: their fill here
-            if fill == "latest":
-                _overwrite(lc, pos, ~active, last)
-        entry = _entry(lc, pos)
+        if fill == "latest" and last is not None:   # rows already out: their fill here
+            _overwrite(lc, pos, positions, ~active, last)
+        entry = _entry(lc, pos, positions)
         last = entry if last is None else {n: torch.where(
             active.view((-1,) + (1,) * (v.dim() - 1)), entry[n], last[n]) for n, v in entry.items()}
         h_prev = h
@@ -145,6 +188,7 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
         cum_p = torch.where(active.view(B, 1), res[2], cum_p)
         depth += active.long()
         y_t = exit_output(h if fill != "recompute" else res[0], h_out, cum_p, thr_act)
+        logp = log_p(y_t) if criterion == "kl" else None
         if criterion == "act":
             stop = cum_p[:, 0] >= threshold
         elif t == 0:
@@ -153,12 +197,9 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
             diff = (res[0] - h_prev).float().norm(dim=-1)[:, 0]
             stop = diff < threshold * res[0].float().norm(dim=-1)[:, 0]
         else:
-            logp = torch.log_softmax(model._logits(y_t[:, 0].to(h.dtype)).float(), -1)
             kl = (logp.exp() * (logp - prev_logp)).sum(-1)
             stop = kl < threshold
-        if criterion == "kl":
-            prev_logp = torch.log_softmax(model._logits(y_t[:, 0].to(h.dtype)).float(), -1) \
-                if t == 0 else logp
+        prev_logp = logp
         stop = stop & active
         y = torch.where(stop.view(B, 1, 1), y_t, y)
         active = active & ~stop
@@ -169,7 +210,7 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
             x_next = torch.where(active.view(B, 1, 1), x_next,
                                  K.loop_input(h, e, t + 1, norm.weight, norm.eps, rec.loop_dim))
         x_in = x_next
-        if fill != "recompute" and not bool(active.any()):
+        if not capturable and fill != "recompute" and not bool(active.any()):
             break
     for t2 in range(t + 1, n_loops):          # depths no row reached: filled for every row
         lc = cache[f"recurrent_loop_{t2}"]
@@ -181,8 +222,8 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
             lc.append(**kv_projection(blk.attn, xn, freqs))
     y = torch.where(active.view(B, 1, 1), h_out, y)
     x = y.to(e.dtype)
-    for i, layer in enumerate(model.coda):
-        x = layer(x, freqs, None, cache, f"coda_{i}")
+    for key, layer in zip(coda_keys, model.coda):
+        x = layer(x, freqs, None, cache, key, positions)
     return x[:, -1], depth
 
 

@@ -115,6 +115,16 @@ def _slice_cache(cache: dict, b: int) -> MythosCache:
     return out
 
 
+def _coda_log_p(model, y, freqs, cache):
+    """Next-token log-probs of the loop output ``y``: the coda over a copy of the cache, the
+    final norm, the head."""
+    copy = _slice_cache(cache, 0)
+    x = y
+    for i, layer in enumerate(model.coda):
+        x = layer(x, freqs, None, copy, f"coda_{i}")
+    return torch.log_softmax(model._logits(x[:, -1]), -1)
+
+
 def _ref_step(model, tok, cache, pos, n_loops, crit, thr, fill):
     """One row: the definition, scalar control flow, reference formulas, module attention."""
     rec, cfg = model.recurrent, model.cfg
@@ -147,7 +157,7 @@ def _ref_step(model, tok, cache, pos, n_loops, crit, thr, fill):
             c = float(cum)
             r = max(1 - c, 0.0) if c < cfg.act_threshold else 0.0
             y_t = h_out + r * h_new
-            logp = torch.log_softmax(model._logits(y_t[:, 0]), -1)
+            logp = _coda_log_p(model, y_t, freqs, cache)
             if crit == "act":
                 stop = c >= thr
             elif crit == "latent":
