@@ -16,9 +16,12 @@ from typing import Iterator, Optional
 
 import torch
 
+import mythos_kernels as K
+
 from . import early_exit, speculative
 from ._validate import check_bool, check_float, check_int
 from .cache import MythosCache
+from .generate import capture_step
 from .sampling import check_min_p, check_top_p, sample_filtered
 
 
@@ -75,6 +78,9 @@ def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
             if r is None:
                 return
             yield out[:, r[0]:r[1]]
+    if a.get("static"):
+        yield from _static_exit_steps(model, out, P, N, cache, a, samp, stats)
+        return
     for i in range(1, N):
         pos = P + i - 1
         with torch.no_grad():
@@ -90,6 +96,40 @@ def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
                     stats["tokens"] = stats.get("tokens", 0) + B
             out[:, pos + 1] = sample_filtered(model._logits(h), *samp)
         yield out[:, pos + 1:pos + 2]
+
+
+def _static_exit_steps(model, out: torch.Tensor, P: int, N: int, cache: MythosCache, a: dict,
+                       samp: tuple, stats: Optional[dict]) -> Iterator[torch.Tensor]:
+    """The early-exit decode steps through the static step (token and position as tensors,
+    cache written by index), captured in a CUDA graph when ``a["graph"]``: no host read inside
+    the step; the loop counts are summed on the device and read once at the end."""
+    B = out.shape[0]
+    tok = out.new_empty(B, 1).copy_(out[:, P:P + 1])
+    pos = torch.full((1,), P, dtype=torch.long, device=out.device)
+    loops = torch.zeros((), dtype=torch.long, device=out.device)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        h, depth = early_exit.hidden_step(model, tok, cache, P, a["n_loops"], a["exit_criterion"],
+                                          a["exit_threshold"], a["exit_fill"], positions=pos)
+        return model._logits(h), depth
+
+    run = step
+    if a["graph"]:
+        with torch.no_grad():
+            run = capture_step(step, a["graph_requested"]) or step
+    for i in range(1, N):
+        with torch.no_grad():
+            tok.copy_(out[:, P + i - 1:P + i])
+            pos.fill_(P + i - 1)
+            logits, depth = run()
+            loops += depth.sum()
+            out[:, P + i] = sample_filtered(logits, *samp)
+        yield out[:, P + i:P + i + 1]
+    for c in cache.values():
+        c.length = P + N - 1
+    if stats is not None:
+        stats["loops"] = stats.get("loops", 0) + int(loops)
+        stats["tokens"] = stats.get("tokens", 0) + B * (N - 1)
 
 
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int = 64, n_loops: Optional[int] = 8,
@@ -132,14 +172,32 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64,
              cuda_graph: Optional[bool] = None, static: Optional[bool] = None,
              compiled: bool = False) -> torch.Tensor:
     """:func:`stream`'s tokens appended to the prompt: [B, T] -> [B, T + max_new_tokens].
-    These modes decode eagerly: ``cuda_graph``, ``static`` or ``compiled`` set True is refused."""
+
+    With ``exit_criterion`` (and no ``draft_loops``), ``static=True`` decodes with the static
+    early-exit step (:func:`mythos.early_exit.hidden_step` with a position tensor: no host read)
+    and ``cuda_graph=True`` captures that step in a CUDA graph (default: on for CUDA inputs
+    unless the reference backend is forced, as ``OpenMythos.generate``); the tokens are the eager
+    step's. Otherwise these modes are refused: the other options decode eagerly.
+    ``compiled=True`` is always refused."""
     for name, v in (("cuda_graph", cuda_graph), ("static", static), ("compiled", compiled)):
         check_bool(name, v, none_ok=True)
-        if v:
-            raise ValueError(f"{name}=True is not available with top_p, min_p, draft_loops or "
-                             "exit_criterion (these decode eagerly)")
+    exit_only = exit_criterion is not None and draft_loops is None
+    for name, v in (("cuda_graph", cuda_graph), ("static", static), ("compiled", compiled)):
+        if v and (name == "compiled" or not exit_only):
+            raise ValueError(f"{name}=True is not available with top_p, min_p or draft_loops "
+                             "alone (these decode eagerly); compiled=True with none of them")
     a = check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
                    draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill)
+    if exit_only:
+        if cuda_graph is None:
+            cuda_graph = (input_ids.is_cuda and static is not False
+                          and K.get_backend() != "reference" and K.triton_available())
+        if cuda_graph and not input_ids.is_cuda:
+            raise ValueError("cuda_graph=True needs CUDA input_ids")
+        if cuda_graph and static is False:
+            raise ValueError("cuda_graph=True needs the static decode step (static=True)")
+        a["static"] = bool(cuda_graph or static)
+        a["graph"], a["graph_requested"] = bool(cuda_graph), cuda_graph
     new = list(_chunks(model, input_ids, a, stats))
     with torch.inference_mode(False):   # a normal tensor, also when called in inference mode
         return torch.cat([input_ids.long()] + new, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -119,32 +119,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
                     compiled_step = uncached
                     return compiled_step(model, tok, n_loops, layers, pos, head_t)
     if cuda_graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        before = K.dispatch_counts()
-        with torch.cuda.stream(stream):  # warm up (idempotent: same token, same position)
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        # the reference MoE dispatch reads expert counts on the host: not capturable
-        syncing = K.dispatch_counts().get(("moe_experts", "reference"), 0) > \
-            before.get(("moe_experts", "reference"), 0)
-        if syncing and graph_requested:
-            raise ValueError("cuda_graph=True: the decode step uses the reference MoE "
-                             "dispatch (host sync), which a CUDA graph cannot capture")
-        if syncing:
-            warnings.warn("generate: the MoE runs on its reference path here (no Triton "
-                          "kernel for this config), so the decode step is not captured in a "
-                          "CUDA graph", RuntimeWarning, stacklevel=3)
-            cuda_graph = False
-    if cuda_graph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits_out = step()
-
-        def run() -> torch.Tensor:
-            graph.replay()
-            return logits_out
+        graphed = capture_step(step, graph_requested)
+        if graphed is not None:
+            run = graphed
 
     for i in range(1, max_new_tokens):
         tok.copy_(out[:, prompt_len + i - 1:prompt_len + i])
@@ -154,6 +131,39 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
         c.length = total
     return out
 
+
+
+def capture_step(step: Callable[[], Any], requested: Optional[bool]) -> Optional[Callable[[], Any]]:
+    """``step`` (idempotent: the same token at the same position) run twice on a side stream,
+    then captured in a CUDA graph: returns a function that replays it and returns the captured
+    outputs. Where the step used the reference MoE dispatch, which reads expert counts on the
+    host (not capturable), nothing is captured: ValueError if the graph was ``requested``,
+    else a warning and None (the caller runs ``step`` as it is)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    before = K.dispatch_counts()
+    with torch.cuda.stream(stream):  # warm up
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    syncing = K.dispatch_counts().get(("moe_experts", "reference"), 0) > \
+        before.get(("moe_experts", "reference"), 0)
+    if syncing and requested:
+        raise ValueError("cuda_graph=True: the decode step uses the reference MoE "
+                         "dispatch (host sync), which a CUDA graph cannot capture")
+    if syncing:
+        warnings.warn("generate: the MoE runs on its reference path here (no Triton "
+                      "kernel for this config), so the decode step is not captured in a "
+                      "CUDA graph", RuntimeWarning, stacklevel=4)
+        return None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    def replay() -> Any:
+        graph.replay()
+        return captured
+    return replay
 
 
 def compiled_cache_capacity(needed: int, max_seq_len: int) -> int:

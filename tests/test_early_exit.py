@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_kwargs
 
 import mythos
-from mythos import early_exit
+from mythos import adaptive, early_exit
 from mythos.cache import MythosCache, read_only
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
@@ -31,8 +31,7 @@ def _model(seed=0, scale=0.1, **over):
     return m
 
 
-@pytest.fixture
-def no_host_sync(monkeypatch):
+def _guard(mp: pytest.MonkeyPatch) -> None:
     """Any host read of a tensor (bool, item, tolist, int, float, index, .cpu(), .numpy()) made
     from the mythos package raises (the kernels' own reference MoE dispatch reads expert counts,
     which the CUDA-graph path rules out separately)."""
@@ -47,8 +46,12 @@ def no_host_sync(monkeypatch):
         return f
 
     for name in SYNCS:
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
-    yield
+        mp.setattr(torch.Tensor, name, guard(name))
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    _guard(monkeypatch)
 
 
 def _prefilled(m, ids, P, n_loops):
@@ -140,3 +143,67 @@ def _copy(cache):
         lc.length, lc.buffers = c.length, {n: b.clone() for n, b in c.buffers.items()}
         out[k] = lc
     return out
+
+
+# ---------------------------------------------------------------- generate's static / graph path
+@pytest.mark.parametrize("attn_type", ["mla", "gqa"])
+@pytest.mark.parametrize("crit,thr,fill", [("latent", 0.3, "latest"), ("kl", 1e-3, "project"),
+                                           ("act", 0.6, "recompute")])
+def test_generate_static_exit_is_eager(attn_type, crit, thr, fill):
+    m = _model(attn_type=attn_type)
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(n_loops=5, temperature=0, exit_criterion=crit, exit_threshold=thr, exit_fill=fill)
+    sa, sb = {}, {}
+    ref = adaptive.generate(m, ids, 7, stats=sa, **kw)
+    out = adaptive.generate(m, ids, 7, stats=sb, static=True, **kw)
+    assert torch.equal(out, ref)
+    assert sa == sb and sa["tokens"] == 3 * 6, (sa, sb)
+    assert torch.equal(m.generate(ids, 7, static=True, **kw), ref)
+
+
+def test_generate_graph_path_captures_the_static_step(monkeypatch):
+    """The CUDA-graph wiring on the CPU: ``capture_step`` replaced by a stand-in that warms the
+    step up and replays it with every host read from mythos refused; the tokens are the eager
+    ones. (The real capture needs a GPU.)"""
+    m = _model()
+    ids = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(6))
+    kw = dict(n_loops=4, temperature=0, exit_criterion="latent", exit_threshold=0.3,
+              exit_fill="latest")
+    ref = adaptive.generate(m, ids, 6, **kw)
+    calls = []
+
+    def fake_capture(step, requested):
+        calls.append(requested)
+        step()
+        step()
+
+        def replay():
+            with pytest.MonkeyPatch.context() as mp:
+                _guard(mp)
+                return step()
+        return replay
+
+    monkeypatch.setattr(adaptive, "capture_step", fake_capture)
+    a = adaptive.check_args(m, ids, 6, 4, 0.0, 50, None, None, None, 4, "latent", 0.3, "latest")
+    a.update(static=True, graph=True, graph_requested=True)
+    out = torch.cat([ids] + list(adaptive._chunks(m, ids, a, None)), 1)
+    assert calls == [True]
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(exit_criterion="act", cuda_graph=True), "CUDA"),
+    (dict(exit_criterion="act", compiled=True), "compiled"),
+    (dict(exit_criterion="act", cuda_graph=True, static=False), "cuda_graph"),
+    (dict(top_p=0.9, static=True), "static"),
+    (dict(exit_criterion="act", draft_loops=1, static=True), "static"),
+])
+def test_generate_modes_refused(kw, match, monkeypatch):
+    m = _model()
+
+    def boom(*a, **k):
+        raise AssertionError("computed before refusing")
+
+    monkeypatch.setattr(m, "_hidden", boom)
+    with pytest.raises(ValueError, match=match):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), 4, n_loops=2, **kw)
