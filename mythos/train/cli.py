@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 from .checkpoint import CheckpointError, checkpoint_dir, config_mismatch, latest_checkpoint, list_checkpoints
 from .data import TASKS
 from .distributed import STRATEGIES, teardown
+from .init import INIT_SCHEMES
 from .presets import config_names, resolve_config
 from .recurrence import LOOP_SAMPLING
 from .trainer import DTYPES, TrainConfig, Trainer, resume_trainer
@@ -125,6 +126,9 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
       help="recompute each loop iteration in backward (less memory)")
     a("--bias-update-rate", type=_finite(0, False), default=d.bias_update_rate,
       help="router-bias update speed gamma (aux-loss-free balancing; 0: off)")
+    a("--init", choices=INIT_SCHEMES, default=d.init,
+      help="weights of a new run: open-mythos's N(0, 0.02), or fan-in (N(0, 1/fan_in) projections, "
+           "N(0, 1) embedding), which small models (dim < ~256) need to leave chance")
     a("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     a("--dtype", choices=DTYPES, default=d.dtype,
       help="auto: bf16 autocast on GPU, fp32 on CPU")

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .data import IGNORE, Task, TextLM, make_task
 from .distributed import DistContext, all_reduce_sum, check_strategy, full, reduce_loads, setup, wrap
 from .distributed import no_sync as _no_sync
+from .init import INIT_SCHEMES, init_weights
 from .loss import answer_accuracy, lm_loss
 from .presets import resolve_config
 from .recurrence import LOOP_SAMPLING, LoopSampler, spectral_radius, train_forward
@@ -77,6 +78,7 @@ class TrainConfig:
     ponder_weight: float = 0.0
     checkpoint_activations: bool = False
     bias_update_rate: float = 1e-3
+    init: str = "open-mythos"
     device: str = "auto"
     dtype: str = "auto"
     dist: Optional[str] = None
@@ -118,6 +120,8 @@ class TrainConfig:
         if self.loop_sampling not in LOOP_SAMPLING:
             raise ValueError(f"loop_sampling must be one of {LOOP_SAMPLING}, got {self.loop_sampling!r}")
         check_strategy(self.dist)
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if (self.task is None) == (not self.data):
@@ -188,9 +192,12 @@ class Trainer:
     Args:
         tc: the run's settings.
         model_cfg: the model config (default ``resolve_config(tc.config)``).
+        task: a data source of the user's own (a :class:`~mythos.train.Task`; default: the one
+            ``tc.task`` / ``tc.data`` name). Its batches must fit the model's vocabulary.
     """
 
-    def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None):
+    def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None,
+                 task: Optional[Task] = None):
         tc.validate()
         self.tc = tc
         self.cfg = model_cfg or resolve_config(tc.config)
@@ -205,11 +212,19 @@ class Trainer:
         self.sampler = LoopSampler(tc.loop_sampling, tc.n_loops, max_loops, tc.min_loops)
         if tc.grad_loops is not None and tc.grad_loops > max_loops:
             raise ValueError(f"grad_loops {tc.grad_loops} exceeds max_loops {max_loops}")
-        self.task = build_task(tc, self.cfg)
+        if task is None:
+            self.task = build_task(tc, self.cfg)
+        elif not isinstance(task, Task):
+            raise TypeError(f"task must be a mythos.train.Task, got {type(task).__name__}")
+        elif task.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"task {task.name!r} uses {task.vocab_size} token ids, more than the "
+                             f"model's vocab_size {self.cfg.vocab_size}")
+        else:
+            self.task = task
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         seed_all(tc.seed)
-        self.model = OpenMythos(self.cfg).to(self.device).train()
+        self.model = init_weights(OpenMythos(self.cfg), tc.init).to(self.device).train()
         self.engine = (wrap(self.model, self.ctx, truncated=tc.grad_loops is not None)
                        if self.ctx is not None else None)
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay)
