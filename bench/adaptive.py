@@ -153,13 +153,13 @@ def _task_prompts(path: Path, meta: dict, cfg: mythos.MythosConfig, batch: int
     from mythos.experiments.common import MultiHopPointer
 
     size = meta.get("size") if isinstance(meta.get("size"), dict) else {}
-    # the experiments' seq_len: saved with the model, else the one its vocabulary implies
-    seq_len = meta.get("seq_len") or size.get("seq_len") or 2 * (cfg.vocab_size - 3) + 4
-    hops = tuple(meta.get("train_hops") or size.get("train_hops") or (1, 2, 3))
-    task = MultiHopPointer(int(seq_len), hops, cfg.vocab_size)
+    # the task's size: saved with the model, else the one its vocabulary implies (3 + n + n^2)
+    nodes = meta.get("nodes") or size.get("nodes") or int(round((cfg.vocab_size - 3.75) ** 0.5 - 0.5))
+    hops = tuple(meta.get("train_hops") or size.get("train_hops") or (1, 2))
+    task = MultiHopPointer(int(nodes), hops)
     b = task.batch(0, "eval", 0, 0, batch)
     seq = torch.cat([b.ids, b.targets[:, -1:]], 1)
-    return seq, {"model": str(path), "task": task.name, "seq_len": int(seq_len),
+    return seq, {"model": str(path), "task": task.name, "nodes": int(nodes),
                  "hops": list(hops)}
 
 

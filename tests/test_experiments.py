@@ -25,56 +25,58 @@ def _cpu_one_thread(on_cpu):
     torch.set_num_threads(n)
 
 
-def _follow(ids: np.ndarray, hops: int) -> int:
-    """The answer read off one sequence: build pi from the listed pairs, chase ``hops`` times."""
-    q = int(np.nonzero(ids == 1)[0][-1])
-    body = ids[:q]
-    body = body[np.nonzero(body)[0][0]:]
-    pi = dict(zip(body[0::2].tolist(), body[1::2].tolist()))
-    cur = int(ids[q + 1])
+def _follow(ids: np.ndarray, n: int, hops: int) -> int:
+    """The answer read off one sequence: decode the edge tokens into pi, chase ``hops`` times."""
+    edges = ids[:n] - 3 - n
+    pi = {int(e) // n: int(e) % n for e in edges}
+    cur = int(ids[-2]) - 3                        # ids end with ? s :
     for _ in range(hops):
         cur = pi[cur]
-    return cur
+    return cur + 3
 
 
-@pytest.mark.parametrize("seq_len", [16, 23])
-def test_multihop_answers_correct(seq_len):
-    task = MultiHopPointer(seq_len, (1, 2, 3))
+@pytest.mark.parametrize("nodes", [2, 5, 8])
+def test_multihop_answers_correct(nodes):
+    task = MultiHopPointer(nodes, (1, 2, 3))
+    n = nodes
+    assert task.vocab_size == 3 + n + n * n and task.seq_len == n + 3
     for h in (1, 2, 3, 5):
         b = task.batch(3, "eval", 1, 0, 64, hops=h)
         ids, tg = b.ids.numpy(), b.targets.numpy()
-        assert ids.shape == (64, seq_len) and (tg[:, :-1] == IGNORE).all()
+        assert ids.shape == (64, n + 3) and (tg[:, :-1] == IGNORE).all()
+        assert (ids[:, -3] == 1).all() and (ids[:, -1] == 2).all()
+        assert ((ids[:, -2] >= 3) & (ids[:, -2] < 3 + n)).all()
         for i in range(64):
-            body = ids[i][ids[i] >= task.FIRST][:-1]     # pairs, without the start node
-            assert sorted(body[0::2].tolist()) == list(range(task.FIRST, task.FIRST + task.n))
-            assert sorted(body[1::2].tolist()) == list(range(task.FIRST, task.FIRST + task.n))
-            assert tg[i, -1] == _follow(ids[i], h)
+            e = ids[i, :n] - 3 - n                       # every node once as a source and as a target
+            assert sorted((e // n).tolist()) == list(range(n)) and sorted((e % n).tolist()) == list(range(n))
+            assert tg[i, -1] == _follow(ids[i], n, h)
 
 
 def test_multihop_mixed_hops_and_determinism():
-    task = MultiHopPointer(20, (1, 4))
+    task = MultiHopPointer(7, (1, 4))
     a, b = task.batch(7, "train", 5, 0, 128), task.batch(7, "train", 5, 0, 128)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.targets, b.targets)
     assert not torch.equal(a.ids, task.batch(8, "train", 5, 0, 128).ids)
     assert not torch.equal(a.ids, task.batch(7, "eval", 5, 0, 128).ids)
     ids = a.ids.numpy()
     # every answer is pi^1 or pi^4 of the start, and both occur
-    ok1 = [a.targets[i, -1].item() == _follow(ids[i], 1) for i in range(128)]
-    ok4 = [a.targets[i, -1].item() == _follow(ids[i], 4) for i in range(128)]
+    ok1 = [a.targets[i, -1].item() == _follow(ids[i], 7, 1) for i in range(128)]
+    ok4 = [a.targets[i, -1].item() == _follow(ids[i], 7, 4) for i in range(128)]
     assert all(x or y for x, y in zip(ok1, ok4)) and any(ok1) and any(ok4) and not all(ok1)
 
 
-@pytest.mark.parametrize("bad", [(), (0,), (1, True), ("2",)])
-def test_multihop_bad_hops(bad):
-    with pytest.raises(ValueError, match="hops"):
-        MultiHopPointer(16, bad)
+@pytest.mark.parametrize("bad", [dict(hops=()), dict(hops=(0,)), dict(hops=(1, True)), dict(hops=("2",)),
+                                 dict(nodes=1), dict(nodes=4.0), dict(nodes=True)])
+def test_multihop_bad_args(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        MultiHopPointer(**bad)
 
 
 def test_eval_past_max_loop_iters_clamps_lora():
     """Beyond max_loop_iters, loop t uses the last LoRA scale row (open-mythos's clamp): a model
     whose extra rows are overwritten gives the same output at 2 * max_loop_iters loops."""
     torch.manual_seed(0)
-    cfg = model_config(Size(dim=32, expert_dim=16, seq_len=16, train_loops=2))
+    cfg = model_config(Size(dim=32, expert_dim=16, nodes=5, train_loops=2))
     big = MythosConfig(**{**cfg.__dict__, "max_loop_iters": 8})
     m, m8 = OpenMythos(cfg).eval(), OpenMythos(big).eval()
     sd = m.state_dict()
@@ -82,7 +84,7 @@ def test_eval_past_max_loop_iters_clamps_lora():
     scale = sd["recurrent.lora.scale.weight"]                         # [4, r]
     sd8["recurrent.lora.scale.weight"] = torch.cat([scale, scale[-1:].expand(4, -1)])
     m8.load_state_dict(sd8)
-    ids = MultiHopPointer(16).batch(0, "eval", 0, 0, 4).ids
+    ids = MultiHopPointer(5).batch(0, "eval", 0, 0, 4).ids
     with torch.no_grad():
         a = train_forward(m, ids, 8, act=False).h
         b = train_forward(m8, ids, 8, act=False).h
@@ -97,11 +99,11 @@ def test_eval_past_max_loop_iters_clamps_lora():
 
 def test_save_load_roundtrip(tmp_path):
     torch.manual_seed(1)
-    cfg = model_config(Size(dim=32, expert_dim=16, seq_len=16, train_loops=2))
+    cfg = model_config(Size(dim=32, expert_dim=16, nodes=5, train_loops=2))
     m = OpenMythos(cfg).eval()
     p = save_model(m, str(tmp_path / "m.safetensors"), {"config": cfg.__dict__})
     m2 = load_model(p)
-    ids = MultiHopPointer(16).batch(0, "eval", 0, 0, 2).ids
+    ids = MultiHopPointer(5).batch(0, "eval", 0, 0, 2).ids
     with torch.no_grad():
         torch.testing.assert_close(m(ids, n_loops=3), m2(ids, n_loops=3), rtol=0, atol=0)
 

@@ -8,7 +8,6 @@ import os
 from dataclasses import asdict
 
 from .common import (
-    MultiHopPointer,
     Size,
     config_dict,
     evaluate,
@@ -32,10 +31,10 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     res = {"experiment": "act-scan", "train_loops": L, "thresholds": list(THRESHOLDS),
            "ponder_weight": PONDER_WEIGHT, "train_hops": list(size.train_hops),
            "eval_hops": list(size.eval_hops), "size": asdict(size), "runs": {},
-           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
+           "chance": 1.0 / size.nodes}
     for thr in THRESHOLDS:
         cfg = model_config(size, act_threshold=thr)
-        task = MultiHopPointer(size.seq_len, size.eval_hops, cfg.vocab_size)
+        task = size.task(size.eval_hops)
         n_eval = cfg.max_loop_iters
         res["eval_loops"] = n_eval
         per_seed = []
@@ -55,7 +54,7 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
             save_model(model, os.path.join(out, "models", f"act{thr}-seed{seed}.safetensors"),
                        {"config": config_dict(cfg), "act_threshold": thr, "seed": seed, "train_loops": L,
                         "loop_sampling": "poisson-lognormal", "act": True, "ponder_weight": PONDER_WEIGHT,
-                        "n_params": n_params(model)})
+                        "n_params": n_params(model)}, size)
         (acc,), (acc_s,) = mean_std([[s["accuracy"]] for s in per_seed])
         (dep,), (dep_s,) = mean_std([[s["halt_depth"]] for s in per_seed])
         res["runs"][str(thr)] = {

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from typing import Optional, Sequence
 
+from mythos.train import INIT_SCHEMES
 from mythos.train.cli import int_at_least
 from mythos.train.trainer import resolve_device
 
@@ -15,13 +16,13 @@ from .common import Size, set_threads
 
 SIZES = {
     # a smoke test: well under two minutes on an idle 2-core CPU
-    "quick": Size(dim=32, expert_dim=32, n_experts=4, seq_len=16, train_loops=2, steps=150, batch_size=16,
+    "quick": Size(dim=32, expert_dim=32, n_experts=4, nodes=5, train_loops=2, steps=150, batch_size=16,
                   seeds=(0,), train_hops=(1, 2), eval_hops=(1, 2, 3, 4), eval_batches=1, eval_batch_size=128,
                   eval_every=50),
     # about ten minutes on an idle 2-core CPU per command
     "default": Size(),
     # a single GPU
-    "scale": Size(dim=256, expert_dim=256, n_experts=8, seq_len=64, train_loops=4, steps=4000, batch_size=128,
+    "scale": Size(dim=256, expert_dim=256, n_experts=8, nodes=12, train_loops=4, steps=4000, batch_size=128,
                   lr=1e-3, seeds=(0, 1, 2), train_hops=(1, 2, 3, 4), eval_hops=tuple(range(1, 9)),
                   eval_batches=4, eval_batch_size=512, eval_every=500),
 }
@@ -37,9 +38,13 @@ EPILOG = """experiments:
             distinct blocks as the looped model runs (same compute), same task and token budget.
             DIR/results.json, DIR/vs_dense.png.
 Every experiment saves its trained models as DIR/models/*.safetensors (+ a JSON of config and run).
-Task: pointer chasing over a random permutation, answer pi^h(s) with h hops; held-out sequences.
-Sizes: --quick dim 32, L 2, 150 steps, one seed; default dim 48, L 4, 600 steps of batch 32, seeds
-0,1,2 (act-scan: 0,1); --scale dim 256, L 4, 4000 steps of batch 128, seeds 0,1,2 (for a GPU)."""
+Task: pointer chasing over a random permutation of n nodes, one token per edge x -> pi(x), answer
+pi^h(s) with h hops (one content lookup per hop); held-out sequences. Weights: --init fan-in
+(N(0, 1/fan_in) projections, N(0, 1) embedding) by default: at these widths open-mythos's N(0, 0.02)
+stays at chance far longer than these runs last.
+Sizes: --quick dim 32, 5 nodes, L 2, 150 steps, one seed; default dim 48, 6 nodes, L 3, hops 1-2
+trained and 1-4 evaluated, 1500 steps of batch 64, seeds 0,1,2 (act-scan: 0,1); --scale dim 256,
+12 nodes, L 4, hops 1-4 trained and 1-8 evaluated, 4000 steps of batch 128 (for a GPU)."""
 
 HELP = {"depth": "accuracy against n_loops 1..4L and hop count, three training regimes",
         "act-scan": "accuracy and halting depth for act_threshold 0.8 ... 0.999",
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         size.add_argument("--scale", action="store_true", help="GPU sizes (dim 256, 4000 steps of batch 128)")
         s.add_argument("--steps", type=_pos_int, default=None, help="override the training steps")
         s.add_argument("--train-loops", type=_pos_int, default=None, help="override L, the training depth")
+        s.add_argument("--init", choices=INIT_SCHEMES, default=None,
+                       help="override the weight initialisation (default: fan-in)")
         s.add_argument("--seeds", type=_seeds, default=None,
                        help="override the seeds, e.g. 0,1,2 (mean and spread are reported)")
         s.add_argument("--device", default="auto", help="torch device (auto: cuda when available)")
@@ -86,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def size_from_args(args: argparse.Namespace) -> Size:
     size = SIZES["quick" if args.quick else "scale" if args.scale else "default"]
     over = {k: v for k, v in (("steps", args.steps), ("train_loops", args.train_loops),
-                              ("seeds", args.seeds)) if v is not None}
+                              ("seeds", args.seeds), ("init", args.init)) if v is not None}
     if args.experiment == "act-scan" and not (args.quick or args.scale) and args.seeds is None:
         over["seeds"] = (0, 1)      # five models per seed: two seeds keep the default near ten minutes
     return dataclasses.replace(size, **over)

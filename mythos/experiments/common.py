@@ -21,31 +21,32 @@ from mythos.train.loss import answer_accuracy
 
 
 class MultiHopPointer(Task):
-    """Pointer chasing with a hop count per example: the sequence lists the pairs ``x pi(x)`` of a
-    random permutation ``pi`` of n nodes in random order, then ``? s :`` and the answer
-    ``pi^h(s)``, h drawn uniformly from ``hops`` (or fixed by ``batch(..., hops=h)``). Token ids:
-    0 pad, 1 ``?``, 2 ``:``, nodes from 3 (the layout of :class:`~mythos.train.PointerTask`)."""
+    """Pointer chasing with one token per edge. The sequence lists the ``n`` edges ``x -> pi(x)``
+    of a random permutation ``pi`` of the nodes, one token each, in random order, then ``? s :``;
+    the answer is ``pi^h(s)``, with ``h`` drawn uniformly from ``hops`` (or fixed by
+    ``batch(..., hops=h)``). A hop is one content lookup (the current node against the edges'
+    sources), so ``h`` hops are ``h`` chained lookups: work that loop iterations can share, and
+    more hops than trained ask for more loops. Token ids: 0 pad (unused), 1 ``?``, 2 ``:``, node
+    ``x`` is ``3 + x``, edge ``x -> y`` is ``3 + n + x * n + y``. Inputs are ``n + 3`` tokens."""
 
     name = "multihop-pointer"
     has_accuracy = True
     FIRST = 3
 
-    def __init__(self, seq_len: int, hops: Sequence[int] = (1, 2, 3), vocab_size: int = 256):
-        super().__init__(seq_len)
+    def __init__(self, nodes: int = 6, hops: Sequence[int] = (1, 2)):
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
+            raise ValueError(f"nodes must be an int >= 2, got {nodes!r}")
         hops = tuple(hops)
         if not hops or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hops):
             raise ValueError(f"hops must be a non-empty sequence of positive ints, got {hops!r}")
-        self.hops = hops
-        self.n = min((seq_len + 1 - 4) // 2, vocab_size - self.FIRST)
-        if self.n < 2:
-            raise ValueError(f"multi-hop task: seq_len {seq_len} with vocab_size {vocab_size} leaves "
-                             f"{self.n} nodes; needs seq_len >= 7 and vocab_size >= 5")
-        self.vocab_size = self.FIRST + self.n
+        super().__init__(nodes + 3)
+        self.n, self.hops = nodes, hops
+        self.vocab_size = self.FIRST + nodes + nodes * nodes
 
     def batch(self, seed: int, split: str, step: int, micro: int, batch_size: int,
               hops: Optional[int] = None) -> Batch:
         rng = _rng(seed, split, step, micro)
-        B, n, L = batch_size, self.n, self.seq_len + 1
+        B, n = batch_size, self.n
         pi = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
         order = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
         start = rng.integers(0, n, size=B)
@@ -53,11 +54,8 @@ class MultiHopPointer(Task):
         cur = start.copy()
         for k in range(int(h.max())):
             cur = np.where(k < h, pi[np.arange(B), cur], cur)
-        seq = np.zeros((B, L), dtype=np.int64)
-        body = 2 * n
-        off = L - body - 4
-        seq[:, off:off + body:2] = order + self.FIRST
-        seq[:, off + 1:off + body:2] = np.take_along_axis(pi, order, 1) + self.FIRST
+        seq = np.empty((B, n + 4), dtype=np.int64)
+        seq[:, :n] = self.FIRST + n + order * n + np.take_along_axis(pi, order, 1)
         seq[:, -4], seq[:, -3], seq[:, -2], seq[:, -1] = 1, start + self.FIRST, 2, cur + self.FIRST
         return _answer_batch(seq)
 
@@ -69,24 +67,34 @@ class Size:
     dim: int = 48
     expert_dim: int = 48
     n_experts: int = 4
-    seq_len: int = 24
-    train_loops: int = 4
-    steps: int = 600
-    batch_size: int = 32
+    nodes: int = 6
+    train_loops: int = 3
+    steps: int = 1500
+    batch_size: int = 64
     lr: float = 3e-3
+    init: str = "fan-in"
     seeds: tuple = (0, 1, 2)
-    train_hops: tuple = (1, 2, 3)
-    eval_hops: tuple = (1, 2, 3, 4, 5, 6)
+    train_hops: tuple = (1, 2)
+    eval_hops: tuple = (1, 2, 3, 4)
     eval_batches: int = 2
     eval_batch_size: int = 256
-    eval_every: int = 100
+    eval_every: int = 250
+
+    @property
+    def seq_len(self) -> int:
+        """Input tokens per sequence of the task."""
+        return self.nodes + 3
+
+    def task(self, hops: Optional[Sequence[int]] = None) -> MultiHopPointer:
+        """The multi-hop task at this size (hops: ``train_hops`` unless given)."""
+        return MultiHopPointer(self.nodes, self.train_hops if hops is None else hops)
 
 
 def model_config(size: Size, **over) -> MythosConfig:
     """A small GQA looped MoE model (one prelude, one recurrent and one coda block);
     ``max_loop_iters = 2 * train_loops``, so evaluation up to ``4 * train_loops`` loops runs past
     it (the depth-wise LoRA index clamps to the last one)."""
-    kw = dict(vocab_size=MultiHopPointer(size.seq_len).vocab_size, dim=size.dim, n_heads=4,
+    kw = dict(vocab_size=size.task().vocab_size, dim=size.dim, n_heads=4,
               n_kv_heads=2, max_seq_len=max(64, size.seq_len), max_loop_iters=2 * size.train_loops,
               prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=size.n_experts,
               n_shared_experts=1, n_experts_per_tok=2, expert_dim=size.expert_dim, lora_rank=4,
@@ -109,14 +117,13 @@ def train_model(cfg: MythosConfig, size: Size, seed: int, *, n_loops: int, loop_
     from tqdm import tqdm
 
     max_loops = cfg.max_loop_iters if loop_sampling != "fixed" else max(n_loops, cfg.max_loop_iters)
-    tc = TrainConfig(task="pointer", hops=1, steps=size.steps, batch_size=size.batch_size,
-                     seq_len=size.seq_len, lr=size.lr, warmup=max(size.steps // 20, 1), seed=seed,
+    task = size.task()
+    tc = TrainConfig(task=task.name, steps=size.steps, batch_size=size.batch_size,
+                     seq_len=size.seq_len, lr=size.lr, warmup=max(size.steps // 20, 1), seed=seed, init=size.init,
                      n_loops=n_loops, loop_sampling=loop_sampling, max_loops=max_loops, act=act,
                      ponder_weight=ponder_weight, device=device, out=out or os.devnull,
                      eval_every=0, save_every=0)
-    trainer = Trainer(tc, cfg)
-    task = MultiHopPointer(size.seq_len, size.train_hops, cfg.vocab_size)
-    trainer.task = task     # the Trainer draws its batches from here
+    trainer = Trainer(tc, cfg, task=task)
     curves = {"step": [], "loss": [], "n_loops": [], "mean_halt_depth": [], "eval_step": [],
               "eval_acc": []}
     with tqdm(total=size.steps, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0,
@@ -159,14 +166,16 @@ def evaluate(model: OpenMythos, task: MultiHopPointer, *, n_loops: int, act: boo
     return {"accuracy": correct / max(total, 1), "loss": loss / batches, "halt_depth": depth / batches}
 
 
-def save_model(model: OpenMythos, path: str, meta: dict) -> str:
-    """The weights as safetensors at ``path`` and ``meta`` (config, run) beside it as JSON."""
+def save_model(model: OpenMythos, path: str, meta: dict, size: Optional[Size] = None) -> str:
+    """The weights as safetensors at ``path`` and ``meta`` (config, run; the run's ``size``, which
+    names the task, when given) beside it as JSON."""
     from safetensors.torch import save_model as st_save
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     st_save(model, path)      # the tied head / embedding stored once
     with open(path.rsplit(".", 1)[0] + ".json", "w") as f:
-        json.dump(meta, f, indent=1, default=_jsonable)
+        json.dump(meta if size is None else {**meta, "size": dataclasses.asdict(size)}, f, indent=1,
+                  default=_jsonable)
     return path
 
 

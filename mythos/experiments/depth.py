@@ -8,7 +8,6 @@ import os
 from dataclasses import asdict
 
 from .common import (
-    MultiHopPointer,
     Size,
     config_dict,
     evaluate,
@@ -32,13 +31,13 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     ``out/depth.png`` and ``out/models/<regime>-seed<k>.safetensors``."""
     L = size.train_loops
     cfg = model_config(size)
-    task = MultiHopPointer(size.seq_len, size.eval_hops, cfg.vocab_size)
+    task = size.task(size.eval_hops)
     loops = list(range(1, 4 * L + 1))
     in_range = [h for h in size.eval_hops if h in size.train_hops]
     res = {"experiment": "depth", "train_loops": L, "max_loop_iters": cfg.max_loop_iters,
            "n_loops": loops, "train_hops": list(size.train_hops), "eval_hops": list(size.eval_hops),
            "size": asdict(size), "config": config_dict(cfg), "regimes": {},
-           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
+           "chance": 1.0 / size.nodes}
     for name, (sampling, act) in REGIMES.items():
         per_seed = []
         for seed in size.seeds:
@@ -55,7 +54,7 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
                              "curves": curves})
             save_model(model, os.path.join(out, "models", f"{name}-seed{seed}.safetensors"),
                        {"config": config_dict(cfg), "regime": name, "seed": seed, "train_loops": L,
-                        "act": act, "loop_sampling": sampling, "n_params": n_params(model)})
+                        "act": act, "loop_sampling": sampling, "n_params": n_params(model)}, size)
         acc_m, acc_s = mean_std([s["accuracy"] for s in per_seed])
         loss_m, loss_s = mean_std([s["loss"] for s in per_seed])
         halt_m, _ = mean_std([s["halt_depth"] for s in per_seed])

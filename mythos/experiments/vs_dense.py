@@ -17,7 +17,6 @@ import os
 from dataclasses import asdict
 
 from .common import (
-    MultiHopPointer,
     Size,
     config_dict,
     evaluate,
@@ -61,9 +60,9 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
     res = {"experiment": "vs-dense", "train_loops": size.train_loops, "train_hops": list(size.train_hops),
            "eval_hops": list(size.eval_hops), "size": asdict(size),
            "tokens": size.steps * size.batch_size * size.seq_len, "models": {},
-           "chance": 1.0 / MultiHopPointer(size.seq_len).n}
+           "chance": 1.0 / size.nodes}
     for name, (cfg, loops, blocks, macs) in variants(size).items():
-        task = MultiHopPointer(size.seq_len, size.eval_hops, cfg.vocab_size)
+        task = size.task(size.eval_hops)
         per_seed = []
         for seed in size.seeds:
             model, curves = train_model(cfg, size, seed, n_loops=loops, device=device,
@@ -77,7 +76,7 @@ def run(out: str, size: Size, device: str = "auto", progress: bool = True) -> di
             params = n_params(model)
             save_model(model, os.path.join(out, "models", f"{name}-seed{seed}.safetensors"),
                        {"config": config_dict(cfg), "variant": name, "seed": seed, "n_loops": loops,
-                        "n_params": params})
+                        "n_params": params}, size)
         (acc,), (acc_s,) = mean_std([[s["accuracy"]] for s in per_seed])
         (loss,), (loss_s,) = mean_std([[s["loss"]] for s in per_seed])
         res["models"][name] = {
