@@ -361,6 +361,132 @@ def _serves_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
             and not torch.is_autocast_enabled("cpu") and not _compiling() and not _transformed())
 
 
+def _serves_sorted_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                            w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """CPU tensors with autograd through one of them, fp32 or bf16, contiguous expert stacks, CPU
+    autocast off, eager (not traced, not inside a ``torch.func`` transform):
+    :func:`moe_experts_sorted_autograd` serves."""
+    ts = (x, weights, w13, w2)
+    return (idx.numel() > 0 and all(t.device.type == "cpu" for t in (*ts, idx))
+            and w13.is_contiguous() and w2.is_contiguous()
+            and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+            and x.dtype in (torch.float32, torch.bfloat16) and w13.dtype == w2.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu") and not _compiling() and not _transformed())
+
+
+def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(expert, first row, end row)`` of each non-empty expert's sorted rows."""
+    segs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((e, start, start + c))
+            start += c
+    return segs
+
+
+def _empty_runs(counts: list[int]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive experts with no rows."""
+    runs: list[tuple[int, int]] = []
+    for e, c in enumerate(counts):
+        if not c:
+            if runs and runs[-1][1] == e:
+                runs[-1] = (runs[-1][0], e + 1)
+            else:
+                runs.append((e, e + 1))
+    return runs
+
+
+def _wgrad(a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
+           empty: list[tuple[int, int]], shape: torch.Size) -> torch.Tensor:
+    """The stacked weight gradient ``[E, R, C]``: ``a[s:t].T @ b[s:t]`` per non-empty expert,
+    zeros (one fill per run of experts, ``empty``) for the experts no row reached."""
+    dw = a.new_empty(shape)
+    for e, s, t in segs:
+        torch.mm(a[s:t].t(), b[s:t], out=dw[e])
+    for lo, hi in empty:
+        dw[lo:hi].zero_()
+    return dw
+
+
+class _SortedExpertsFn(torch.autograd.Function):
+    """The routed SwiGLU experts over the pairs sorted by expert, one ``mm`` per non-empty expert
+    and product; the sort is made once and reused by backward. Backward: the SwiGLU derivative
+    in one pass (``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``), the weight gradients as
+    one product per non-empty expert, no work for empty experts beyond a zero fill.
+    Saved: the sorted rows ``xs`` [P, D], the gate|up product ``hg`` [P, 2F] and the expert
+    outputs ``ys`` [P, D] (for the routing weights' gradient); the SwiGLU output is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, weights, idx, w13, w2):
+        N, k = idx.shape
+        E, D = w13.shape[0], x.shape[1]
+        P, Fh = N * k, w2.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)                         # pairs sorted by expert
+        counts = torch.bincount(flat, minlength=E).tolist()              # the one host read
+        segs = _segments(counts)
+        tok = order // k                                                 # token of each sorted pair
+        xs = x.index_select(0, tok)                                      # [P, D]
+        hg = x.new_empty(P, 2 * Fh)
+        for e, s, t in segs:
+            torch.mm(xs[s:t], w13[e], out=hg[s:t])
+        a = _swiglu(hg)                                                  # [P, F]
+        ys = x.new_empty(P, D)
+        for e, s, t in segs:
+            torch.mm(a[s:t], w2[e], out=ys[s:t])
+        ws = weights.reshape(-1).index_select(0, order).to(x.dtype)     # [P]
+        out = torch.zeros_like(x).index_add_(0, tok, ys * ws.unsqueeze(1))
+        ctx.save_for_backward(xs, hg, ys, ws, tok, order, w13, w2)
+        ctx.segs, ctx.empty = segs, _empty_runs(counts)
+        ctx.shape, ctx.w_dtype = (N, k), weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, hg, ys, ws, tok, order, w13, w2 = ctx.saved_tensors
+        segs, empty = ctx.segs, ctx.empty
+        need_x, need_w, _, need_w13, need_w2 = ctx.needs_input_grad
+        Fh = w2.shape[1]
+        g = dout.index_select(0, tok)                                    # [P, D] d(ys * ws)
+        dweights = dx = dw13 = dw2 = None
+        if need_w:
+            dws = (g * ys).sum(1)
+            dweights = torch.empty_like(dws).index_copy_(0, order, dws).view(ctx.shape)
+            dweights = dweights.to(ctx.w_dtype)
+        dys = g.mul_(ws.unsqueeze(1))                                    # [P, D]
+        gate, up = hg[:, :Fh], hg[:, Fh:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        if need_w2:
+            dw2 = _wgrad(silu * up, dys, segs, empty, w2.shape)
+        if need_x or need_w13:
+            da = torch.empty_like(silu)                                  # [P, F]
+            for e, s, t in segs:
+                torch.mm(dys[s:t], w2[e].t(), out=da[s:t])
+            dhg = torch.empty_like(hg)                                   # [P, 2F]
+            torch.mul(da, silu, out=dhg[:, Fh:])
+            dgate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
+            dhg[:, :Fh] = dgate
+            if need_w13:
+                dw13 = _wgrad(xs, dhg, segs, empty, w13.shape)
+            if need_x:
+                dxs = torch.empty_like(xs)
+                for e, s, t in segs:
+                    torch.mm(dhg[s:t], w13[e].t(), out=dxs[s:t])
+                dx = torch.zeros_like(dout).index_add_(0, tok, dxs)
+        return dx, dweights, None, dw13, dw2
+
+
+def moe_experts_sorted_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                                w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU training (:class:`_SortedExpertsFn`):
+    the pairs sorted by expert once, one product per non-empty expert in forward and backward,
+    the pairs' outputs weighted and added to their tokens with ``index_add`` (each token's slots
+    summed in expert order: the last bits may differ from the reference). One host read (the
+    expert counts). x [N, D], weights/idx [N, k], w13 [E, D, 2F], w2 [E, F, D] -> [N, D]."""
+    return _SortedExpertsFn.apply(x, weights, idx, w13, w2)
+
+
 def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                         w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """:func:`~mythos_kernels.moe.moe_experts_reference` as two grouped GEMMs
@@ -382,6 +508,9 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tenso
 
 register_cpu("moe_experts", "moe_experts_cpu", moe_experts_cpu, serves=_serves_inference,
              doc="inference: per pair (decode), padded slab (balanced) or sorted segments")
+register_cpu("moe_experts", "moe_sorted_autograd", moe_experts_sorted_autograd,
+             serves=_serves_sorted_autograd,
+             doc="autograd: the sorted pairs, one product per non-empty expert, own backward")
 register_cpu("moe_experts", "moe_grouped_mm", moe_experts_grouped, serves=_serves_autograd,
              doc="autograd: the sorted pairs through two F.grouped_mm")
 register_cpu("moe_experts", "moe_pairs", doc="decode pairs two experts per bmm (else per pair)")
