@@ -152,7 +152,10 @@ def _chunk_loop(x, weight, target, ignore_index, chunk, scale, need_dx, need_dw,
         rows, w = _ce_rows_torch, weight.float()
     loss = _empty(N, device=x.device, dtype=torch.float32)
     dx = _empty(N, D, device=x.device, dtype=x.dtype) if need_dx else None
-    dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_dw else None
+    # dW: the first chunk's product written, later ones added (no zero fill of the [V, D] sum
+    # unless there is no row)
+    new = _empty if N else torch.zeros
+    dw = new(weight.shape, device=x.device, dtype=torch.float32) if need_dw else None
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         xc = x[r0:r1] if impl == "triton" else x[r0:r1].float()
@@ -161,7 +164,9 @@ def _chunk_loop(x, weight, target, ignore_index, chunk, scale, need_dx, need_dw,
         if need_dx:
             dx[r0:r1] = dz @ w
         if need_dw:
-            if dz.dtype == torch.float32:
+            if r0 == 0:
+                torch.mm(dz.t(), xc, out=dw) if dz.dtype == torch.float32 else dw.copy_(dz.t() @ xc)
+            elif dz.dtype == torch.float32:
                 dw.addmm_(dz.t(), xc)
             else:
                 dw += dz.t() @ xc

@@ -116,6 +116,26 @@ def test_all_rows_ignored(impl, reduction):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [None, 13, 40])
+def test_one_or_several_chunks(impl, chunk):
+    """The weight gradient written by the first chunk and summed over the later ones (one chunk:
+    the default size and a chunk larger than N; several: 13 rows)."""
+    x, w, t = _inputs(40, 24, 130, torch.float32, seed=6, ignored=(2, 39))
+    with _force(impl):
+        _check_against_oracle(lambda *a, **k: linear_cross_entropy(*a, chunk_size=chunk, **k),
+                              x, w, t, "sum", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_no_rows(reduction):
+    """N = 0: a zero (or empty) loss and zero gradients, no unwritten output."""
+    x, w, t = _inputs(0, 16, 33, torch.float32, seed=2, ignored=())
+    out = linear_cross_entropy(x, w, t, reduction=reduction)
+    dx, dw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert dx.shape == (0, 16) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_other_ignore_index_and_one_grad(impl):
     """A non-default ignore_index (a valid-looking negative), gradient wrt x only."""
     x, w, t = _inputs(21, 20, 77, torch.float32, seed=3, ignored=())
