@@ -201,8 +201,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ignore_index, reduction, chunk, impl = ctx.meta
         if reduction != "none":
             dx, dw = ctx.saved_tensors
-            dx = None if dx is None else dx * grad.to(dx.dtype)
-            dw = None if dw is None else dw * grad.to(dw.dtype)
+            if not (grad.is_cpu and float(grad) == 1.0):   # the usual loss.backward(): as saved
+                dx = None if dx is None else dx * grad.to(dx.dtype)
+                dw = None if dw is None else dw * grad.to(dw.dtype)
             return dx, dw, None, None, None, None, None
         x, weight, target = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -126,6 +126,24 @@ def test_one_or_several_chunks(impl, chunk):
                               x, w, t, "sum", TOL[torch.float32])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unit_output_grad_kept_graph(impl, reduction):
+    """``loss.backward()`` (output gradient 1) gives the oracle's gradients, and again through a
+    kept graph: the second backward adds the same gradients (nothing saved was overwritten)."""
+    x, w, t = _inputs(23, 16, 45, torch.float32, seed=8)
+    xd, wd, ref = _oracle(x, w, t, reduction)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (xd, wd))
+    with _force(impl):
+        out = linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=8)
+    out.backward(retain_graph=True)
+    assert_close("dx", dx_ref, x.grad, TOL[torch.float32])
+    assert_close("dw", dw_ref, w.grad, TOL[torch.float32])
+    first = w.grad.clone()
+    out.backward()
+    torch.testing.assert_close(w.grad, 2 * first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_no_rows(reduction):
     """N = 0: a zero (or empty) loss and zero gradients, no unwritten output."""
