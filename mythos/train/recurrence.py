@@ -23,6 +23,11 @@ from mythos.model import CAUSAL, OpenMythos, RecurrentBlock
 from mythos.modules import MoEFFN
 from mythos_kernels.cpu.moe import summed_expert_grads
 
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover - torch without distributed
+    _FSDPModule = ()
+
 LOOP_SAMPLING = ("fixed", "poisson-lognormal", "uniform")
 
 
@@ -102,6 +107,16 @@ def _iteration(rb: RecurrentBlock, t: int, nxt, e, freqs_cis, mask, h, x, h_out,
                           halt.bias, rb.cfg.act_threshold, next_loop=nxt, delta=delta)
 
 
+def _expert_stacks(rb: RecurrentBlock, checkpoint: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(w13, w2)`` stacks of the recurrent block's MoE layers, whose weight gradients the
+    CPU training form sums over the loops (:func:`summed_expert_grads`); none with checkpointing
+    (the recomputed loops run outside the summing block) or under FSDP2 (its post-backward hooks
+    reduce a block's gradients when that block's backward ends, before the sums arrive)."""
+    if checkpoint or any(isinstance(m, _FSDPModule) for m in rb.modules()):
+        return []
+    return [(m.w13, m.w2) for m in rb.modules() if isinstance(m, MoEFFN)]
+
+
 def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
                       freqs_cis: torch.Tensor, mask, n_loops: int, act: bool = True,
                       grad_loops: Optional[int] = None, checkpoint: bool = False,
@@ -123,10 +138,7 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
     halted = halt_check or rb.halt_reducer or K.HaltCheck(h.device, lag=rb.halt_lag)
     x = None
     run = 0
-    # the routed experts' weight gradients summed over the loops in one buffer per weight (not
-    # with checkpointing: the recomputed loops run outside this block)
-    stacks = [] if checkpoint else [(m.w13, m.w2) for m in rb.modules() if isinstance(m, MoEFFN)]
-    with summed_expert_grads(stacks):
+    with summed_expert_grads(_expert_stacks(rb, checkpoint)):
         for t in range(n_loops):
             with torch.set_grad_enabled(grad and t >= n_free):
                 if x is None:   # the first loop, or the first one with a graph after the cut
