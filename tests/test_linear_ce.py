@@ -64,10 +64,17 @@ def _check_against_oracle(fn, x, w, t, reduction, tol, ignore_index=-100):
 
 @pytest.fixture(autouse=True)
 def nan_poison(monkeypatch):
-    """Outputs the op allocates uninitialized start as NaN: an unwritten element fails."""
+    """Outputs the op allocates uninitialized (or takes from kept buffers) start as NaN: an
+    unwritten element fails."""
     def empty(*size, **kw):
         return torch.empty(*size, **kw).fill_(float("nan"))
+
+    def kept(*a, **kw):
+        t = real_kept(*a, **kw)
+        return t if t is None else t.fill_(float("nan"))
+    real_kept = lce.kept_output
     monkeypatch.setattr(lce, "_empty", empty)
+    monkeypatch.setattr(lce, "kept_output", kept)
 
 
 def _force(impl):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._dispatch import _compiling, _transformed, cpu_enabled, cpu_inference, register_cpu
-from .._scratch import scratch
+from .._scratch import kept_output, scratch
 from ..moe import _swiglu, _swiglu_in_place
 from . import linear as _lin
 from .linear import vecmat
@@ -500,7 +500,10 @@ class _LoopGrads:
             shape: torch.Size) -> None:
         """Add ``a[s:t].T @ b[s:t]`` to expert e's slice of the ``name`` sum, for each segment."""
         if name not in self._bufs:
-            self._bufs[name] = (a.new_empty(shape), [0] * shape[0])
+            # a kept output (its pages stay mapped from one step to the next: a new buffer of
+            # this size faults in page by page) once the previous step's gradient is dropped
+            dw = kept_output("moe_summed_" + name, tuple(shape), a.dtype, a.device)
+            self._bufs[name] = (a.new_empty(shape) if dw is None else dw, [0] * shape[0])
         dw, written = self._bufs[name]
         for e, s, t in segs:
             if written[e]:
