@@ -151,6 +151,19 @@ def test_unit_output_grad_kept_graph(impl, reduction):
     torch.testing.assert_close(w.grad, 2 * first, rtol=0, atol=0)
 
 
+def test_accumulated_gradient_not_overwritten():
+    """Two forward / backward passes into the same ``.grad`` (gradient accumulation): the second
+    pass's kept weight-gradient buffer is not the one the first pass's gradient still holds."""
+    x, w, t = _inputs(23, 16, 45, torch.float32, seed=9)
+    linear_cross_entropy(x, w, t).backward()
+    first = w.grad.clone()
+    linear_cross_entropy(x, w, t).backward()
+    torch.testing.assert_close(w.grad, 2 * first, rtol=1e-6, atol=0)
+    w.grad = None                                   # dropped: the next pass may reuse its buffer
+    linear_cross_entropy(x, w, t).backward()
+    torch.testing.assert_close(w.grad, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_no_rows(reduction):
     """N = 0: a zero (or empty) loss and zero gradients, no unwritten output."""

@@ -160,6 +160,9 @@ def test_expert_grads_summed_over_loops(monkeypatch, n):
     model.zero_grad(set_to_none=True)
     loss.backward()
     torch.testing.assert_close(model.recurrent.block.ffn.w13.grad, first, rtol=0, atol=0)
+    # accumulation over two passes: the second pass's kept sum buffer is not the held gradient
+    train_forward(model, ids, n).h.pow(2).mean().backward()
+    torch.testing.assert_close(model.recurrent.block.ffn.w13.grad, 2 * first, rtol=1e-6, atol=0)
 
 
 def test_checkpointing_recomputes_prelude_and_coda_in_backward():
