@@ -6,12 +6,15 @@ dispatch point (:func:`mythos_kernels._dispatch.register_cpu`) and is tested aga
 Inference (no autograd), :func:`moe_experts_cpu`: per pair for decode (two experts per bmm),
 two padded bmms for balanced routing, and the sorted segments without the pair-order copies for
 skewed routing (random-init models send most tokens to a few experts). Training:
-:func:`moe_experts_grouped`, the sorted pairs through two grouped GEMMs that have a CPU kernel
-and autograd.
+:func:`moe_experts_sorted_autograd`, the sorted pairs with one product per non-empty expert and
+its own backward (inside :func:`summed_expert_grads`, the recurrent loops' expert weight
+gradients summed in one buffer per weight); :func:`moe_experts_grouped`, the sorted pairs through
+two grouped GEMMs that have a CPU kernel and autograd, serves where it is switched off.
 
 Variants (names for :func:`mythos_kernels.cpu_variant`): ``moe_experts_cpu``,
-``moe_grouped_mm`` (forms); ``moe_pairs``, ``moe_split``, ``moe_seg_pairs``, ``moe_scratch``
-(switches inside ``moe_experts_cpu``).
+``moe_sorted_autograd``, ``moe_grouped_mm`` (forms); ``moe_pairs``, ``moe_split``,
+``moe_seg_pairs``, ``moe_scratch`` (switches inside ``moe_experts_cpu``); ``moe_summed_grads``
+(inside ``moe_sorted_autograd``).
 """
 
 from __future__ import annotations
