@@ -1,5 +1,5 @@
 """CPU inference forms of the routed MoE experts (:func:`mythos_kernels.moe.moe_experts`), and
-the CPU autograd form on ``torch.nn.functional.grouped_mm``; each registers itself with the
+its CPU autograd (training) forms; each registers itself with the
 dispatch point (:func:`mythos_kernels._dispatch.register_cpu`) and is tested against
 :func:`~mythos_kernels.moe.moe_experts_reference`.
 
