@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ._dispatch import choose
 from ._registry import KernelConfig, register_kernel
+from ._scratch import kept_output, scratch
 from ._tl import next_pow2 as _p2
 
 try:
@@ -152,16 +153,28 @@ def _chunk_loop(x, weight, target, ignore_index, chunk, scale, need_dx, need_dw,
         rows, w = _ce_rows_torch, weight.float()
     loss = _empty(N, device=x.device, dtype=torch.float32)
     dx = _empty(N, D, device=x.device, dtype=x.dtype) if need_dx else None
-    dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32) if need_dw else None
+    # dW: the first chunk's product written, later ones added (no zero fill of the [V, D] sum
+    # unless there is no row)
+    dw = None
+    if need_dw and N:
+        # kept from one step to the next once the caller drops it (its pages stay mapped)
+        dw = kept_output("linear_ce_dw", tuple(weight.shape), torch.float32, x.device)
+    if need_dw and dw is None:
+        new = _empty if N else torch.zeros
+        dw = new(weight.shape, device=x.device, dtype=torch.float32)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         xc = x[r0:r1] if impl == "triton" else x[r0:r1].float()
-        logits = xc @ w.t()                                                    # [n, V]
+        # [n, V]; on the CPU a kept scratch buffer (dies in this loop; its pages stay mapped)
+        logits = torch.mm(xc, w.t(), out=scratch("linear_ce_logits", (r1 - r0, w.shape[0]),
+                                                  xc.dtype, x.device))
         loss[r0:r1], dz = rows(logits, target[r0:r1], scale[r0:r1], ignore_index, need_grad)
         if need_dx:
             dx[r0:r1] = dz @ w
         if need_dw:
-            if dz.dtype == torch.float32:
+            if r0 == 0:
+                torch.mm(dz.t(), xc, out=dw) if dz.dtype == torch.float32 else dw.copy_(dz.t() @ xc)
+            elif dz.dtype == torch.float32:
                 dw.addmm_(dz.t(), xc)
             else:
                 dw += dz.t() @ xc
@@ -196,8 +209,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ignore_index, reduction, chunk, impl = ctx.meta
         if reduction != "none":
             dx, dw = ctx.saved_tensors
-            dx = None if dx is None else dx * grad.to(dx.dtype)
-            dw = None if dw is None else dw * grad.to(dw.dtype)
+            if not (grad.is_cpu and float(grad) == 1.0):   # the usual loss.backward(): as saved
+                dx = None if dx is None else dx * grad.to(dx.dtype)
+                dw = None if dw is None else dw * grad.to(dw.dtype)
             return dx, dw, None, None, None, None, None
         x, weight, target = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

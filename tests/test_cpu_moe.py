@@ -149,13 +149,9 @@ def test_moe_skewed_routing_takes_sorted_form(monkeypatch, idx_dtype, dtype):
     torch.testing.assert_close(out, ref, **tol)
 
 
-@pytest.mark.parametrize("N,k,E,D,Fh", [(3, 2, 6, 16, 4), (37, 3, 7, 33, 9), (64, 4, 16, 24, 12),
-                                       (20, 3, 6, 32, 16)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_autograd_takes_the_grouped_form(N, k, E, D, Fh, dtype):
-    """CPU autograd: the grouped-GEMM form serves (recorded as cpu), output and every gradient
-    as the reference's; with its variant off, or rows off F.grouped_mm's 16-byte rule (D = 33),
-    the reference serves."""
+def _autograd_case(N, k, E, D, Fh, dtype, form):
+    """Output and every gradient of ``K.moe_experts`` (with only ``form`` of the autograd forms on)
+    against the reference's; returns the dispatch record of the call."""
     from conftest import assert_close
 
     x, w13, w2 = _rand(N, D, dtype=dtype), _rand(E, D, 2 * Fh, dtype=dtype), _rand(E, Fh, D, dtype=dtype)
@@ -165,9 +161,9 @@ def test_moe_autograd_takes_the_grouped_form(N, k, E, D, Fh, dtype):
     leaves = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
     dy = _rand(N, D, dtype=dtype)
     K.reset_dispatch_counts()
-    out = K.moe_experts(leaves[0], leaves[1], idx, leaves[2], leaves[3])
-    grouped = D * x.element_size() % 16 == 0 and Fh * x.element_size() % 16 == 0
-    assert K.dispatch_counts() == {("moe_experts", "cpu" if grouped else "reference"): 1}
+    with K.cpu_variant(next(f for f in AUTOGRAD_FORMS if f != form), False):
+        out = K.moe_experts(leaves[0], leaves[1], idx, leaves[2], leaves[3])
+    counts = K.dispatch_counts()
     grads = torch.autograd.grad(out, leaves, dy)
     ref_leaves = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
     ref = K.moe_experts_reference(ref_leaves[0], ref_leaves[1], idx, ref_leaves[2], ref_leaves[3])
@@ -175,9 +171,78 @@ def test_moe_autograd_takes_the_grouped_form(N, k, E, D, Fh, dtype):
     assert_close("out", ref, out, dtype)
     for name, r, g in zip(("dx", "dweights", "dw13", "dw2"), ref_grads, grads):
         assert_close(name, r, g, dtype)
+    return counts
+
+
+AUTOGRAD_FORMS = ("moe_sorted_autograd", "moe_grouped_mm")
+AUTOGRAD_CASES = [(3, 2, 6, 16, 4), (37, 3, 7, 33, 9), (64, 4, 16, 24, 12), (20, 3, 6, 32, 16)]
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", AUTOGRAD_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_autograd_takes_the_sorted_form(monkeypatch, N, k, E, D, Fh, dtype):
+    """CPU autograd: the sorted autograd form serves first (any row width), output and every
+    gradient as the reference's."""
+    calls = spy(monkeypatch, M._SortedExpertsFn, "apply")
+    assert _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd") == {("moe_experts", "cpu"): 1}
+    assert calls == ["apply"]
+
+
+@pytest.mark.parametrize("need", ["x", "weights", "w13", "w2"])
+def test_moe_sorted_autograd_single_gradients(need):
+    """Each input alone needing a gradient gets the reference's (the others' products skipped);
+    an expert no pair reaches gets zero weight gradients."""
+    from conftest import assert_close
+
+    N, k, E, D, Fh = 29, 2, 9, 20, 7
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    weights, idx = _route(N, E, k)
+    idx[idx == E - 1] = 0                       # expert E-1 gets no pair
+    ins = dict(x=x, weights=weights, w13=w13, w2=w2)
+    dy = _rand(N, D)
+    leaf = ins[need].clone().requires_grad_()
+    args = {**ins, need: leaf}
+    out = M.moe_experts_sorted_autograd(args["x"], args["weights"], idx, args["w13"], args["w2"])
+    (g,) = torch.autograd.grad(out, leaf, dy)
+    ref_leaf = ins[need].clone().requires_grad_()
+    rargs = {**ins, need: ref_leaf}
+    ref = K.moe_experts_reference(rargs["x"], rargs["weights"], idx, rargs["w13"], rargs["w2"])
+    (rg,) = torch.autograd.grad(ref, ref_leaf, dy)
+    assert_close("d" + need, rg, g, torch.float32)
+    if need in ("w13", "w2"):
+        assert torch.equal(g[E - 1], torch.zeros_like(g[E - 1]))
+
+
+def test_moe_sorted_autograd_nan_stays_in_its_expert():
+    """Stale buffers are never read: a NaN in one expert's weights reaches only the tokens routed
+    there and that expert's gradients, not another expert's slice."""
+    N, E, D, Fh = 12, 4, 16, 8
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    idx = (torch.arange(N) % E).unsqueeze(1)
+    w13[1, 0, 0] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (x, torch.ones(N, 1), w13, w2)]
+    out = M.moe_experts_sorted_autograd(leaves[0], leaves[1], idx, leaves[2], leaves[3])
+    dx, _, dw13, dw2 = torch.autograd.grad(out, leaves, torch.ones(N, D))
+    bad = idx[:, 0] == 1
+    assert out[bad].isnan().any() and not out[~bad].isnan().any()
+    assert not dx[~bad].isnan().any()
+    assert not dw13[[0, 2, 3]].isnan().any() and not dw2[[0, 2, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", AUTOGRAD_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_autograd_takes_the_grouped_form(N, k, E, D, Fh, dtype):
+    """CPU autograd with the sorted form off: the grouped-GEMM form serves (recorded as cpu),
+    output and every gradient as the reference's; with its variant off too, or rows off
+    F.grouped_mm's 16-byte rule (D = 33), the reference serves."""
+    x = _rand(1, dtype=dtype)
+    grouped = D * x.element_size() % 16 == 0 and Fh * x.element_size() % 16 == 0
+    counts = _autograd_case(N, k, E, D, Fh, dtype, "moe_grouped_mm")
+    assert counts == {("moe_experts", "cpu" if grouped else "reference"): 1}
+    leaves = [_rand(N, D).requires_grad_(), *_route(N, E, k), _rand(E, D, 2 * Fh), _rand(E, Fh, D)]
     K.reset_dispatch_counts()
-    with K.cpu_variant("moe_grouped_mm", False):
-        K.moe_experts(leaves[0], leaves[1], idx, leaves[2], leaves[3])
+    with K.cpu_variant("moe_grouped_mm", False), K.cpu_variant("moe_sorted_autograd", False):
+        K.moe_experts(*leaves)
     assert K.dispatch_counts() == {("moe_experts", "reference"): 1}
 
 

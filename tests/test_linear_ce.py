@@ -64,10 +64,17 @@ def _check_against_oracle(fn, x, w, t, reduction, tol, ignore_index=-100):
 
 @pytest.fixture(autouse=True)
 def nan_poison(monkeypatch):
-    """Outputs the op allocates uninitialized start as NaN: an unwritten element fails."""
+    """Outputs the op allocates uninitialized (or takes from kept buffers) start as NaN: an
+    unwritten element fails."""
     def empty(*size, **kw):
         return torch.empty(*size, **kw).fill_(float("nan"))
+
+    def kept(*a, **kw):
+        t = real_kept(*a, **kw)
+        return t if t is None else t.fill_(float("nan"))
+    real_kept = lce.kept_output
     monkeypatch.setattr(lce, "_empty", empty)
+    monkeypatch.setattr(lce, "kept_output", kept)
 
 
 def _force(impl):
@@ -113,6 +120,61 @@ def test_all_rows_ignored(impl, reduction):
     gout = torch.ones_like(out)
     dx, dw = torch.autograd.grad(out, (x, w), gout)
     assert torch.equal(dx, torch.zeros_like(dx)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk", [None, 13, 40])
+def test_one_or_several_chunks(impl, chunk):
+    """The weight gradient written by the first chunk and summed over the later ones (one chunk:
+    the default size and a chunk larger than N; several: 13 rows)."""
+    x, w, t = _inputs(40, 24, 130, torch.float32, seed=6, ignored=(2, 39))
+    with _force(impl):
+        _check_against_oracle(lambda *a, **k: linear_cross_entropy(*a, chunk_size=chunk, **k),
+                              x, w, t, "sum", TOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_unit_output_grad_kept_graph(impl, reduction):
+    """``loss.backward()`` (output gradient 1) gives the oracle's gradients, and again through a
+    kept graph: the second backward adds the same gradients (nothing saved was overwritten)."""
+    x, w, t = _inputs(23, 16, 45, torch.float32, seed=8)
+    xd, wd, ref = _oracle(x, w, t, reduction)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (xd, wd))
+    with _force(impl):
+        out = linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=8)
+    out.backward(retain_graph=True)
+    assert_close("dx", dx_ref, x.grad, TOL[torch.float32])
+    assert_close("dw", dw_ref, w.grad, TOL[torch.float32])
+    first = w.grad.clone()
+    out.backward()
+    torch.testing.assert_close(w.grad, 2 * first, rtol=0, atol=0)
+
+
+def test_accumulated_gradient_not_overwritten():
+    """Two forward / backward passes into the same ``.grad`` (gradient accumulation) sum the two
+    passes' gradients: the second pass's kept weight-gradient buffer is not the one the first
+    pass's gradient still holds."""
+    x, w, t = _inputs(23, 16, 45, torch.float32, seed=9)
+    t2 = t.flip(0)
+    alone = []
+    for tt in (t, t2):
+        w.grad = None                               # dropped: the next pass may reuse its buffer
+        linear_cross_entropy(x, w, tt).backward()
+        alone.append(w.grad.clone())
+    w.grad = None
+    linear_cross_entropy(x, w, t).backward()
+    linear_cross_entropy(x, w, t2).backward()
+    torch.testing.assert_close(w.grad, alone[0] + alone[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_no_rows(reduction):
+    """N = 0: a zero (or empty) loss and zero gradients, no unwritten output."""
+    x, w, t = _inputs(0, 16, 33, torch.float32, seed=2, ignored=())
+    out = linear_cross_entropy(x, w, t, reduction=reduction)
+    dx, dw = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert dx.shape == (0, 16) and torch.equal(dw, torch.zeros_like(dw))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import needs_kernels, tiny_kwargs
+from conftest import needs_kernels, spy, tiny_kwargs
 
 import mythos_kernels as K
 from mythos import MythosConfig, OpenMythos
@@ -129,6 +129,46 @@ def test_activation_checkpointing_same_gradients():
         assert int(next(iter(loads.counts.values())).sum()) == 3 * 18 * 2
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_expert_grads_summed_over_loops(monkeypatch, n):
+    """The routed experts' weight gradients summed over the loops in one buffer per weight
+    (``moe_summed_grads``) equal the per-loop gradients autograd adds up (variant off) and the
+    reference backend's; a second backward through a kept graph gives them again."""
+    import importlib
+
+    M = importlib.import_module("mythos_kernels.cpu.moe")
+    torch.manual_seed(5)
+    model = OpenMythos(micro_cfg(act_threshold=5.0, n_experts=7)).train()   # every loop runs
+    ids = torch.randint(0, 40, (3, 10))
+    takes = spy(monkeypatch, M._LoopGrads, "take")
+    got = _grads(model, lambda: train_forward(model, ids, n).h)
+    assert len(takes) == 2                                          # w13 and w2, once each
+    with K.cpu_variant("moe_summed_grads", False):
+        off = _grads(model, lambda: train_forward(model, ids, n).h)
+    with K.use_backend("reference"):
+        ref = _grads(model, lambda: train_forward(model, ids, n).h)
+    assert got.keys() == off.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], off[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    model.zero_grad(set_to_none=True)
+    loss = train_forward(model, ids, n).h.pow(2).mean()
+    loss.backward(retain_graph=True)
+    first = model.recurrent.block.ffn.w13.grad.clone()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.testing.assert_close(model.recurrent.block.ffn.w13.grad, first, rtol=0, atol=0)
+    # accumulation over two passes (other tokens): the second pass's kept sum buffer is not the
+    # gradient the first pass left in .grad
+    ids2 = ids.flip(1)
+    second = _grads(model, lambda: train_forward(model, ids2, n).h)["recurrent.block.ffn.w13"]
+    model.zero_grad(set_to_none=True)
+    train_forward(model, ids, n).h.pow(2).mean().backward()
+    train_forward(model, ids2, n).h.pow(2).mean().backward()
+    torch.testing.assert_close(model.recurrent.block.ffn.w13.grad, first + second, rtol=1e-5,
+                               atol=1e-8)
 
 
 def test_checkpointing_recomputes_prelude_and_coda_in_backward():

@@ -20,6 +20,13 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 import mythos_kernels as K
 from mythos.model import CAUSAL, OpenMythos, RecurrentBlock
+from mythos.modules import MoEFFN
+from mythos_kernels.cpu.moe import summed_expert_grads
+
+try:
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover - torch without distributed
+    _FSDPModule = ()
 
 LOOP_SAMPLING = ("fixed", "poisson-lognormal", "uniform")
 
@@ -100,6 +107,16 @@ def _iteration(rb: RecurrentBlock, t: int, nxt, e, freqs_cis, mask, h, x, h_out,
                           halt.bias, rb.cfg.act_threshold, next_loop=nxt, delta=delta)
 
 
+def _expert_stacks(rb: RecurrentBlock, checkpoint: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(w13, w2)`` stacks of the recurrent block's MoE layers, whose weight gradients the
+    CPU training form sums over the loops (:func:`summed_expert_grads`); none with checkpointing
+    (the recomputed loops run outside the summing block) or under FSDP2 (its post-backward hooks
+    reduce a block's gradients when that block's backward ends, before the sums arrive)."""
+    if checkpoint or any(isinstance(m, _FSDPModule) for m in rb.modules()):
+        return []
+    return [(m.w13, m.w2) for m in rb.modules() if isinstance(m, MoEFFN)]
+
+
 def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
                       freqs_cis: torch.Tensor, mask, n_loops: int, act: bool = True,
                       grad_loops: Optional[int] = None, checkpoint: bool = False,
@@ -121,27 +138,28 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
     halted = halt_check or rb.halt_reducer or K.HaltCheck(h.device, lag=rb.halt_lag)
     x = None
     run = 0
-    for t in range(n_loops):
-        with torch.set_grad_enabled(grad and t >= n_free):
-            if x is None:   # the first loop, or the first one with a graph after the cut
-                x = K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim)
-            # at the cut the next input is recomputed with a graph (it depends on e)
-            fuse = t + 1 < n_loops and t + 1 != n_free
-            nxt = (t + 1, norm.weight, norm.eps, rb.loop_dim) if fuse else None
-            step = functools.partial(_iteration, rb, t, nxt, e, freqs_cis, mask)
-            if checkpoint and grad and t >= n_free:
-                res = _checkpoint(step, h, x, h_out, cum_p, use_reentrant=False)
-            else:
-                res = step(h, x, h_out, cum_p)
-            prev = cum_p
-            h, h_out, cum_p = res[:3]
-            x = res[3] if fuse else None
-            # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding)
-            w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0), cum_p - prev)
-            depth = depth + (t + 1) * w
-        run = t + 1
-        if act and t + 1 < n_loops and halted(cum_p, thr):
-            break
+    with summed_expert_grads(_expert_stacks(rb, checkpoint)):
+        for t in range(n_loops):
+            with torch.set_grad_enabled(grad and t >= n_free):
+                if x is None:   # the first loop, or the first one with a graph after the cut
+                    x = K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim)
+                # at the cut the next input is recomputed with a graph (it depends on e)
+                fuse = t + 1 < n_loops and t + 1 != n_free
+                nxt = (t + 1, norm.weight, norm.eps, rb.loop_dim) if fuse else None
+                step = functools.partial(_iteration, rb, t, nxt, e, freqs_cis, mask)
+                if checkpoint and grad and t >= n_free:
+                    res = _checkpoint(step, h, x, h_out, cum_p, use_reentrant=False)
+                else:
+                    res = step(h, x, h_out, cum_p)
+                prev = cum_p
+                h, h_out, cum_p = res[:3]
+                x = res[3] if fuse else None
+                # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding)
+                w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0), cum_p - prev)
+                depth = depth + (t + 1) * w
+            run = t + 1
+            if act and t + 1 < n_loops and halted(cum_p, thr):
+                break
     # probability mass that never halted counts at the depth reached
     weight_sum = torch.where(cum_p >= thr, torch.ones_like(cum_p), cum_p)
     depth = depth + run * (1.0 - weight_sum)

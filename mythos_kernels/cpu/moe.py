@@ -1,28 +1,34 @@
 """CPU inference forms of the routed MoE experts (:func:`mythos_kernels.moe.moe_experts`), and
-the CPU autograd form on ``torch.nn.functional.grouped_mm``; each registers itself with the
+its CPU autograd (training) forms; each registers itself with the
 dispatch point (:func:`mythos_kernels._dispatch.register_cpu`) and is tested against
 :func:`~mythos_kernels.moe.moe_experts_reference`.
 
 Inference (no autograd), :func:`moe_experts_cpu`: per pair for decode (two experts per bmm),
 two padded bmms for balanced routing, and the sorted segments without the pair-order copies for
 skewed routing (random-init models send most tokens to a few experts). Training:
-:func:`moe_experts_grouped`, the sorted pairs through two grouped GEMMs that have a CPU kernel
-and autograd.
+:func:`moe_experts_sorted_autograd`, the sorted pairs with one product per non-empty expert and
+its own backward (inside :func:`summed_expert_grads`, the recurrent loops' expert weight
+gradients summed in one buffer per weight); :func:`moe_experts_grouped`, the sorted pairs through
+two grouped GEMMs that have a CPU kernel and autograd, serves where it is switched off.
 
 Variants (names for :func:`mythos_kernels.cpu_variant`): ``moe_experts_cpu``,
-``moe_grouped_mm`` (forms); ``moe_pairs``, ``moe_split``, ``moe_seg_pairs``, ``moe_scratch``
-(switches inside ``moe_experts_cpu``).
+``moe_sorted_autograd``, ``moe_grouped_mm`` (forms); ``moe_pairs``, ``moe_split``,
+``moe_seg_pairs``, ``moe_scratch`` (switches inside ``moe_experts_cpu``); ``moe_summed_grads``
+(inside ``moe_sorted_autograd``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from contextvars import ContextVar
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from .._dispatch import _compiling, _transformed, cpu_enabled, cpu_inference, register_cpu
-from .._scratch import scratch
+from .._scratch import kept_output, scratch
 from ..moe import _swiglu, _swiglu_in_place
 from . import linear as _lin
 from .linear import vecmat
@@ -361,6 +367,234 @@ def _serves_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
             and not torch.is_autocast_enabled("cpu") and not _compiling() and not _transformed())
 
 
+def _serves_sorted_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                            w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """CPU tensors with autograd through one of them, fp32 or bf16, contiguous expert stacks, CPU
+    autocast off, eager (not traced, not inside a ``torch.func`` transform):
+    :func:`moe_experts_sorted_autograd` serves."""
+    ts = (x, weights, w13, w2)
+    return (idx.numel() > 0 and all(t.device.type == "cpu" for t in (*ts, idx))
+            and w13.is_contiguous() and w2.is_contiguous()
+            and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+            and x.dtype in (torch.float32, torch.bfloat16) and w13.dtype == w2.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu") and not _compiling() and not _transformed())
+
+
+def _segments(counts: list[int]) -> list[tuple[int, int, int]]:
+    """``(expert, first row, end row)`` of each non-empty expert's sorted rows."""
+    segs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            segs.append((e, start, start + c))
+            start += c
+    return segs
+
+
+def _empty_runs(counts: list[int]) -> list[tuple[int, int]]:
+    """``(first, end)`` of each run of consecutive experts with no rows."""
+    runs: list[tuple[int, int]] = []
+    for e, c in enumerate(counts):
+        if not c:
+            if runs and runs[-1][1] == e:
+                runs[-1] = (runs[-1][0], e + 1)
+            else:
+                runs.append((e, e + 1))
+    return runs
+
+
+def _wgrad(a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
+           empty: list[tuple[int, int]], shape: torch.Size) -> torch.Tensor:
+    """The stacked weight gradient ``[E, R, C]``: ``a[s:t].T @ b[s:t]`` per non-empty expert,
+    zeros (one fill per run of experts, ``empty``) for the experts no row reached."""
+    dw = a.new_empty(shape)
+    for e, s, t in segs:
+        torch.mm(a[s:t].t(), b[s:t], out=dw[e])
+    for lo, hi in empty:
+        dw[lo:hi].zero_()
+    return dw
+
+
+class _SortedExpertsFn(torch.autograd.Function):
+    """The routed SwiGLU experts over the pairs sorted by expert, one ``mm`` per non-empty expert
+    and product; the sort is made once and reused by backward. Backward: the SwiGLU derivative
+    in one pass (``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``), the weight gradients as
+    one product per non-empty expert, no work for empty experts beyond a zero fill.
+    Saved: the sorted rows ``xs`` [P, D], the gate|up product ``hg`` [P, 2F] and the expert
+    outputs ``ys`` [P, D] (for the routing weights' gradient); the SwiGLU output is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, weights, idx, w13, w2, acc):
+        N, k = idx.shape
+        E, D = w13.shape[0], x.shape[1]
+        P, Fh = N * k, w2.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)                         # pairs sorted by expert
+        counts = torch.bincount(flat, minlength=E).tolist()              # the one host read
+        segs = _segments(counts)
+        tok = order // k                                                 # token of each sorted pair
+        xs = x.index_select(0, tok)                                      # [P, D]
+        hg = x.new_empty(P, 2 * Fh)
+        for e, s, t in segs:
+            torch.mm(xs[s:t], w13[e], out=hg[s:t])
+        a = _swiglu(hg)                                                  # [P, F]
+        ys = x.new_empty(P, D)
+        for e, s, t in segs:
+            torch.mm(a[s:t], w2[e], out=ys[s:t])
+        ws = weights.reshape(-1).index_select(0, order).to(x.dtype)     # [P]
+        out = torch.zeros_like(x).index_add_(0, tok, ys * ws.unsqueeze(1))
+        ctx.save_for_backward(xs, hg, ys, ws, tok, order, w13, w2)
+        ctx.segs, ctx.empty = segs, _empty_runs(counts)
+        ctx.shape, ctx.w_dtype, ctx.acc = (N, k), weights.dtype, acc
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, hg, ys, ws, tok, order, w13, w2 = ctx.saved_tensors
+        segs, empty = ctx.segs, ctx.empty
+        need_x, need_w, _, need_w13, need_w2, _ = ctx.needs_input_grad
+        acc = ctx.acc
+        Fh = w2.shape[1]
+        g = dout.index_select(0, tok)                                    # [P, D] d(ys * ws)
+        dweights = dx = dw13 = dw2 = None
+        if need_w:
+            dws = (g * ys).sum(1)
+            dweights = torch.empty_like(dws).index_copy_(0, order, dws).view(ctx.shape)
+            dweights = dweights.to(ctx.w_dtype)
+        dys = g.mul_(ws.unsqueeze(1))                                    # [P, D]
+        gate, up = hg[:, :Fh], hg[:, Fh:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        if need_w2:
+            if acc is None:
+                dw2 = _wgrad(silu * up, dys, segs, empty, w2.shape)
+            else:
+                acc.add("w2", silu * up, dys, segs, w2.shape)
+        if need_x or need_w13:
+            da = torch.empty_like(silu)                                  # [P, F]
+            for e, s, t in segs:
+                torch.mm(dys[s:t], w2[e].t(), out=da[s:t])
+            dhg = torch.empty_like(hg)                                   # [P, 2F]
+            torch.mul(da, silu, out=dhg[:, Fh:])
+            dgate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
+            dhg[:, :Fh] = dgate
+            if need_w13:
+                if acc is None:
+                    dw13 = _wgrad(xs, dhg, segs, empty, w13.shape)
+                else:
+                    acc.add("w13", xs, dhg, segs, w13.shape)
+            if need_x:
+                dxs = torch.empty_like(xs)
+                for e, s, t in segs:
+                    torch.mm(dhg[s:t], w13[e].t(), out=dxs[s:t])
+                dx = torch.zeros_like(dout).index_add_(0, tok, dxs)
+        return dx, dweights, None, dw13, dw2, None
+
+
+class _LoopGrads:
+    """The weight gradients of one expert stack summed over every use of it (the loops of a
+    recurrent block): each use's backward adds its experts' products into one ``[E, R, C]``
+    buffer per weight (an expert's first product written, later ones added: no per-use zero
+    fill and no per-use sum of full stacks); :class:`_SharedExperts`' backward takes the sums."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, tuple[torch.Tensor, list[int]]] = {}
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
+            shape: torch.Size) -> None:
+        """Add ``a[s:t].T @ b[s:t]`` to expert e's slice of the ``name`` sum, for each segment."""
+        if name not in self._bufs:
+            # a kept output (its pages stay mapped from one step to the next: a new buffer of
+            # this size faults in page by page) once the previous step's gradient is dropped
+            dw = kept_output("moe_summed_" + name, tuple(shape), a.dtype, a.device)
+            self._bufs[name] = (a.new_empty(shape) if dw is None else dw, [0] * shape[0])
+        dw, written = self._bufs[name]
+        for e, s, t in segs:
+            if written[e]:
+                dw[e].addmm_(a[s:t].t(), b[s:t])
+            else:
+                torch.mm(a[s:t].t(), b[s:t], out=dw[e])
+                written[e] = 1
+
+    def take(self, name: str) -> torch.Tensor | None:
+        """The ``name`` sum (zeros for experts no use reached), or None when no use added one;
+        the buffer is handed over (a later backward starts a new sum)."""
+        buf = self._bufs.pop(name, None)
+        if buf is None:
+            return None
+        dw, written = buf
+        for lo, hi in _empty_runs(written):
+            dw[lo:hi].zero_()
+        return dw
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a.add_(b)
+
+
+class _SharedExperts(torch.autograd.Function):
+    """Identity on an expert stack ``(w13, w2)`` whose backward returns the gradients the uses
+    summed in a :class:`_LoopGrads` (plus any gradient that reached its outputs directly).
+    Autograd runs it after the backward of every op that used its outputs, so the sums are
+    complete."""
+
+    @staticmethod
+    def forward(ctx, acc, w13, w2):
+        ctx.set_materialize_grads(False)
+        ctx.acc = acc
+        return w13.view_as(w13), w2.view_as(w2)
+
+    @staticmethod
+    def backward(ctx, d13, d2):
+        return None, _plus(ctx.acc.take("w13"), d13), _plus(ctx.acc.take("w2"), d2)
+
+
+# expert stacks whose weight gradients the training form sums over uses: id(w13) ->
+# (w13, w2, w13 view, w2 view, _LoopGrads); set by :func:`summed_expert_grads`
+_SUMMED: ContextVar[dict | None] = ContextVar("mythos_summed_expert_grads", default=None)
+
+
+@contextlib.contextmanager
+def summed_expert_grads(stacks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, the CPU training form (:func:`moe_experts_sorted_autograd`) sums the
+    weight gradients of these ``(w13, w2)`` expert stacks over all its calls (e.g. the loops of
+    a recurrent block) into one buffer per weight, returned once to the stack's parameters, where
+    each call would return full ``[E, ...]`` gradients that autograd then adds up. The gradients
+    are the same up to summation order; calls served by another form are unaffected. Only
+    stacks of CPU tensors that need a gradient, with autograd on, eager (not traced), the
+    ``moe_summed_grads`` variant on."""
+    table = dict(_SUMMED.get() or {})
+    if (cpu_enabled("moe_summed_grads") and torch.is_grad_enabled() and not _compiling()
+            and not _transformed()):
+        for w13, w2 in stacks:
+            if (w13.device.type == w2.device.type == "cpu"
+                    and (w13.requires_grad or w2.requires_grad)):
+                acc = _LoopGrads()
+                v13, v2 = _SharedExperts.apply(acc, w13, w2)
+                table[id(w13)] = (w13, w2, v13, v2, acc)
+    token = _SUMMED.set(table)
+    try:
+        yield
+    finally:
+        _SUMMED.reset(token)
+
+
+def moe_experts_sorted_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                                w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU training (:class:`_SortedExpertsFn`):
+    the pairs sorted by expert once, one product per non-empty expert in forward and backward,
+    the pairs' outputs weighted and added to their tokens with ``index_add`` (each token's slots
+    summed in expert order: the last bits may differ from the reference). One host read (the
+    expert counts). Inside :func:`summed_expert_grads` for this stack, the weight gradients
+    are summed over the calls. x [N, D], weights/idx [N, k], w13 [E, D, 2F], w2 [E, F, D] ->
+    [N, D]."""
+    entry = (_SUMMED.get() or {}).get(id(w13))
+    if entry is not None and entry[0] is w13 and entry[1] is w2:
+        return _SortedExpertsFn.apply(x, weights, idx, entry[2], entry[3], entry[4])
+    return _SortedExpertsFn.apply(x, weights, idx, w13, w2, None)
+
+
 def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                         w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """:func:`~mythos_kernels.moe.moe_experts_reference` as two grouped GEMMs
@@ -382,6 +616,11 @@ def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tenso
 
 register_cpu("moe_experts", "moe_experts_cpu", moe_experts_cpu, serves=_serves_inference,
              doc="inference: per pair (decode), padded slab (balanced) or sorted segments")
+register_cpu("moe_experts", "moe_sorted_autograd", moe_experts_sorted_autograd,
+             serves=_serves_sorted_autograd,
+             doc="autograd: the sorted pairs, one product per non-empty expert, own backward")
+register_cpu("moe_experts", "moe_summed_grads",
+             doc="training form: expert weight grads summed over the loops (summed_expert_grads)")
 register_cpu("moe_experts", "moe_grouped_mm", moe_experts_grouped, serves=_serves_autograd,
              doc="autograd: the sorted pairs through two F.grouped_mm")
 register_cpu("moe_experts", "moe_pairs", doc="decode pairs two experts per bmm (else per pair)")
