@@ -91,18 +91,18 @@ def _decode(m, ids: torch.Tensor, forced: Optional[torch.Tensor], n_new: int, n_
     [B, n_new, V], seconds of the decode steps, loops run)."""
     B, P = ids.shape
     cache = MythosCache(P + n_new)
-    logits = [m._logits(m._hidden(ids, n_loops, cache, 0)[:, -1])]
+    logits = [m.logits(m.hidden_states(ids, n_loops, cache, 0)[:, -1])]
     toks = [logits[0].argmax(-1)]
     loops, t0 = 0, time.perf_counter()
     for i in range(1, n_new):
         cur = (forced[:, i - 1] if forced is not None else toks[-1])[:, None]
         if exit_args is None:
-            h = m._hidden(cur, n_loops, cache, P + i - 1)[:, -1]
+            h = m.hidden_states(cur, n_loops, cache, P + i - 1)[:, -1]
             loops += n_loops * B
         else:
             h, depth = early_exit.hidden_step(m, cur, cache, P + i - 1, n_loops, *exit_args)
             loops += int(depth.sum())
-        logits.append(m._logits(h))
+        logits.append(m.logits(h))
         toks.append(logits[-1].argmax(-1))
     secs = time.perf_counter() - t0
     return (torch.stack(toks, 1), torch.log_softmax(torch.stack(logits, 1).float(), -1), secs,

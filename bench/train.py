@@ -26,7 +26,7 @@ Activation checkpointing: :data:`CHECKPOINTING` names the training forward ``"mo
 the mythos variants run, called as ``fn(model, ids, n_loops, act=True, checkpoint=...)`` and
 returning an object with the coda output ``.h``; the ``+ckpt`` memory rows pass
 ``checkpoint=True`` (each recurrent iteration recomputed in backward). While it is None the
-mythos variants run ``model._hidden`` and the ``+ckpt`` rows are reported as skipped.
+mythos variants run ``model.hidden_states`` and the ``+ckpt`` rows are reported as skipped.
 """
 
 from __future__ import annotations
@@ -93,14 +93,14 @@ def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_lo
     if fwd is None:
         if checkpoint:
             raise ValueError("checkpoint=True needs bench.train.CHECKPOINTING set")
-        h = model._hidden(ids, n_loops, None, 0)                             # [B, T, D]
+        h = model.hidden_states(ids, n_loops, None, 0)                             # [B, T, D]
     else:
         h = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint).h      # [B, T, D]
     if variant == "mythos+fused-ce":
         from mythos.train import lm_loss
 
         return lm_loss(model, h, targets, fused=True)
-    logits = model._logits(h)                                                # [B, T, V]
+    logits = model.logits(h)                                                # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 

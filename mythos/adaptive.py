@@ -5,7 +5,7 @@ per-token early exit (:mod:`mythos.early_exit`) and self-speculative decoding
 :func:`stream` yields each step's tokens as they are decoded; :func:`generate` returns them all
 (``OpenMythos.generate`` hands its call here when one of these options is set). Both validate
 every argument before any compute, with ``generate``'s rules. Decoding runs through the module
-path (``OpenMythos._hidden`` over a preallocated :class:`~mythos.cache.MythosCache`); with its
+path (``OpenMythos.hidden_states`` over a preallocated :class:`~mythos.cache.MythosCache`); with its
 defaults (no filter beyond top-k, no exit, no draft) :func:`stream` yields ``generate``'s eager
 tokens.
 """
@@ -46,7 +46,7 @@ def check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, to
         if crit is not None:
             raise ValueError("draft_loops and exit_criterion: choose one (speculative decoding "
                              "verifies at full depth)")
-    model._check_inputs(input_ids, a["n_loops"], None, 0)
+    model.check_inputs(input_ids, a["n_loops"], None, 0)
     total = input_ids.shape[1] + a["max_new_tokens"] - 1
     if total > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({a['max_new_tokens']})"
@@ -66,8 +66,8 @@ def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
     with torch.no_grad():
         out = input_ids.new_empty(B, P + N, dtype=torch.long)
         out[:, :P] = input_ids
-        h = model._hidden(input_ids, a["n_loops"], cache, 0)[:, -1]                # prefill
-        out[:, P] = sample_filtered(model._logits(h), *samp)
+        h = model.hidden_states(input_ids, a["n_loops"], cache, 0)[:, -1]                # prefill
+        out[:, P] = sample_filtered(model.logits(h), *samp)
     yield out[:, P:P + 1]
     if a["draft_loops"] is not None:
         it = speculative.rounds(model, out, P + 1, P + N, cache, a["n_loops"], a["draft_loops"],
@@ -86,7 +86,7 @@ def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
         with torch.no_grad():
             cur = out[:, pos:pos + 1]
             if a["exit_criterion"] is None:
-                h = model._hidden(cur, a["n_loops"], cache, pos)[:, -1]
+                h = model.hidden_states(cur, a["n_loops"], cache, pos)[:, -1]
             else:
                 h, depth = early_exit.hidden_step(model, cur, cache, pos, a["n_loops"],
                                                   a["exit_criterion"], a["exit_threshold"],
@@ -94,7 +94,7 @@ def _chunks(model, input_ids: torch.Tensor, a: dict, stats: Optional[dict]
                 if stats is not None:
                     stats["loops"] = stats.get("loops", 0) + int(depth.sum())
                     stats["tokens"] = stats.get("tokens", 0) + B
-            out[:, pos + 1] = sample_filtered(model._logits(h), *samp)
+            out[:, pos + 1] = sample_filtered(model.logits(h), *samp)
         yield out[:, pos + 1:pos + 2]
 
 
@@ -111,7 +111,7 @@ def _static_exit_steps(model, out: torch.Tensor, P: int, N: int, cache: MythosCa
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         h, depth = early_exit.hidden_step(model, tok, cache, P, a["n_loops"], a["exit_criterion"],
                                           a["exit_threshold"], a["exit_fill"], positions=pos)
-        return model._logits(h), depth
+        return model.logits(h), depth
 
     run = step
     if a["graph"]:

@@ -9,7 +9,7 @@ packed SwiGLU weights, the absorbed MLA weights, the LoRA scale rows, the loop-i
 Each module builds its own piece through its public ``decode_plan`` method (``mythos.modules``);
 :meth:`DecodePlan.hidden` strings them together and runs the references' own functions (RMSNorm, RoPE, the latent
 attention, routing, the expert forms, the LTI + ACT step) on the same values in the same order
-as ``OpenMythos._hidden``: the hidden state, hence the logits and tokens, are bitwise the same
+as ``OpenMythos.hidden_states``: the hidden state, hence the logits and tokens, are bitwise the same
 (``tests/test_decode.py`` checks it over configurations). ``tools/cpu_ab.py --switches
 decode_plan`` times it against the module path.
 
@@ -46,11 +46,11 @@ from mythos_kernels.recurrent import (
 
 from . import modules as M
 
-_MODELS: list = []   # the model classes whose _hidden the plan reproduces (register_model)
+_MODELS: list = []   # the model classes whose hidden_states the plan reproduces (register_model)
 
 
 def register_model(cls: type) -> type:
-    """Register a model class whose ``_hidden`` :class:`DecodePlan` reproduces (``mythos.model``
+    """Register a model class whose ``hidden_states`` :class:`DecodePlan` reproduces (``mythos.model``
     registers ``OpenMythos``; this module cannot import it)."""
     _MODELS.append(cls)
     return cls
@@ -87,13 +87,13 @@ def _bypassed_module(model) -> Optional[str]:
     """Why a plan, which calls no modules, would skip computation or hooks the model has, or
     None: a forward hook (global or on a submodule: it would miss its calls), a module of
     another type than the model's own (a subclass too, or e.g. an adapter library's wrapper
-    around a Linear), a ``forward`` set on an instance, a model class overriding ``_hidden``.
+    around a Linear), a ``forward`` set on an instance, a model class overriding ``hidden_states``.
     One pass over the modules."""
     _m = _torch_module
     if _m._global_forward_hooks or _m._global_forward_pre_hooks:
         return "the model has forward hooks"
-    if not any(type(model)._hidden is cls._hidden for cls in _MODELS):
-        return (f"{type(model).__name__}._hidden is not one of mythos's own modules (the plan "
+    if not any(type(model).hidden_states is cls.hidden_states for cls in _MODELS):
+        return (f"{type(model).__name__}.hidden_states is not one of mythos's own modules (the plan "
                 "would bypass its forward)")
     stock = (M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN,
              M.LoRAAdapter, M.TransformerBlock, M.LTIInjection, M.ACTHalting, M.RecurrentBlock,
@@ -120,7 +120,7 @@ def decode_plan(model, batch: int, n_loops: Optional[int], input_ids: torch.Tens
 
 
 class DecodePlan:
-    """``OpenMythos._hidden`` for ``[B, 1]`` tokens appended to a filled cache (``generate``'s
+    """``OpenMythos.hidden_states`` for ``[B, 1]`` tokens appended to a filled cache (``generate``'s
     eager decode), its per-call decisions taken once at construction (module docstring)."""
 
     def __init__(self, model, batch: int, n_loops: Optional[int]):

@@ -149,7 +149,7 @@ def hidden_step(model, tok: torch.Tensor, cache: dict, pos: int, n_loops: Option
         z = y_t.to(e.dtype)
         for key, layer in zip(coda_keys, model.coda):
             z = layer(z, freqs, None, peek, key, positions)
-        return torch.log_softmax(model._logits(z[:, -1]).float(), -1)
+        return torch.log_softmax(model.logits(z[:, -1]).float(), -1)
 
     thr_act = cfg.act_threshold
     acc = K.acc_dtype(h.dtype)

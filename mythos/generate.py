@@ -38,7 +38,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
     cuda_graph = check_bool("cuda_graph", cuda_graph, none_ok=True)
     static = check_bool("static", static, none_ok=True)
     compiled = check_bool("compiled", compiled)
-    model._check_inputs(input_ids, n_loops, None, 0)
+    model.check_inputs(input_ids, n_loops, None, 0)
     if max_new_tokens == 0:
         return input_ids
     B, prompt_len = input_ids.shape
@@ -68,8 +68,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
     with torch.inference_mode(False):
         out = input_ids.new_empty(B, prompt_len + max_new_tokens, dtype=torch.long)
     out[:, :prompt_len] = input_ids
-    h = model._hidden(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
-    out[:, prompt_len] = sample(model._logits(h), temperature, top_k)
+    h = model.hidden_states(input_ids, n_loops, cache, 0)[:, -1]                   # prefill
+    out[:, prompt_len] = sample(model.logits(h), temperature, top_k)
     if max_new_tokens == 1:
         return out
     if not static:
@@ -80,8 +80,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
             if plan is not None:
                 h = plan.hidden(cur, cache, prompt_len + i - 1)
             else:
-                h = model._hidden(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
-            out[:, prompt_len + i] = sample(model._logits(h), temperature, top_k)
+                h = model.hidden_states(cur, n_loops, cache, prompt_len + i - 1)[:, -1]
+            out[:, prompt_len + i] = sample(model.logits(h), temperature, top_k)
         return out
     # static inputs (fresh [B, 1]: a clone of the slice would keep its row stride, which
     # depends on the lengths, and Dynamo guards on strides)
@@ -89,7 +89,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
     pos = torch.full((1,), prompt_len, dtype=torch.long, device=out.device)
 
     def step() -> torch.Tensor:
-        return model._logits(model._hidden(tok, n_loops, cache, 0, pos)[:, -1])
+        return model.logits(model.hidden_states(tok, n_loops, cache, 0, pos)[:, -1])
 
     run = step
     if compiled:
@@ -183,9 +183,9 @@ def _decode_step(model: nn.Module, tok: torch.Tensor, n_loops: Optional[int], la
     instance of a configuration reuses its graph). ``head_t``: the head
     weight's transposed copy (``K.decode_head_weight``), multiplied instead of the head when
     given."""
-    h = model._hidden(tok, n_loops, layers, 0, pos)[:, -1]
+    h = model.hidden_states(tok, n_loops, layers, 0, pos)[:, -1]
     if head_t is None:
-        return model._logits(h)
+        return model.logits(h)
     return K.lm_head_transposed(model.norm(h), head_t)
 
 

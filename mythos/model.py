@@ -151,8 +151,11 @@ class OpenMythos(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
 
-    def _check_inputs(self, input_ids, n_loops, kv_cache, start_pos) -> None:
-        """Validate before any compute, so a bad call leaves the cache untouched."""
+    def check_inputs(self, input_ids: torch.Tensor, n_loops: Optional[int], kv_cache: Optional[dict],
+                     start_pos: Optional[int]) -> None:
+        """Validate ``forward``'s arguments (and the cache against this model) before any compute,
+        so a bad call leaves the cache untouched; raises ValueError / ArgumentTypeError naming the
+        argument. Generation and custom decoding loops call it before :meth:`hidden_states`."""
         cfg = self.cfg
         if not isinstance(input_ids, torch.Tensor):
             raise ArgumentTypeError(f"input_ids must be a torch.Tensor of int64 or int32 token "
@@ -201,14 +204,14 @@ class OpenMythos(nn.Module):
         start_pos = check_int("start_pos", start_pos, lo=0, none_ok=True)
         if start_pos is None:
             start_pos = cache_length(kv_cache) if isinstance(kv_cache, dict) else 0
-        self._check_inputs(input_ids, n_loops, kv_cache, start_pos)
+        self.check_inputs(input_ids, n_loops, kv_cache, start_pos)
         with CacheWrite(kv_cache), _inference_scope(self):   # rollback on error; no_grad: scope
             plan = self._decode_plan(input_ids, n_loops, kv_cache)
             if plan is not None:   # one token per row onto a filled cache, on the CPU
                 h = plan.hidden(input_ids, kv_cache, start_pos).unsqueeze(1)
             else:
-                h = self._hidden(input_ids, n_loops, kv_cache, start_pos)
-        return self._logits(h)                   # a normal tensor whatever the scope
+                h = self.hidden_states(input_ids, n_loops, kv_cache, start_pos)
+        return self.logits(h)                   # a normal tensor whatever the scope
 
     def _decode_plan(self, input_ids, n_loops, kv_cache):
         """A decode plan (``mythos.decode``) for this call: one token per row appended to a
@@ -223,12 +226,15 @@ class OpenMythos(nn.Module):
             return None
         return decode_plan(self, input_ids.shape[0], n_loops, input_ids)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final RMSNorm and the tied head."""
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[..., D]`` (:meth:`hidden_states`) -> logits ``[..., vocab_size]``: the
+        final RMSNorm and the tied head."""
         return K.lm_head(self.norm(h), self.head.weight)
 
-    def _hidden(self, input_ids, n_loops, kv_cache, start_pos, positions=None) -> torch.Tensor:
-        """Embedding -> prelude -> recurrent loop -> coda (before the final norm and head).
+    def hidden_states(self, input_ids: torch.Tensor, n_loops: Optional[int], kv_cache: Optional[dict],
+                      start_pos: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embedding -> prelude -> recurrent loop -> coda: ``[B, T, D]`` before the final norm and
+        head (``forward`` is ``logits(hidden_states(...))`` after ``check_inputs``); no checks.
         ``positions`` (int64 device tensor [T]) selects the static decode path: cache writes and
         RoPE by tensor index, attention over the full preallocated cache (CUDA-graph safe)."""
         T = input_ids.shape[1]
@@ -309,4 +315,4 @@ __all__ = [
 ]
 
 
-decode.register_model(OpenMythos)   # the model class whose _hidden a decode plan reproduces
+decode.register_model(OpenMythos)   # the model class whose hidden_states a decode plan reproduces

@@ -53,7 +53,7 @@ def rounds(model, out: torch.Tensor, n: int, end: int, cache: dict, n_loops: Opt
         drafts, p_draft = [], []
         cur = out[:, n - 1:n]
         for i in range(k):   # draft
-            logits = model._logits(model._hidden(cur, draft_loops, cache, base + i)[:, -1])
+            logits = model.logits(model.hidden_states(cur, draft_loops, cache, base + i)[:, -1])
             check_finite_rows(logits.amax(-1))
             p = probabilities(logits, temperature, top_k, top_p, min_p)
             tok = p.argmax(-1) if greedy else _draw(p, generator)
@@ -62,7 +62,7 @@ def rounds(model, out: torch.Tensor, n: int, end: int, cache: dict, n_loops: Opt
             cur = tok[:, None]
         _truncate(cache, base)
         seq = torch.cat([out[:, n - 1:n]] + [d[:, None] for d in drafts], 1)      # [B, k + 1]
-        logits = model._logits(model._hidden(seq, n_loops, cache, base))          # [B, k+1, V]
+        logits = model.logits(model.hidden_states(seq, n_loops, cache, base))          # [B, k+1, V]
         check_finite_rows(logits.amax(-1).flatten())
         q = probabilities(logits, temperature, top_k, top_p, min_p)
         accepted = torch.full((B,), k, dtype=torch.long, device=out.device)

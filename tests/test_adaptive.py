@@ -122,7 +122,7 @@ def _coda_log_p(model, y, freqs, cache):
     x = y
     for i, layer in enumerate(model.coda):
         x = layer(x, freqs, None, copy, f"coda_{i}")
-    return torch.log_softmax(model._logits(x[:, -1]), -1)
+    return torch.log_softmax(model.logits(x[:, -1]), -1)
 
 
 def _ref_step(model, tok, cache, pos, n_loops, crit, thr, fill):
@@ -185,7 +185,7 @@ def test_early_exit_fill_against_reference(attn_type, crit, thr, fill):
     ids = torch.randint(0, 97, (B, P + 1), generator=torch.Generator().manual_seed(5))
     cache = MythosCache(P + 1)
     with torch.no_grad():
-        m._hidden(ids[:, :P], n_loops, cache, 0)
+        m.hidden_states(ids[:, :P], n_loops, cache, 0)
         refs = [_slice_cache(cache, b) for b in range(B)]
         h, depth = early_exit.hidden_step(m, ids[:, P:], cache, P, n_loops, crit, thr, fill)
         for b in range(B):
@@ -207,7 +207,7 @@ def test_early_exit_act_latest():
     ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(8))
     cache = MythosCache(6)
     with torch.no_grad():
-        m._hidden(ids[:, :5], 5, cache, 0)
+        m.hidden_states(ids[:, :5], 5, cache, 0)
         refs = [_slice_cache(cache, b) for b in range(3)]
         h, depth = early_exit.hidden_step(m, ids[:, 5:], cache, 5, 5, "act", 0.99, "latest")
         for b in range(3):
@@ -224,9 +224,9 @@ def test_early_exit_recompute_cache_is_full_depth():
     ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(9))
     ca, cb = MythosCache(6), MythosCache(6)
     with torch.no_grad():
-        m._hidden(ids[:, :5], 5, ca, 0)
-        m._hidden(ids[:, :5], 5, cb, 0)
-        ref = m._hidden(ids[:, 5:], 5, ca, 5)[:, -1]
+        m.hidden_states(ids[:, :5], 5, ca, 0)
+        m.hidden_states(ids[:, :5], 5, cb, 0)
+        ref = m.hidden_states(ids[:, 5:], 5, ca, 5)[:, -1]
         h, depth = early_exit.hidden_step(m, ids[:, 5:], cb, 5, 5, "latent", 1e-9, "recompute")
     assert depth.tolist() == [5, 5, 5]
     torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-6)
@@ -245,7 +245,7 @@ def test_early_exit_step_under_triton():
     for backend in ("triton", "reference"):
         cache = MythosCache(5)
         with torch.no_grad(), K.use_backend(backend):
-            m._hidden(ids[:, :4], 4, cache, 0)
+            m.hidden_states(ids[:, :4], 4, cache, 0)
             outs.append(early_exit.hidden_step(m, ids[:, 4:], cache, 4, 4, "latent", 0.35,
                                                "project"))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
@@ -274,7 +274,7 @@ def test_bad_arguments_refused_before_compute(kw, match, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("computed before refusing")
 
-    monkeypatch.setattr(m, "_hidden", boom)
+    monkeypatch.setattr(m, "hidden_states", boom)
     with pytest.raises(ValueError, match=match):
         m.generate(ids, 4, n_loops=4, **kw)
     if "cuda_graph" not in kw:

@@ -17,7 +17,7 @@ def _step_inputs(m, ids, n_loops: int = 3):
 
     T = ids.shape[1]
     cache = MythosCache(T + 6)
-    m._hidden(ids, n_loops, cache, 0)
+    m.hidden_states(ids, n_loops, cache, 0)
     return dict(cache), ids[:, -1:].clone(), torch.full((1,), T, dtype=torch.long,
                                                         device=ids.device)
 

@@ -33,11 +33,11 @@ def _compare_steps(m, B, prompt, steps, n_loops, seed=0):
     caches = [MythosCache(prompt + steps) for _ in range(2)]
     with torch.inference_mode(), K.weights_unchanged():
         for c in caches:
-            m._hidden(ids[:, :prompt], n_loops, c, 0)
+            m.hidden_states(ids[:, :prompt], n_loops, c, 0)
         plan = DecodePlan(m, B, n_loops)
         for p in range(prompt, prompt + steps):
             tok = ids[:, p:p + 1]
-            ref = m._hidden(tok, n_loops, caches[0], p)[:, -1]
+            ref = m.hidden_states(tok, n_loops, caches[0], p)[:, -1]
             ref_idx = m.recurrent.block.ffn._last_idx.clone()
             m.recurrent.block.ffn._last_idx = None
             out = plan.hidden(tok, caches[1], p)
@@ -206,11 +206,11 @@ def test_swapped_or_overridden_modules_skip_the_plan(monkeypatch):
             _compare_steps(m, 1, 3, 1, 2)       # a plan forced here would miss the edit
         calls.clear()
     class Sub(mythos.OpenMythos):
-        def _hidden(self, *a, **k):
-            return super()._hidden(*a, **k)
+        def hidden_states(self, *a, **k):
+            return super().hidden_states(*a, **k)
 
     with torch.no_grad():
-        assert "_hidden" in why_not(Sub(mythos.MythosConfig(**tiny_kwargs())).eval(), ids)
+        assert "hidden_states" in why_not(Sub(mythos.MythosConfig(**tiny_kwargs())).eval(), ids)
         m = _model()
         m.head = torch.nn.Linear(60, 97, bias=False)      # the head is not in the plan
         assert why_not(m, ids) is None

@@ -57,7 +57,7 @@ def no_host_sync(monkeypatch):
 def _prefilled(m, ids, P, n_loops):
     cache = MythosCache(P + 1)
     with torch.no_grad():
-        m._hidden(ids[:, :P], n_loops, cache, 0)
+        m.hidden_states(ids[:, :P], n_loops, cache, 0)
     return cache
 
 
@@ -85,7 +85,7 @@ def test_capturable_step_is_the_eager_step(attn_type, crit, thr, fill, static, r
                 c.length = P + 1
     assert torch.equal(depth2, depth)
     assert torch.equal(h2, h)
-    assert torch.equal(m._logits(h2).argmax(-1), m._logits(h).argmax(-1))
+    assert torch.equal(m.logits(h2).argmax(-1), m.logits(h).argmax(-1))
     for key, c in ca.items():
         assert cb[key].length == c.length == P + 1, key
         for n, buf in c.buffers.items():
@@ -102,7 +102,7 @@ def test_eager_step_reads_the_host(no_host_sync):
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     cache = MythosCache(5)
     with torch.no_grad():
-        m._hidden(ids[:, :4], 4, cache, 0)
+        m.hidden_states(ids[:, :4], 4, cache, 0)
         with pytest.raises(RuntimeError, match="host sync"):
             early_exit.hidden_step(m, ids[:, 4:], cache, 4, 4, "latent", 0.3, "latest",
                                    capturable=False)
@@ -125,10 +125,10 @@ def test_read_only_view_leaves_the_cache(attn_type, static):
     cache = _prefilled(m, ids, P, 3)
     before = {k: {n: b.clone() for n, b in c.buffers.items()} for k, c in cache.items()}
     with torch.no_grad():
-        want = m._hidden(ids[:, P:], 3, _copy(cache), P)
+        want = m.hidden_states(ids[:, P:], 3, _copy(cache), P)
         view = read_only(cache, list(cache))
         pos = torch.tensor([P]) if static else None
-        got = m._hidden(ids[:, P:], 3, view, P, pos)
+        got = m.hidden_states(ids[:, P:], 3, view, P, pos)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for k, c in cache.items():
         assert c.length == P
@@ -204,6 +204,6 @@ def test_generate_modes_refused(kw, match, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("computed before refusing")
 
-    monkeypatch.setattr(m, "_hidden", boom)
+    monkeypatch.setattr(m, "hidden_states", boom)
     with pytest.raises(ValueError, match=match):
         m.generate(torch.zeros(1, 3, dtype=torch.long), 4, n_loops=2, **kw)

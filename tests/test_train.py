@@ -63,7 +63,7 @@ def test_train_forward_equals_model_forward(attn):
     ids = torch.randint(0, 97, (2, 11))
     for n in (1, 3, 4):
         out = train_forward(model, ids, n)
-        assert torch.equal(model._logits(out.h), model(ids, n_loops=n)), n
+        assert torch.equal(model.logits(out.h), model(ids, n_loops=n)), n
 
 
 def _reference_truncated(model, ids, n, k, act):
@@ -428,7 +428,7 @@ def test_lm_loss_matches_cross_entropy(fused):
     h = torch.randn(2, 7, 32, requires_grad=True)
     t = torch.randint(0, 40, (2, 7))
     t[0, :3] = IGNORE
-    ref = torch.nn.functional.cross_entropy(model._logits(h).reshape(-1, 40), t.reshape(-1),
+    ref = torch.nn.functional.cross_entropy(model.logits(h).reshape(-1, 40), t.reshape(-1),
                                             ignore_index=IGNORE)
     ref_g = torch.autograd.grad(ref, [h, model.head.weight, model.norm.weight])
     loss = lm_loss(model, h, t, fused=fused)

@@ -74,13 +74,13 @@ def ab_decode(model, sw: Switch, prompt: int = 64, steps: int = 32) -> dict[bool
     with torch.no_grad():
         for v in (True, False):
             sw.set(v)
-            model._logits(model._hidden(ids[:, :prompt], None, caches[v], 0)[:, -1])
+            model.logits(model.hidden_states(ids[:, :prompt], None, caches[v], 0)[:, -1])
         for p in range(prompt, prompt + steps):
             for v in ((True, False) if p % 2 else (False, True)):
                 sw.set(v)
                 t0 = time.perf_counter()
                 with K.weights_unchanged():    # as forward(): copies checked once a step
-                    model._logits(model._hidden(ids[:, p:p + 1], None, caches[v], p)[:, -1])
+                    model.logits(model.hidden_states(ids[:, p:p + 1], None, caches[v], p)[:, -1])
                 res[v].append(time.perf_counter() - t0)
     return res
 

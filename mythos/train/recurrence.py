@@ -3,7 +3,7 @@ the recurrence, ACT on or off, the ponder term and per-iteration activation chec
 
 :func:`train_forward` runs the model's own modules (embedding, prelude, the recurrent block's
 pieces, coda) and, with ``act=True`` and no truncation or checkpointing, computes exactly
-``OpenMythos._hidden``'s math (same ops in the same order).
+``OpenMythos.hidden_states``'s math (same ops in the same order).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
     if grad_loops is not None and (isinstance(grad_loops, bool) or not isinstance(grad_loops, int)
                                    or grad_loops < 1):
         raise ValueError(f"grad_loops must be a positive int or None, got {grad_loops!r}")
-    model._check_inputs(ids, n_loops, None, 0)
+    model.check_inputs(ids, n_loops, None, 0)
     T = ids.shape[1]
     x = model.embed(ids)
     freqs = model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis
