@@ -330,8 +330,9 @@ def test_model_suite_tiny(tmp_path, monkeypatch):
 
     if model.load_open_mythos()[0] is None and model.load_mythos()[0] is None:
         pytest.skip("neither mythos nor open-mythos imports")
-    # the config, batch and loop count of test_compile's compiled generate: one process
-    # compiles that decode step once for both tests
+    # the config, batch, loop count and frozen weights of test_compile's compiled generate (MLA):
+    # the same decode-step graph, reused in one process (after a Dynamo reset, from inductor's
+    # graph cache) rather than a second one built
     monkeypatch.setattr(model, "N_LOOPS", 3)
     plan = dict(config=tiny_kwargs("mla"), dtype=torch.float32, prefill=[(1, 8)], decode=[(2, 8)],
                 generate=[(2, 5, 3)], generate_compiled=[(2, 5, 3)], decode_steps=2,
