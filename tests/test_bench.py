@@ -322,17 +322,20 @@ def test_cpu_fallback_case(benchmark, op_name, prov_name, shape):
 # --------------------------------------------------------------------------- model suite
 
 
-def test_model_suite_tiny(tmp_path):
+def test_model_suite_tiny(tmp_path, monkeypatch):
     """mythos vs open-mythos on a tiny config (skips the missing side cleanly)."""
+    from conftest import tiny_kwargs
+
     from bench import model
 
     if model.load_open_mythos()[0] is None and model.load_mythos()[0] is None:
         pytest.skip("neither mythos nor open-mythos imports")
-    cfg = dict(model.MID, dim=64, n_heads=2, kv_lora_rank=16, q_lora_rank=32,
-               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_experts=4,
-               n_experts_per_tok=2, expert_dim=16, vocab_size=128, max_seq_len=64)
-    plan = dict(config=cfg, dtype=torch.float32, prefill=[(1, 8)], decode=[(2, 8)],
-                generate=[(1, 4, 3)], generate_compiled=[(1, 4, 3)], decode_steps=2,
+    # the config, batch, loop count and frozen weights of test_compile's compiled generate (MLA):
+    # the same decode-step graph, reused in one process (after a Dynamo reset, from inductor's
+    # graph cache) rather than a second one built
+    monkeypatch.setattr(model, "N_LOOPS", 3)
+    plan = dict(config=tiny_kwargs("mla"), dtype=torch.float32, prefill=[(1, 8)], decode=[(2, 8)],
+                generate=[(2, 5, 3)], generate_compiled=[(2, 5, 3)], decode_steps=2,
                 warm_steps=1, reps=1, warmup=0)
     out = tmp_path / "m.jsonl"
     rows = model.run_model_suite("tiny", "cpu", out_path=out, plan=plan, progress=False,

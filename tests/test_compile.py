@@ -104,10 +104,12 @@ def test_cpu_static_decode_step_is_one_graph(attn):
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
 def test_generate_compiled_matches_eager(attn):
     """generate(compiled=True) (the decode step through inductor) gives the eager tokens, greedy
-    and sampled with the same seed, and a second call reuses the compiled step."""
+    and sampled with the same seed, and a second call reuses the compiled step. The GQA model
+    has trainable weights, the MLA one frozen weights (as the bench's models, whose compiled
+    step test_bench's model suite then shares)."""
     torch.manual_seed(0)
     kw = tiny_kwargs(attn)
-    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval().requires_grad_(attn == "gqa")
     p = torch.randint(0, kw["vocab_size"], (2, 5))
     assert torch.equal(m.generate(p, 7, n_loops=3, top_k=1, compiled=True),
                        m.generate(p, 7, n_loops=3, top_k=1))
@@ -135,7 +137,7 @@ def test_generate_compiled_reuses_the_step_across_lengths():
 
     torch.manual_seed(0)
     kw = tiny_kwargs("mla")
-    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval().requires_grad_(False)
     graphs = []
     for plen, new in ((5, 7), (9, 4), (3, 20)):
         p = torch.randint(0, kw["vocab_size"], (2, plen))

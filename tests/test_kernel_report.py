@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -58,9 +59,11 @@ KERNELS = textwrap.dedent('''
         tl.store(x_ptr + offs, tl.load(x_ptr + offs) * 2)
 
 
+    ADD_SIG = {"x_ptr": "*fp32", "y_ptr": "*fp32", "o_ptr": "*fp32", "n": "i32"}
     register_kernel("tiny_add", _tiny_add, [
-        KernelConfig("fp32-B1024", {"x_ptr": "*fp32", "y_ptr": "*fp32", "o_ptr": "*fp32",
-                                    "n": "i32"}, {"BLOCK": 1024}, num_warps=4)])
+        KernelConfig("fp32-B1024", ADD_SIG, {"BLOCK": 1024}, num_warps=4),
+        KernelConfig("fp32-B1024-again", dict(ADD_SIG), {"BLOCK": 1024}, num_warps=4),
+        KernelConfig("fp32-B1024-w8", ADD_SIG, {"BLOCK": 1024}, num_warps=8)])
     register_kernel("tiny_dot", _tiny_dot, [
         KernelConfig("bf16-64x64x32", {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*bf16",
                                        "K": "i32"}, {"BM": 64, "BN": 64, "BK": 32},
@@ -81,11 +84,38 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def good_rows(tmp_path_factory):
+def good_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kr")
-    r = _run(tmp, "--kernel", "tiny_add", "--kernel", "tiny_dot", "--json")
+    r = _run(tmp, "--kernel", "tiny_add", "--kernel", "tiny_dot", "--json", "--progress")
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return r
+
+
+@pytest.fixture(scope="module")
+def good_rows(good_run):
+    return [r for r in json.loads(good_run.stdout) if r["config"] in ("fp32-B1024", "bf16-64x64x32")]
+
+
+def test_identical_configs_compile_once(good_run):
+    """A config equal to an earlier one but for its name gets its own rows, built once; one
+    that differs in a launch setting (num_warps) is compiled on its own."""
+    rows = json.loads(good_run.stdout)
+    assert len(rows) == 8  # (3 + 1 configs) x (sm_90, sm_80), in registry order
+    assert [(r["kernel"], r["config"]) for r in rows[:6:2]] == [
+        ("tiny_add", "fp32-B1024"), ("tiny_add", "fp32-B1024-again"), ("tiny_add", "fp32-B1024-w8")]
+    # progress lines, one per compile (workers' lines may interleave: matched, not split)
+    compiled = re.findall(r"\[kernel_report\] (\S+) (\S+) sm_(\d+)", good_run.stderr)
+    assert sorted(compiled) == sorted((k, c, a) for k, c in [
+        ("tiny_add", "fp32-B1024"), ("tiny_add", "fp32-B1024-w8"), ("tiny_dot", "bf16-64x64x32")]
+        for a in ("90", "80"))
+    by = {(r["config"], r["arch"]): r for r in rows}
+    for arch in ("sm_90", "sm_80"):
+        first, again, w8 = (by[(c, arch)] for c in ("fp32-B1024", "fp32-B1024-again", "fp32-B1024-w8"))
+        assert again["same_build_as"] == "tiny_add [fp32-B1024]"
+        assert first["same_build_as"] is None and w8["same_build_as"] is None
+        assert {k: v for k, v in again.items() if k not in ("config", "same_build_as")} == \
+            {k: v for k, v in first.items() if k not in ("config", "same_build_as")}
+        assert w8["num_warps"] == 8 and first["num_warps"] == 4
 
 
 def test_json_rows(good_rows):

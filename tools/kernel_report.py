@@ -220,7 +220,8 @@ def _compile_row(kname: str, ci: int, arch: int, workdir: str, progress: bool
     cfg = entry.configs[ci]
     row: dict[str, Any] = {"kernel": kname, "config": cfg.name, "arch": f"sm_{arch}",
                            "registers": None, "spill_bytes": None, "shared_bytes": None,
-                           "hgmma": None, "expect_hgmma": bool(cfg.expect_hgmma), "error": None}
+                           "hgmma": None, "expect_hgmma": bool(cfg.expect_hgmma), "error": None,
+                           "same_build_as": None}
     if progress:
         print(f"[kernel_report] {kname} {cfg.name} sm_{arch}", file=sys.stderr, flush=True)
     try:
@@ -233,7 +234,9 @@ def _compile_row(kname: str, ci: int, arch: int, workdir: str, progress: bool
 def report(archs: Iterable[int] = DEFAULT_ARCHS, kernels: Iterable[str] | None = None,
            progress: bool = False, jobs: int = 1) -> list[dict[str, Any]]:
     """One row per (kernel, config, arch), in registry order; failed compiles have ``error`` set
-    and null metrics. ``jobs > 1`` compiles in forked worker processes."""
+    and null metrics. A config that builds the same binary as an earlier one is not compiled
+    again: its row repeats that one's metrics and names it in ``same_build_as``. ``jobs > 1``
+    compiles in forked worker processes."""
     import mythos_kernels  # noqa: F401 - importing registers the shipped kernels
     from mythos_kernels._registry import registered_kernels
 
@@ -242,7 +245,14 @@ def report(archs: Iterable[int] = DEFAULT_ARCHS, kernels: Iterable[str] | None =
     unknown = [n for n in names if n not in reg]
     if unknown:
         raise KeyError(f"unknown kernel(s) {unknown}; registered: {sorted(reg)}")
-    tasks = [(k, ci, arch) for k in names for ci in range(len(reg[k].configs)) for arch in archs]
+    # configs that compile to the same binary (same kernel, signature, constexprs, launch
+    # settings) are compiled once per arch: the first one's row serves the others
+    first: dict[tuple, tuple[str, int]] = {}
+    same_as: dict[tuple[str, int], tuple[str, int]] = {}
+    for k in names:
+        for ci, cfg in enumerate(reg[k].configs):
+            same_as[(k, ci)] = first.setdefault(build_key(reg[k].fn, cfg), (k, ci))
+    tasks = [(k, ci, arch) for (k, ci), rep in same_as.items() if rep == (k, ci) for arch in archs]
     with tempfile.TemporaryDirectory(prefix="kernel_report_") as tmp:
         if jobs > 1 and len(tasks) > 1:
             import multiprocessing as mp
@@ -251,8 +261,27 @@ def report(archs: Iterable[int] = DEFAULT_ARCHS, kernels: Iterable[str] | None =
             with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)),
                                      mp_context=mp.get_context("fork")) as ex:
                 futs = [ex.submit(_compile_row, k, ci, a, tmp, progress) for k, ci, a in tasks]
-                return [f.result() for f in futs]
-        return [_compile_row(k, ci, a, tmp, progress) for k, ci, a in tasks]
+                built = [f.result() for f in futs]
+        else:
+            built = [_compile_row(k, ci, a, tmp, progress) for k, ci, a in tasks]
+    by_task = dict(zip(tasks, built))
+    rows = []
+    for (k, ci), (rk, rci) in same_as.items():
+        cfg = reg[k].configs[ci]
+        for arch in archs:
+            row = dict(by_task[(rk, rci, arch)])
+            if (rk, rci) != (k, ci):
+                row.update(kernel=k, config=cfg.name, expect_hgmma=bool(cfg.expect_hgmma),
+                           same_build_as=f"{rk} [{reg[rk].configs[rci].name}]")
+            rows.append(row)
+    return rows
+
+
+def build_key(fn, cfg) -> tuple:
+    """What ``triton.compile`` sees of a config: configs with equal keys give the same binary."""
+    return (id(fn), tuple(sorted(cfg.signature.items())),
+            tuple(sorted((k, repr(v)) for k, v in cfg.constexprs.items())), cfg.num_warps,
+            cfg.num_stages, tuple(sorted(getattr(cfg, "divisible", ()))))
 
 
 EXTRA_MODULES: list[str] = []   # modules imported with --module (scanned like mythos_kernels)
