@@ -27,9 +27,12 @@ variable                        accepted values          default             mea
 ``MYTHOS_COMMIT``               any text                 git ``HEAD``        the commit ``bench`` rows record
 =============================== ======================== =================== ====================================
 
+``MYTHOS_BENCH_ADAPTIVE_MODELS`` (free text: comma-separated ``.safetensors`` paths; default none)
+names models saved by ``mythos.experiments`` that the ``adaptive`` bench suite adds.
+
 A *switch* takes ``1``/``0``, ``true``/``false``, ``on``/``off`` or ``yes``/``no``, in any case.
 An unset or empty variable takes its default; surrounding whitespace is ignored (except in the
-two free-text ones). Any other value raises ``ValueError`` naming the variable and what it
+free-text ones). Any other value raises ``ValueError`` naming the variable and what it
 accepts. Each variable is read where it is used, on every use, so a change made while the
 process runs takes effect; :func:`check_environment` parses all of them at once, and the model's
 ``forward`` and ``generate`` call it before any compute, so a bad value fails there and not
@@ -130,6 +133,7 @@ _CHECKS: dict[str, Callable[[], object]] = {
     "MYTHOS_HALT_LAG": lambda: env_int("MYTHOS_HALT_LAG", 0, 0, 1),
     "MYTHOS_CACHE_DIR": lambda: env_str("MYTHOS_CACHE_DIR", ""),
     "MYTHOS_COMMIT": lambda: env_str("MYTHOS_COMMIT", ""),
+    "MYTHOS_BENCH_ADAPTIVE_MODELS": lambda: env_str("MYTHOS_BENCH_ADAPTIVE_MODELS", ""),
 }
 VARIABLES = tuple(_CHECKS)   # the names in the table above
 
