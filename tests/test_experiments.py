@@ -25,31 +25,35 @@ def _cpu_one_thread(on_cpu):
     torch.set_num_threads(n)
 
 
-def _follow(ids: np.ndarray, n: int, hops: int) -> int:
-    """The answer read off one sequence: decode the edge tokens into pi, chase ``hops`` times."""
-    edges = ids[:n] - 3 - n
+def _follow(ids: np.ndarray, n: int) -> tuple[int, int]:
+    """(answer, hop count) read off one sequence: skip the padding, decode the edge tokens into pi,
+    count the ``?`` tokens and chase that many times."""
+    assert ids[-1] == 2
+    k = int(np.nonzero(ids)[0][0])                # first non-pad token: the first edge
+    edges = ids[k:k + n] - 3 - n
+    assert (edges >= 0).all() and (edges < n * n).all()
     pi = {int(e) // n: int(e) % n for e in edges}
-    cur = int(ids[-2]) - 3                        # ids end with ? s :
-    for _ in range(hops):
+    s, marks = int(ids[k + n]) - 3, ids[k + n + 1:-1]
+    assert 0 <= s < n and (marks == 1).all() and (ids[:k] == 0).all()
+    cur = s
+    for _ in range(len(marks)):
         cur = pi[cur]
-    return cur + 3
+    return cur + 3, len(marks)
 
 
 @pytest.mark.parametrize("nodes", [2, 5, 8])
 def test_multihop_answers_correct(nodes):
     task = MultiHopPointer(nodes, (1, 2, 3))
     n = nodes
-    assert task.vocab_size == 3 + n + n * n and task.seq_len == n + 3
+    assert task.vocab_size == 3 + n + n * n and task.seq_len == n + 2 + 3
     for h in (1, 2, 3, 5):
         b = task.batch(3, "eval", 1, 0, 64, hops=h)
         ids, tg = b.ids.numpy(), b.targets.numpy()
-        assert ids.shape == (64, n + 3) and (tg[:, :-1] == IGNORE).all()
-        assert (ids[:, -3] == 1).all() and (ids[:, -1] == 2).all()
-        assert ((ids[:, -2] >= 3) & (ids[:, -2] < 3 + n)).all()
+        assert ids.shape == (64, n + 2 + h) and (tg[:, :-1] == IGNORE).all()
         for i in range(64):
             e = ids[i, :n] - 3 - n                       # every node once as a source and as a target
             assert sorted((e // n).tolist()) == list(range(n)) and sorted((e % n).tolist()) == list(range(n))
-            assert tg[i, -1] == _follow(ids[i], n, h)
+            assert (tg[i, -1], h) == _follow(ids[i], n)
 
 
 def test_multihop_mixed_hops_and_determinism():
@@ -59,10 +63,11 @@ def test_multihop_mixed_hops_and_determinism():
     assert not torch.equal(a.ids, task.batch(8, "train", 5, 0, 128).ids)
     assert not torch.equal(a.ids, task.batch(7, "eval", 5, 0, 128).ids)
     ids = a.ids.numpy()
-    # every answer is pi^1 or pi^4 of the start, and both occur
-    ok1 = [a.targets[i, -1].item() == _follow(ids[i], 7, 1) for i in range(128)]
-    ok4 = [a.targets[i, -1].item() == _follow(ids[i], 7, 4) for i in range(128)]
-    assert all(x or y for x, y in zip(ok1, ok4)) and any(ok1) and any(ok4) and not all(ok1)
+    assert ids.shape == (128, 7 + 2 + 4)
+    # every answer is pi^h of the start for the h its ? marks spell (left-padded), 1 and 4 both occur
+    got = [_follow(ids[i], 7) for i in range(128)]
+    assert all(ans == a.targets[i, -1].item() for i, (ans, _) in enumerate(got))
+    assert {h for _, h in got} == {1, 4}
 
 
 @pytest.mark.parametrize("bad", [dict(hops=()), dict(hops=(0,)), dict(hops=(1, True)), dict(hops=("2",)),

@@ -35,7 +35,8 @@ def test_fan_in_scales(attn):
     init_weights(m, "fan-in")
     seen = set()
     for name, mod in m.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".lora." not in f".{name}." and name != "head":
+        if isinstance(mod, torch.nn.Linear) and ".lora." not in f".{name}." and name not in ("head",
+                                                                                        "recurrent.act.halt"):
             w = mod.weight
             assert abs(w.std().item() * mod.in_features ** 0.5 - 1) < 0.25, name
             seen.add(f"{name}.weight")
@@ -45,7 +46,7 @@ def test_fan_in_scales(attn):
                 seen.add(f"{name}.{n}")
     assert abs(m.embed.weight.std().item() - 1) < 0.1 and m.head.weight is m.embed.weight
     seen |= {"embed.weight", "head.weight"}
-    for k, v in m.state_dict().items():       # everything else (norms, LoRA, LTI, halting bias) kept
+    for k, v in m.state_dict().items():       # everything else (norms, LoRA, LTI, halting head) kept
         if k not in seen:
             assert torch.equal(v, before[k]), k
         elif k != "head.weight":

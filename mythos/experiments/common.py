@@ -21,13 +21,15 @@ from mythos.train.loss import answer_accuracy
 
 
 class MultiHopPointer(Task):
-    """Pointer chasing with one token per edge. The sequence lists the ``n`` edges ``x -> pi(x)``
-    of a random permutation ``pi`` of the nodes, one token each, in random order, then ``? s :``;
-    the answer is ``pi^h(s)``, with ``h`` drawn uniformly from ``hops`` (or fixed by
-    ``batch(..., hops=h)``). A hop is one content lookup (the current node against the edges'
-    sources), so ``h`` hops are ``h`` chained lookups: work that loop iterations can share, and
-    more hops than trained ask for more loops. Token ids: 0 pad (unused), 1 ``?``, 2 ``:``, node
-    ``x`` is ``3 + x``, edge ``x -> y`` is ``3 + n + x * n + y``. Inputs are ``n + 3`` tokens."""
+    """Pointer chasing with one token per edge and the hop count spelled out. The sequence lists
+    the ``n`` edges ``x -> pi(x)`` of a random permutation ``pi`` of the nodes, one token each, in
+    random order, then the start node ``s``, ``h`` tokens ``?`` and ``:``; the answer is
+    ``pi^h(s)``, with ``h`` drawn uniformly from ``hops`` (or fixed by ``batch(..., hops=h)``).
+    A hop is one content lookup (the current node against the edges' sources), so ``h`` hops are
+    ``h`` chained lookups: work that loop iterations can share, and a hop count past the trained
+    ones is the same ``?`` token repeated more often. Sequences are left-padded to the longest
+    hop count of the batch. Token ids: 0 pad, 1 ``?``, 2 ``:``, node ``x`` is ``3 + x``, edge
+    ``x -> y`` is ``3 + n + x * n + y``. Inputs are ``n + 2 + max(hops)`` tokens."""
 
     name = "multihop-pointer"
     has_accuracy = True
@@ -39,7 +41,7 @@ class MultiHopPointer(Task):
         hops = tuple(hops)
         if not hops or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hops):
             raise ValueError(f"hops must be a non-empty sequence of positive ints, got {hops!r}")
-        super().__init__(nodes + 3)
+        super().__init__(nodes + 2 + max(hops))
         self.n, self.hops = nodes, hops
         self.vocab_size = self.FIRST + nodes + nodes * nodes
 
@@ -51,12 +53,19 @@ class MultiHopPointer(Task):
         order = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
         start = rng.integers(0, n, size=B)
         h = np.full(B, hops) if hops is not None else rng.choice(np.asarray(self.hops), size=B)
+        H = int(h.max())
         cur = start.copy()
-        for k in range(int(h.max())):
+        for k in range(H):
             cur = np.where(k < h, pi[np.arange(B), cur], cur)
-        seq = np.empty((B, n + 4), dtype=np.int64)
-        seq[:, :n] = self.FIRST + n + order * n + np.take_along_axis(pi, order, 1)
-        seq[:, -4], seq[:, -3], seq[:, -2], seq[:, -1] = 1, start + self.FIRST, 2, cur + self.FIRST
+        seq = np.zeros((B, n + 3 + H), dtype=np.int64)      # [pad] edges s ?..? : answer
+        pos = np.arange(n + 3 + H)[None, :]
+        first = (H - h)[:, None]                             # the edges start here
+        edges = self.FIRST + n + order * n + np.take_along_axis(pi, order, 1)
+        rows = np.arange(B)[:, None]
+        seq[rows, first + np.arange(n)[None, :]] = edges
+        seq[np.arange(B), (H - h) + n] = start + self.FIRST
+        seq[(pos > first + n) & (pos < n + 1 + H)] = 1
+        seq[:, -2], seq[:, -1] = 2, cur + self.FIRST
         return _answer_batch(seq)
 
 
@@ -82,8 +91,8 @@ class Size:
 
     @property
     def seq_len(self) -> int:
-        """Input tokens per sequence of the task."""
-        return self.nodes + 3
+        """Input tokens per training sequence."""
+        return self.task().seq_len
 
     def task(self, hops: Optional[Sequence[int]] = None) -> MultiHopPointer:
         """The multi-hop task at this size (hops: ``train_hops`` unless given)."""
@@ -95,7 +104,7 @@ def model_config(size: Size, **over) -> MythosConfig:
     ``max_loop_iters = 2 * train_loops``, so evaluation up to ``4 * train_loops`` loops runs past
     it (the depth-wise LoRA index clamps to the last one)."""
     kw = dict(vocab_size=size.task().vocab_size, dim=size.dim, n_heads=4,
-              n_kv_heads=2, max_seq_len=max(64, size.seq_len), max_loop_iters=2 * size.train_loops,
+              n_kv_heads=2, max_seq_len=max(64, size.task(size.eval_hops).seq_len), max_loop_iters=2 * size.train_loops,
               prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=size.n_experts,
               n_shared_experts=1, n_experts_per_tok=2, expert_dim=size.expert_dim, lora_rank=4,
               rope_theta=10000.0)

@@ -6,7 +6,8 @@ experiments (dim ~50) it leaves the logits and attention scores nearly constant 
 on a long plateau at chance (a 1-hop lookup at dim 48 was still at chance after 1,500 steps).
 ``fan-in`` draws every projection N(0, 1/fan_in) (the matrix keeps its input's scale) and the
 tied embedding N(0, 1), PyTorch's own default scales; LoRA, norms, the LTI and halting
-parameters keep their constructor values.
+parameters keep their constructor values (the halting head
+starts near p = 0.5 per loop, as in open-mythos).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def init_weights(model: nn.Module, scheme: str = "open-mythos") -> nn.Module:
 
     tied = model.embed.weight
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and ".lora." not in f".{name}." and mod.weight is not tied:
+        if isinstance(mod, nn.Linear) and mod.weight is not tied and not (".lora." in f".{name}." or
+                                                                         name.endswith("act.halt")):
             nn.init.normal_(mod.weight, std=mod.in_features ** -0.5)
         elif isinstance(mod, MoEFFN):             # stacked experts: [E, in, out]
             nn.init.normal_(mod.w13, std=mod.w13.shape[1] ** -0.5)
