@@ -48,7 +48,7 @@ def _check(om, kw, B, T, seed, backend):
         _compare(a, b, kw, B, T, seed)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kw=configs(), B=st.integers(1, 3), T=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_random_configs_match(om, kw, B, T, seed):
     _check(om, kw, B, T, seed, "reference")
@@ -56,7 +56,7 @@ def test_random_configs_match(om, kw, B, T, seed):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or __import__("mythos_kernels").interpreter_active()),
                     reason="needs a GPU or TRITON_INTERPRET=1")
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kw=configs(), B=st.integers(1, 3), T=st.integers(1, 9), seed=st.integers(0, 2**16))
 def test_random_configs_match_triton(om, kw, B, T, seed):
     """The same with every Triton kernel forced (through the interpreter on CPU)."""
@@ -131,7 +131,7 @@ def mid_configs(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kw=mid_configs(), B=st.integers(1, 2), T=st.sampled_from([1, 9, 40, 130]),
        seed=st.integers(0, 2**16))
 def test_mid_size_random_configs_match(om, kw, B, T, seed):

@@ -38,8 +38,8 @@ EPILOG = """experiments:
             distinct blocks as the looped model runs (same compute), same task and token budget.
             DIR/results.json, DIR/vs_dense.png.
 Every experiment saves its trained models as DIR/models/*.safetensors (+ a JSON of config and run).
-Task: pointer chasing over a random permutation of n nodes, one token per edge x -> pi(x), answer
-pi^h(s) with h hops (one content lookup per hop); held-out sequences. Weights: --init fan-in
+Task: pointer chasing over a random permutation of n nodes, one token per edge x -> pi(x), then s,
+h marks '?' and ':'; the answer is pi^h(s) (one content lookup per hop); held-out sequences. Weights: --init fan-in
 (N(0, 1/fan_in) projections, N(0, 1) embedding) by default: at these widths open-mythos's N(0, 0.02)
 stays at chance far longer than these runs last.
 Sizes: --quick dim 32, 5 nodes, L 2, 150 steps, one seed; default dim 48, 6 nodes, L 3, hops 1-2
