@@ -43,15 +43,16 @@ def _follow(ids: np.ndarray, n: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("nodes", [2, 5, 8])
 def test_multihop_answers_correct(nodes):
-    task = MultiHopPointer(nodes, (1, 2, 3))
+    task = MultiHopPointer(nodes, (1, 2, 3), max_hops=5)
     n = nodes
-    assert task.vocab_size == 3 + n + n * n and task.seq_len == n + 2 + 3
+    assert task.vocab_size == 3 + n + n * n and task.seq_len == n + 2 + 5
     for h in (1, 2, 3, 5):
         b = task.batch(3, "eval", 1, 0, 64, hops=h)
         ids, tg = b.ids.numpy(), b.targets.numpy()
-        assert ids.shape == (64, n + 2 + h) and (tg[:, :-1] == IGNORE).all()
+        assert ids.shape == (64, n + 2 + 5) and (tg[:, :-1] == IGNORE).all()
+        assert (ids[:, :5 - h] == 0).all()               # one layout per hop count: 5 - h pads
         for i in range(64):
-            e = ids[i, :n] - 3 - n                       # every node once as a source and as a target
+            e = ids[i, 5 - h:5 - h + n] - 3 - n          # every node once as a source and as a target
             assert sorted((e // n).tolist()) == list(range(n)) and sorted((e % n).tolist()) == list(range(n))
             assert (tg[i, -1], h) == _follow(ids[i], n)
 
@@ -63,7 +64,7 @@ def test_multihop_mixed_hops_and_determinism():
     assert not torch.equal(a.ids, task.batch(8, "train", 5, 0, 128).ids)
     assert not torch.equal(a.ids, task.batch(7, "eval", 5, 0, 128).ids)
     ids = a.ids.numpy()
-    assert ids.shape == (128, 7 + 2 + 4)
+    assert ids.shape == (128, 7 + 2 + 4) and task.batch(7, "train", 5, 0, 2, hops=4).ids.shape == (2, 13)
     # every answer is pi^h of the start for the h its ? marks spell (left-padded), 1 and 4 both occur
     got = [_follow(ids[i], 7) for i in range(128)]
     assert all(ans == a.targets[i, -1].item() for i, (ans, _) in enumerate(got))
@@ -71,10 +72,13 @@ def test_multihop_mixed_hops_and_determinism():
 
 
 @pytest.mark.parametrize("bad", [dict(hops=()), dict(hops=(0,)), dict(hops=(1, True)), dict(hops=("2",)),
-                                 dict(nodes=1), dict(nodes=4.0), dict(nodes=True)])
+                                 dict(nodes=1), dict(nodes=4.0), dict(nodes=True), dict(max_hops=1),
+                                 dict(max_hops=2.0)])
 def test_multihop_bad_args(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        MultiHopPointer(**bad)
+        MultiHopPointer(**{"hops": (1, 2), **bad})
+    with pytest.raises(ValueError, match="hops"):
+        MultiHopPointer(4, (1, 2)).batch(0, "eval", 0, 0, 2, hops=3)
 
 
 def test_eval_past_max_loop_iters_clamps_lora():

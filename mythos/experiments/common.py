@@ -27,22 +27,27 @@ class MultiHopPointer(Task):
     ``pi^h(s)``, with ``h`` drawn uniformly from ``hops`` (or fixed by ``batch(..., hops=h)``).
     A hop is one content lookup (the current node against the edges' sources), so ``h`` hops are
     ``h`` chained lookups: work that loop iterations can share, and a hop count past the trained
-    ones is the same ``?`` token repeated more often. Sequences are left-padded to the longest
-    hop count of the batch. Token ids: 0 pad, 1 ``?``, 2 ``:``, node ``x`` is ``3 + x``, edge
-    ``x -> y`` is ``3 + n + x * n + y``. Inputs are ``n + 2 + max(hops)`` tokens."""
+    ones is the same ``?`` token repeated more often. Every sequence is left-padded to one length,
+    that of ``max_hops`` (default ``max(hops)``), so a hop count has the same layout in training
+    and in evaluation (give ``max_hops`` the largest count evaluated). Token ids: 0 pad, 1 ``?``,
+    2 ``:``, node ``x`` is ``3 + x``, edge ``x -> y`` is ``3 + n + x * n + y``. Inputs are
+    ``n + 2 + max_hops`` tokens."""
 
     name = "multihop-pointer"
     has_accuracy = True
     FIRST = 3
 
-    def __init__(self, nodes: int = 6, hops: Sequence[int] = (1, 2)):
+    def __init__(self, nodes: int = 6, hops: Sequence[int] = (1, 2), max_hops: Optional[int] = None):
         if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 2:
             raise ValueError(f"nodes must be an int >= 2, got {nodes!r}")
         hops = tuple(hops)
         if not hops or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hops):
             raise ValueError(f"hops must be a non-empty sequence of positive ints, got {hops!r}")
-        super().__init__(nodes + 2 + max(hops))
-        self.n, self.hops = nodes, hops
+        max_hops = max(hops) if max_hops is None else max_hops
+        if isinstance(max_hops, bool) or not isinstance(max_hops, int) or max_hops < max(hops):
+            raise ValueError(f"max_hops must be an int >= max(hops) = {max(hops)}, got {max_hops!r}")
+        super().__init__(nodes + 2 + max_hops)
+        self.n, self.hops, self.max_hops = nodes, hops, max_hops
         self.vocab_size = self.FIRST + nodes + nodes * nodes
 
     def batch(self, seed: int, split: str, step: int, micro: int, batch_size: int,
@@ -52,10 +57,12 @@ class MultiHopPointer(Task):
         pi = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
         order = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)
         start = rng.integers(0, n, size=B)
+        if hops is not None and not 1 <= hops <= self.max_hops:
+            raise ValueError(f"hops must be in [1, max_hops = {self.max_hops}], got {hops!r}")
         h = np.full(B, hops) if hops is not None else rng.choice(np.asarray(self.hops), size=B)
-        H = int(h.max())
+        H = self.max_hops
         cur = start.copy()
-        for k in range(H):
+        for k in range(int(h.max())):
             cur = np.where(k < h, pi[np.arange(B), cur], cur)
         seq = np.zeros((B, n + 3 + H), dtype=np.int64)      # [pad] edges s ?..? : answer
         pos = np.arange(n + 3 + H)[None, :]
@@ -95,8 +102,10 @@ class Size:
         return self.task().seq_len
 
     def task(self, hops: Optional[Sequence[int]] = None) -> MultiHopPointer:
-        """The multi-hop task at this size (hops: ``train_hops`` unless given)."""
-        return MultiHopPointer(self.nodes, self.train_hops if hops is None else hops)
+        """The multi-hop task at this size (hops: ``train_hops`` unless given), laid out for the
+        largest hop count evaluated."""
+        hops = self.train_hops if hops is None else hops
+        return MultiHopPointer(self.nodes, hops, max(max(hops), *self.eval_hops, *self.train_hops))
 
 
 def model_config(size: Size, **over) -> MythosConfig:
@@ -104,7 +113,7 @@ def model_config(size: Size, **over) -> MythosConfig:
     ``max_loop_iters = 2 * train_loops``, so evaluation up to ``4 * train_loops`` loops runs past
     it (the depth-wise LoRA index clamps to the last one)."""
     kw = dict(vocab_size=size.task().vocab_size, dim=size.dim, n_heads=4,
-              n_kv_heads=2, max_seq_len=max(64, size.task(size.eval_hops).seq_len), max_loop_iters=2 * size.train_loops,
+              n_kv_heads=2, max_seq_len=max(64, size.seq_len), max_loop_iters=2 * size.train_loops,
               prelude_layers=1, coda_layers=1, attn_type="gqa", n_experts=size.n_experts,
               n_shared_experts=1, n_experts_per_tok=2, expert_dim=size.expert_dim, lora_rank=4,
               rope_theta=10000.0)
