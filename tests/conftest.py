@@ -143,16 +143,30 @@ def tiny_kwargs(attn_type: str = "mla", **over) -> dict:
     return kw
 
 
+def perturbed(model, scale: float = 0.1):
+    """``model`` in eval mode with every parameter moved by N(0, scale) and the router bias drawn
+    (non-trivial LTI / LoRA / router bias / norm weights)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+        model.recurrent.block.ffn.router_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def tiny_model(seed: int = 0, scale: float = 0.1, **over):
+    """A mythos model of ``tiny_kwargs(**over)`` with perturbed weights, seeded."""
+    import mythos
+
+    torch.manual_seed(seed)
+    return perturbed(mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(**over))), scale)
+
+
 def make_pair(om, seed: int = 0, perturb: float = 0.1, **kw):
     """(open-mythos model, mythos model) with identical random weights, eval mode."""
     import mythos
 
     torch.manual_seed(seed)
-    a = om.OpenMythos(om.MythosConfig(**kw)).eval()
-    with torch.no_grad():
-        for p in a.parameters():
-            p.add_(torch.randn_like(p) * perturb)
-        a.recurrent.block.ffn.router_bias.normal_(0, 0.05)
+    a = perturbed(om.OpenMythos(om.MythosConfig(**kw)), perturb)
     b = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     b.load_state_dict(a.state_dict())
     return a, b

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_kwargs
+from conftest import tiny_model
 
-import mythos
 import mythos_kernels as K
 from mythos import adaptive, early_exit
 from mythos.cache import LayerCache, MythosCache
@@ -17,14 +16,7 @@ from mythos_kernels.recurrent import loop_input_reference, lti_act_step_referenc
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
 
-def _model(seed=0, scale=0.1, **over):
-    torch.manual_seed(seed)
-    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(**over))).eval()
-    with torch.no_grad():       # non-trivial LTI / LoRA / router bias / norm weights
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * scale)
-        m.recurrent.block.ffn.router_bias.normal_(0, 0.05)
-    return m
+_model = tiny_model
 
 
 # ---------------------------------------------------------------- streaming, defaults

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_kwargs
+from conftest import tiny_model
 
 import mythos
 from mythos import adaptive, early_exit
@@ -21,14 +21,7 @@ MYTHOS_DIR = os.path.dirname(mythos.__file__)
 SYNCS = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "cpu", "numpy")
 
 
-def _model(seed=0, scale=0.1, **over):
-    torch.manual_seed(seed)
-    m = mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(**over))).eval()
-    with torch.no_grad():       # non-trivial LTI / LoRA / router bias / norm weights
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * scale)
-        m.recurrent.block.ffn.router_bias.normal_(0, 0.05)
-    return m
+_model = tiny_model
 
 
 def _guard(mp: pytest.MonkeyPatch) -> None:
