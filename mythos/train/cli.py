@@ -128,7 +128,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
       help="router-bias update speed gamma (aux-loss-free balancing; 0: off)")
     a("--init", choices=INIT_SCHEMES, default=d.init,
       help="weights of a new run: open-mythos's N(0, 0.02), or fan-in (N(0, 1/fan_in) projections, "
-           "N(0, 1) embedding), which small models (dim < ~256) need to leave chance")
+           "N(0, 1) embedding), which small models (dim ~50) need to leave chance")
     a("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     a("--dtype", choices=DTYPES, default=d.dtype,
       help="auto: bf16 autocast on GPU, fp32 on CPU")
