@@ -19,13 +19,13 @@ pytestmark = pytest.mark.usefixtures("on_cpu")
 def trained(tmp_path_factory):
     """A model trained 8 steps as ``python -m mythos.experiments depth --quick`` trains and saves
     its models (``DIR/models/NAME.safetensors`` + ``NAME.json``)."""
-    size = Size(dim=32, expert_dim=16, n_experts=4, seq_len=16, train_loops=2, steps=8,
+    size = Size(dim=32, expert_dim=16, n_experts=4, nodes=5, train_loops=2, steps=8,
                 batch_size=8, seeds=(0,), train_hops=(1, 2), eval_every=0)
     cfg = model_config(size)
     with torch.device("cpu"), K.use_backend("reference"):
         m, _ = train_model(cfg, size, 0, n_loops=2, device="cpu", progress=False)
     path = tmp_path_factory.mktemp("exp") / "models" / "fixed-seed0.safetensors"
-    save_model(m, str(path), {"config": cfg.__dict__, "regime": "fixed", "seed": 0})
+    save_model(m, str(path), {"config": cfg.__dict__, "regime": "fixed", "seed": 0}, size)
     return path
 
 
@@ -36,7 +36,7 @@ def test_trained_model_frontier(trained, monkeypatch):
     assert [r["mode"] for r in rows] == ["full_depth"] + ["early_exit"] * 3
     full = rows[0]
     assert full["model"] == str(trained) and full["task"] == "multihop-pointer"
-    assert full["seq_len"] == 16 and full["answer_agree"] == 1.0 and full["top1_agree"] == 1.0
+    assert full["nodes"] == 5 and full["answer_agree"] == 1.0 and full["top1_agree"] == 1.0
     for r in rows[1:]:
         assert 1 <= r["mean_loops"] <= full["n_loops"] == 4
         assert 0 <= r["answer_agree"] <= 1 and 0 <= r["answer_acc"] <= 1 and r["mean_kl"] >= 0
