@@ -150,13 +150,15 @@ def _task_prompts(path: Path, meta: dict, cfg: mythos.MythosConfig, batch: int
                   ) -> tuple[torch.Tensor, dict]:
     """Held-out sequences [batch, L] of the multi-hop pointer task the model at ``path`` was
     trained on (answer last), and the task's description for the rows."""
-    from mythos.experiments.common import MultiHopPointer
+    from mythos.experiments.common import MultiHopPointer, Size
 
-    size = meta.get("size") if isinstance(meta.get("size"), dict) else {}
-    # the task's size: saved with the model, else the one its vocabulary implies (3 + n + n^2)
-    nodes = meta.get("nodes") or size.get("nodes") or int(round((cfg.vocab_size - 3.75) ** 0.5 - 0.5))
-    hops = tuple(meta.get("train_hops") or size.get("train_hops") or (1, 2))
-    task = MultiHopPointer(int(nodes), hops)
+    size = meta.get("size") if isinstance(meta.get("size"), dict) else None
+    if size is not None:        # the run's own task: its nodes, hops and padded layout
+        sz = Size(**{k: tuple(v) if isinstance(v, list) else v for k, v in size.items()})
+        task, nodes, hops = sz.task(), sz.nodes, sz.train_hops
+    else:                       # the size its vocabulary implies (3 + n + n^2), hops 1-2
+        nodes, hops = int(round((cfg.vocab_size - 3.75) ** 0.5 - 0.5)), (1, 2)
+        task = MultiHopPointer(nodes, hops)
     b = task.batch(0, "eval", 0, 0, batch)
     seq = torch.cat([b.ids, b.targets[:, -1:]], 1)
     return seq, {"model": str(path), "task": task.name, "nodes": int(nodes),
