@@ -161,6 +161,15 @@ def tiny_model(seed: int = 0, scale: float = 0.1, **over):
     return perturbed(mythos.OpenMythos(mythos.MythosConfig(**tiny_kwargs(**over))), scale)
 
 
+@pytest.fixture
+def one_cpu_thread(on_cpu):
+    """CPU tensors, one thread (on a shared 2-core machine a thread pool mostly waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_pair(om, seed: int = 0, perturb: float = 0.1, **kw):
     """(open-mythos model, mythos model) with identical random weights, eval mode."""
     import mythos

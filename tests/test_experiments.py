@@ -16,13 +16,7 @@ from mythos.experiments.cli import main
 from mythos.experiments.common import MultiHopPointer, Size, load_model, model_config, save_model
 from mythos.train import IGNORE, train_forward
 
-
-@pytest.fixture(autouse=True)
-def _cpu_one_thread(on_cpu):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _follow(ids: np.ndarray, n: int) -> tuple[int, int]:

@@ -29,14 +29,7 @@ from mythos.train.cli import main
 from mythos.train.data import BindingTask, TextLM
 from mythos.train.trainer import resume_trainer
 
-
-@pytest.fixture(autouse=True)
-def _cpu_one_thread(on_cpu):
-    """CPU tensors, one thread (on a shared 2-core machine a thread pool mostly waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def micro_cfg(**over) -> MythosConfig:

@@ -107,7 +107,14 @@ def save_checkpoint(run_dir: str, step: int, model: OpenMythos, state: dict[str,
     torch.save(state, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
-    for name in FILES:   # on disk before the rename makes the checkpoint visible
+    _publish(tmp, final, FILES, run_dir, keep)
+    return final
+
+
+def _publish(tmp: str, final: str, files, run_dir: str, keep: int) -> None:
+    """Make the checkpoint written in ``tmp`` visible as ``final`` in one rename (``files`` synced
+    to disk first), then drop all but the run's last ``keep`` checkpoints."""
+    for name in files:
         with open(os.path.join(tmp, name), "rb") as f:
             os.fsync(f.fileno())
     if os.path.exists(final):   # a re-save of the same step (never an older run's: resume
@@ -119,7 +126,6 @@ def save_checkpoint(run_dir: str, step: int, model: OpenMythos, state: dict[str,
         os.rename(tmp, final)
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
-    return final
 
 
 def is_dcp(path: str) -> bool:
@@ -227,17 +233,6 @@ def save_checkpoint_dcp(run_dir: str, step: int, model: OpenMythos, optimizer: t
         torch.save(state, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, **meta}, f, indent=1, sort_keys=True)
-        for name in FILES[1:]:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(final):
-            old = final + f".old-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
+        _publish(tmp, final, FILES[1:], run_dir, keep)
     dist.barrier()
     return final

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mythos.modules import MoEFFN
+
 INIT_SCHEMES = ("open-mythos", "fan-in")
 
 
@@ -26,8 +28,6 @@ def init_weights(model: nn.Module, scheme: str = "open-mythos") -> nn.Module:
         raise ValueError(f"init must be one of {INIT_SCHEMES}, got {scheme!r}")
     if scheme == "open-mythos":
         return model
-    from mythos.modules import MoEFFN
-
     tied = model.embed.weight
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod.weight is not tied and not (".lora." in f".{name}." or
