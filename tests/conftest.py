@@ -33,6 +33,12 @@ if DEVICE.type == "cuda":
     torch.set_default_device(DEVICE)
 
 
+# Several test processes (pytest -n N, pytest-xdist) share the cores: one torch thread each, as
+# OpenMP thread pools of processes sharing cores wait on one another at every parallel region.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
+
+
 # Where Triton kernels can run in this session: the GPU, else the CPU through the interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else (
     "cpu" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else None)
@@ -85,7 +91,18 @@ def cpu_forms(request, monkeypatch):
         monkeypatch.setattr(lin, "SPLIT_MIN_WEIGHT", 1)
         monkeypatch.setattr(lin, "ONEDNN_MIN_WEIGHT", 1)
         monkeypatch.setattr(moe, "SPLIT_MIN_EXPERT", 1)
+        split_forms_serve(monkeypatch)
     return request.param
+
+
+def split_forms_serve(monkeypatch) -> None:
+    """The two-core split forms serve whatever torch's thread count (they need two threads to
+    be chosen; their numbers do not depend on it): a test run with one thread per worker
+    (pytest -n) covers them too."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mythos_kernels.cpu.linear"), "two_threads",
+                        lambda: True)
 
 
 @pytest.fixture(scope="session")

@@ -333,7 +333,7 @@ def test_model_suite_tiny(tmp_path, monkeypatch):
     # the config, batch, loop count and frozen weights of test_compile's compiled generate (MLA):
     # the same decode-step graph, reused in one process (after a Dynamo reset, from inductor's
     # graph cache) rather than a second one built
-    monkeypatch.setattr(model, "N_LOOPS", 3)
+    monkeypatch.setattr(model, "N_LOOPS", 2)
     plan = dict(config=tiny_kwargs("mla"), dtype=torch.float32, prefill=[(1, 8)], decode=[(2, 8)],
                 generate=[(2, 5, 3)], generate_compiled=[(2, 5, 3)], decode_steps=2,
                 warm_steps=1, reps=1, warmup=0)

@@ -10,7 +10,7 @@ from conftest import assert_close, gen, tiny_kwargs
 import mythos
 
 
-def _step_inputs(m, ids, n_loops: int = 3):
+def _step_inputs(m, ids, n_loops: int = 2):
     """generate()'s static decode-step inputs after prefilling ``ids`` (call under no_grad):
     the layer caches as a plain dict, the last token, its position tensor."""
     from mythos.cache import MythosCache
@@ -77,8 +77,8 @@ def test_static_decode_step_is_one_graph(attn):
     ids = torch.randint(0, kw["vocab_size"], (2, 6), device="cuda")
     with torch.no_grad(), mythos.use_backend("triton"):
         layers, tok, pos = _step_inputs(m, ids)
-        ref = _decode_step(m, tok, 3, layers, pos)
-        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
+        ref = _decode_step(m, tok, 2, layers, pos)
+        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 2, layers, pos)
     assert_close("compiled decode step", ref, out, 1e-5)
 
 
@@ -95,8 +95,8 @@ def test_cpu_static_decode_step_is_one_graph(attn):
     ids = torch.randint(0, kw["vocab_size"], (2, 6))
     with torch.no_grad(), mythos.use_backend("reference"):
         layers, tok, pos = _step_inputs(m, ids)
-        ref = _decode_step(m, tok, 3, layers, pos)
-        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 3, layers, pos)
+        ref = _decode_step(m, tok, 2, layers, pos)
+        out = torch.compile(_decode_step, backend="eager", fullgraph=True)(m, tok, 2, layers, pos)
     assert_close("compiled decode step", ref, out, 1e-5)
 
 
@@ -111,12 +111,12 @@ def test_generate_compiled_matches_eager(attn):
     kw = tiny_kwargs(attn)
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval().requires_grad_(attn == "gqa")
     p = torch.randint(0, kw["vocab_size"], (2, 5))
-    assert torch.equal(m.generate(p, 7, n_loops=3, top_k=1, compiled=True),
-                       m.generate(p, 7, n_loops=3, top_k=1))
+    assert torch.equal(m.generate(p, 7, n_loops=2, top_k=1, compiled=True),
+                       m.generate(p, 7, n_loops=2, top_k=1))
     torch.manual_seed(1)
-    a = m.generate(p, 7, n_loops=3, top_k=10, compiled=True)
+    a = m.generate(p, 7, n_loops=2, top_k=10, compiled=True)
     torch.manual_seed(1)
-    assert torch.equal(a, m.generate(p, 7, n_loops=3, top_k=10))
+    assert torch.equal(a, m.generate(p, 7, n_loops=2, top_k=10))
 
 
 def test_compiled_cache_capacity():
@@ -141,9 +141,9 @@ def test_generate_compiled_reuses_the_step_across_lengths():
     graphs = []
     for plen, new in ((5, 7), (9, 4), (3, 20)):
         p = torch.randint(0, kw["vocab_size"], (2, plen))
-        out = m.generate(p, new, n_loops=3, top_k=1, compiled=True)
+        out = m.generate(p, new, n_loops=2, top_k=1, compiled=True)
         graphs.append(counters["stats"]["unique_graphs"])
-        assert torch.equal(out, m.generate(p, new, n_loops=3, top_k=1))
+        assert torch.equal(out, m.generate(p, new, n_loops=2, top_k=1))
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0]
 
 
@@ -214,13 +214,13 @@ def test_cpu_decode_step_with_cpu_forms_is_one_graph(attn, on_cpu):
         layers, tok, pos = _step_inputs(m, ids)
         head_t = K.decode_head_weight(m.head.weight)
         assert head_t is not None and head_t.shape == (132, 4099)
-        ref = _decode_step(m, tok, 3, layers, pos)
+        ref = _decode_step(m, tok, 2, layers, pos)
         bmms = {}
         for split in (False, True):
             ops.clear()
             with K.compiled_split(split):
                 out = torch.compile(_decode_step, backend=_graph_ops(ops), fullgraph=True)(
-                    m, tok, 3, layers, pos, head_t)
+                    m, tok, 2, layers, pos, head_t)
             assert_close(f"compiled decode step (split {split})", ref, out, 1e-5)
             bmms[split] = sum("bmm" in op for op in ops)
     assert bmms[True] > bmms[False]          # the projections' split products were traced
@@ -252,10 +252,10 @@ def test_generate_compiled_retries_without_graph_cache(monkeypatch):
     m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
     p = torch.randint(0, kw["vocab_size"], (2, 5))
     with pytest.warns(RuntimeWarning, match="without its on-disk graph cache"):
-        out = m.generate(p, 6, n_loops=3, top_k=1, compiled=True)
-    assert torch.equal(out, m.generate(p, 6, n_loops=3, top_k=1))
+        out = m.generate(p, 6, n_loops=2, top_k=1, compiled=True)
+    assert torch.equal(out, m.generate(p, 6, n_loops=2, top_k=1))
     assert calls["cached"] == 1 and calls["uncached"] == 5
-    m.generate(p, 3, n_loops=3, top_k=1, compiled=True)     # no second failure, no warning
+    m.generate(p, 3, n_loops=2, top_k=1, compiled=True)     # no second failure, no warning
     assert calls["cached"] == 1 and calls["uncached"] == 7
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_kwargs
+from conftest import split_forms_serve, tiny_kwargs
 
 import mythos
 import mythos_kernels as K
@@ -69,9 +69,10 @@ def test_plan_matches_across_configs(over, cpu_forms):
     _compare_steps(m, 2, prompt=1, steps=4, n_loops=2)
 
 
-def test_plan_at_mid_sizes_takes_the_cpu_forms():
+def test_plan_at_mid_sizes_takes_the_cpu_forms(monkeypatch):
     """Sizes past the CPU forms' real floors (split products, packed shared experts, expert
     pairs; B = 1 takes the plan's own view-only latent attention): still bitwise."""
+    split_forms_serve(monkeypatch)
     kw = dict(vocab_size=300, dim=256, n_heads=4, attn_type="mla", kv_lora_rank=64,
               q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
               n_experts=16, n_experts_per_tok=3, expert_dim=96, n_shared_experts=2,
