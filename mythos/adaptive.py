@@ -16,12 +16,10 @@ from typing import Iterator, Optional
 
 import torch
 
-import mythos_kernels as K
-
 from . import early_exit, speculative
 from ._validate import check_bool, check_float, check_int
 from .cache import MythosCache
-from .generate import capture_step
+from .generate import capture_step, step_modes
 from .sampling import check_min_p, check_top_p, sample_filtered
 
 
@@ -189,15 +187,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64,
     a = check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, top_p, min_p,
                    draft_loops, draft_tokens, exit_criterion, exit_threshold, exit_fill)
     if exit_only:
-        if cuda_graph is None:
-            cuda_graph = (input_ids.is_cuda and static is not False
-                          and K.get_backend() != "reference" and K.triton_available())
-        if cuda_graph and not input_ids.is_cuda:
-            raise ValueError("cuda_graph=True needs CUDA input_ids")
-        if cuda_graph and static is False:
-            raise ValueError("cuda_graph=True needs the static decode step (static=True)")
-        a["static"] = bool(cuda_graph or static)
-        a["graph"], a["graph_requested"] = bool(cuda_graph), cuda_graph
+        a["graph"], a["static"] = step_modes(input_ids, cuda_graph, static)
+        a["graph_requested"] = cuda_graph
     new = list(_chunks(model, input_ids, a, stats))
     with torch.inference_mode(False):   # a normal tensor, also when called in inference mode
         return torch.cat([input_ids.long()] + new, 1)

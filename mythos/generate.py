@@ -47,19 +47,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) - 1 = "
                          f"{total} exceeds max_seq_len {model.cfg.max_seq_len}")
     graph_requested = cuda_graph
-    if compiled and cuda_graph:
-        raise ValueError("compiled=True and cuda_graph=True: choose one (a CUDA graph "
-                         "already replays the decode step without launch overhead)")
-    if cuda_graph is None:
-        cuda_graph = (not compiled and input_ids.is_cuda and static is not False
-                      and K.get_backend() != "reference" and K.triton_available())
-    if cuda_graph and not input_ids.is_cuda:
-        raise ValueError("cuda_graph=True needs CUDA input_ids")
-    static = (cuda_graph or compiled) if static is None else static
-    if cuda_graph and not static:
-        raise ValueError("cuda_graph=True needs the static decode step (static=True)")
-    if compiled and not static:
-        raise ValueError("compiled=True needs the static decode step (static=True)")
+    cuda_graph, static = step_modes(input_ids, cuda_graph, static, compiled)
     # compiled: a bucketed capacity, so calls with other lengths reuse the compiled step
     cache = MythosCache(compiled_cache_capacity(total, model.cfg.max_seq_len) if compiled
                         else total)
@@ -131,6 +119,28 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
         c.length = total
     return out
 
+
+
+def step_modes(input_ids: torch.Tensor, cuda_graph: Optional[bool], static: Optional[bool],
+               compiled: bool = False) -> tuple[bool, bool]:
+    """``(cuda_graph, static)`` for a decode loop from the caller's choices (None: the default).
+    A CUDA graph by default for CUDA inputs, unless ``static=False``, ``compiled``, the reference
+    backend forced or Triton missing; the static step wherever a graph or a compiled step runs.
+    ValueError for a combination that cannot run."""
+    if compiled and cuda_graph:
+        raise ValueError("compiled=True and cuda_graph=True: choose one (a CUDA graph "
+                         "already replays the decode step without launch overhead)")
+    if cuda_graph is None:
+        cuda_graph = (not compiled and input_ids.is_cuda and static is not False
+                      and K.get_backend() != "reference" and K.triton_available())
+    if cuda_graph and not input_ids.is_cuda:
+        raise ValueError("cuda_graph=True needs CUDA input_ids")
+    static = (cuda_graph or compiled) if static is None else static
+    if cuda_graph and not static:
+        raise ValueError("cuda_graph=True needs the static decode step (static=True)")
+    if compiled and not static:
+        raise ValueError("compiled=True needs the static decode step (static=True)")
+    return bool(cuda_graph), bool(static)
 
 
 def capture_step(step: Callable[[], Any], requested: Optional[bool]) -> Optional[Callable[[], Any]]:
