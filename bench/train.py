@@ -9,9 +9,10 @@
                 (:mod:`bench.ceilings`). Variants: ``open-mythos``
                 (its logits + ``F.cross_entropy``), ``mythos`` (the training forward
                 ``mythos.train.train_forward``, then the full logits + ``F.cross_entropy``)
-                and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss``:
-                final norm -> ``mythos_kernels.linear_cross_entropy``, the logits never
-                whole); the two mythos variants step one model, each with its own AdamW.
+                and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss`` on its
+                output: final norm -> ``mythos_kernels.linear_cross_entropy``, the logits never
+                whole, the tied weight's two gradients in one buffer); the two mythos
+                variants step one model, each with its own AdamW.
 * ``memory`` -- the peak memory of one step (forward, loss, backward, AdamW) above the built
                 model, each variant in a fresh child process: CPU ``ru_maxrss`` at the end minus
                 the child's RSS after building the model and optimizer (torch's CPU allocations
@@ -93,13 +94,14 @@ def _loss_fn(variant: str, model, ids: torch.Tensor, targets: torch.Tensor, n_lo
     if fwd is None:
         if checkpoint:
             raise ValueError("checkpoint=True needs bench.train.CHECKPOINTING set")
-        h = model.hidden_states(ids, n_loops, None, 0)                             # [B, T, D]
+        out = h = model.hidden_states(ids, n_loops, None, 0)                       # [B, T, D]
     else:
-        h = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint).h      # [B, T, D]
+        out = fwd(model, ids, n_loops, act=True, checkpoint=checkpoint)
+        h = out.h                                                            # [B, T, D]
     if variant == "mythos+fused-ce":
         from mythos.train import lm_loss
 
-        return lm_loss(model, h, targets, fused=True)
+        return lm_loss(model, out, targets, fused=True)   # the ForwardOut: its tied-weight sink
     logits = model.logits(h)                                                # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ._dispatch import choose
 from ._registry import KernelConfig, register_kernel
 from ._scratch import kept_output, scratch
+from .grad_sink import GradSink
 from ._tl import next_pow2 as _p2
 
 try:
@@ -183,7 +184,7 @@ def _chunk_loop(x, weight, target, ignore_index, chunk, scale, need_dx, need_dw,
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, target, ignore_index, reduction, chunk, impl):
+    def forward(ctx, x, weight, target, ignore_index, reduction, chunk, impl, sink):
         N = x.shape[0]
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n_valid = (target != ignore_index).sum()
@@ -195,6 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss, dx, dw = _chunk_loop(x, weight, target, ignore_index, chunk, scale,
                                    need_dx and early, need_dw and early, impl)
         ctx.meta = (ignore_index, reduction, chunk, impl)
+        ctx.sink, ctx.handed = sink, False
         if early:
             ctx.save_for_backward(dx, None if dw is None else dw.to(weight.dtype))
         elif reduction == "none":
@@ -207,17 +209,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ignore_index, reduction, chunk, impl = ctx.meta
+        if ctx.sink is not None and ctx.handed:
+            raise RuntimeError("linear_cross_entropy with a grad_sink hands its weight gradient "
+                               "over in its first backward; a second backward through the same "
+                               "graph (retain_graph=True) needs grad_sink=None")
         if reduction != "none":
             dx, dw = ctx.saved_tensors
             if not (grad.is_cpu and float(grad) == 1.0):   # the usual loss.backward(): as saved
                 dx = None if dx is None else dx * grad.to(dx.dtype)
-                dw = None if dw is None else dw * grad.to(dw.dtype)
-            return dx, dw, None, None, None, None, None
-        x, weight, target = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, dx, dw = _chunk_loop(x, weight, target, ignore_index, chunk, grad.float(),
-                                need_dx, need_dw, impl)
-        return dx, None if dw is None else dw.to(weight.dtype), None, None, None, None, None
+                if dw is not None:      # handed to a sink: scaled in place (the sink's from here)
+                    g = grad.to(dw.dtype)
+                    dw = dw.mul_(g) if ctx.sink is not None else dw * g
+        else:
+            x, weight, target = ctx.saved_tensors
+            need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            _, dx, dw = _chunk_loop(x, weight, target, ignore_index, chunk, grad.float(),
+                                    need_dx, need_dw, impl)
+            dw = None if dw is None else dw.to(weight.dtype)
+        if ctx.sink is not None and dw is not None:
+            ctx.sink.add(dw)
+            ctx.handed, dw = True, None
+        return dx, dw, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +281,8 @@ def _unsupported(x: torch.Tensor) -> str | None:
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
-                         chunk_size: int | None = None) -> torch.Tensor:
+                         chunk_size: int | None = None, grad_sink: GradSink | None = None
+                         ) -> torch.Tensor:
     """Cross-entropy of the logits ``x @ weight^T`` without holding them whole.
 
     Args:
@@ -280,18 +293,25 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, target: torch.Te
         reduction:    ``"mean"`` over non-ignored rows (NaN when every row is ignored, as
                       ``F.cross_entropy``), ``"sum"``, or ``"none"`` ([N], 0 on ignored rows).
         chunk_size:   rows per chunk; None picks :func:`default_chunk_size`.
+        grad_sink:    a :class:`~mythos_kernels.grad_sink.GradSink` (``weight`` then normally
+                      its ``attach`` alias): the weight's gradient is deposited there instead
+                      of returned to autograd (a tied embedding adds its rows to the same
+                      buffer); one backward per graph.
 
     Returns:
         The loss in x's dtype, differentiable wrt x and weight.
     """
     _check(x, weight, target, ignore_index, reduction, chunk_size)
+    if grad_sink is not None and not isinstance(grad_sink, GradSink):
+        raise TypeError(f"grad_sink must be a GradSink or None, got {type(grad_sink).__name__}")
     impl = choose("linear_cross_entropy", x, weight, target, supported=_unsupported(x))
     N, D = x.shape
     chunk = chunk_size or default_chunk_size(N, D, weight.shape[0])
     x = x.contiguous()
     weight = weight.contiguous()
     target = target.contiguous()
-    return _LinearCrossEntropy.apply(x, weight, target, ignore_index, reduction, chunk, impl)
+    return _LinearCrossEntropy.apply(x, weight, target, ignore_index, reduction, chunk, impl,
+                                     grad_sink)
 
 
 def linear_cross_entropy_chunked(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -301,7 +321,7 @@ def linear_cross_entropy_chunked(x: torch.Tensor, weight: torch.Tensor, target: 
     _check(x, weight, target, ignore_index, reduction, chunk_size)
     chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], weight.shape[0])
     return _LinearCrossEntropy.apply(x.contiguous(), weight.contiguous(), target.contiguous(),
-                                     ignore_index, reduction, chunk, "reference")
+                                     ignore_index, reduction, chunk, "reference", None)
 
 
 # ----------------------------------------------------------------------------------------------

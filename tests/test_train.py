@@ -432,6 +432,42 @@ def test_lm_loss_matches_cross_entropy(fused):
         torch.testing.assert_close(g, r, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_lm_loss_on_the_forward_output_shares_the_tied_gradient(fused, monkeypatch):
+    """``lm_loss(model, out)`` (the tied weight's gradients in one sink) gives the gradients of
+    the plain path (no sink: ``model.embed`` and autograd's sum) for every parameter; no sink
+    without autograd, for an untied head or an embedding with a padding index."""
+    import mythos.train.recurrence as rec
+    from mythos.train.recurrence import tied_sink
+
+    torch.manual_seed(6)
+    model = OpenMythos(micro_cfg(vocab_size=37))
+    ids = torch.randint(0, 37, (2, 9))
+    t = torch.randint(0, 37, (2, 9))
+    t[1, :4] = IGNORE
+    grads = []
+    for use_sink in (False, True):
+        with monkeypatch.context() as m:
+            if not use_sink:
+                m.setattr(rec, "tied_sink", lambda model: None)
+            model.zero_grad(set_to_none=True)
+            out = train_forward(model, ids, 3)
+        assert (out.grad_sink is not None) == (out.head_weight is not None) == use_sink
+        (lm_loss(model, out, t, fused=fused) * 0.7).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "embed.weight" in grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():
+        assert train_forward(model, ids, 2).grad_sink is None
+    model.head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
+    assert tied_sink(model) is None
+    model.head.weight = model.embed.weight
+    assert tied_sink(model) is not None
+    model.embed.padding_idx = 0
+    assert tied_sink(model) is None
+
+
 def test_lm_loss_rejects_a_non_bool_flag():
     model = OpenMythos(micro_cfg())
     with pytest.raises(TypeError, match="fused"):

@@ -173,7 +173,7 @@ class TrainStep(nn.Module):
                                             checkpoint=checkpoint)
             local = int((targets != IGNORE).sum())
             if local:
-                part = lm_loss(self.model, out.h, targets) * (local / n_targets)
+                part = lm_loss(self.model, out, targets) * (local / n_targets)
             else:   # no answer token here: a zero loss that still touches the graph
                 part = out.h.sum() * 0.0
             total = part * world

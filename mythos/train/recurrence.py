@@ -22,6 +22,7 @@ import mythos_kernels as K
 from mythos.model import CAUSAL, OpenMythos, RecurrentBlock
 from mythos.modules import MoEFFN
 from mythos_kernels.cpu.moe import summed_expert_grads
+from mythos_kernels.grad_sink import GradSink, sink_embedding
 
 try:
     from torch.distributed.fsdp import FSDPModule as _FSDPModule
@@ -84,11 +85,16 @@ class ForwardOut:
     h: [B, T, D] coda output (before the final norm and head).
     depth: [B, T] expected halting depth per position, differentiable (see :func:`train_forward`).
     n_loops: iterations actually run (fewer than asked when every position halted).
+    head_weight: the tied head weight to use for the loss (an alias of ``model.head.weight``
+        whose gradient the embedding shares, see :func:`tied_sink`), or None: use the model's.
+    grad_sink: the :class:`~mythos_kernels.grad_sink.GradSink` behind ``head_weight``, or None.
     """
 
     h: torch.Tensor
     depth: torch.Tensor
     n_loops: int
+    head_weight: Optional[torch.Tensor] = None
+    grad_sink: Optional[GradSink] = None
 
     @property
     def ponder(self) -> torch.Tensor:
@@ -166,6 +172,29 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
     return (h_out.to(h.dtype) if act else h), depth, run
 
 
+def _plain_embedding(emb: nn.Module) -> bool:
+    """An ``nn.Embedding`` doing a plain lookup (no padding index, max norm, frequency scaling,
+    sparse gradient) with no hooks on it: :func:`sink_embedding` computes its forward."""
+    return (type(emb) is nn.Embedding and emb.padding_idx is None and emb.max_norm is None
+            and not emb.scale_grad_by_freq and not emb.sparse and not emb._forward_hooks
+            and not emb._forward_pre_hooks and not emb._backward_hooks
+            and not emb._backward_pre_hooks)
+
+
+def tied_sink(model: OpenMythos) -> Optional[GradSink]:
+    """A :class:`~mythos_kernels.grad_sink.GradSink` for the model's tied embedding / head
+    weight when :func:`train_forward` can route both through it: autograd on, the head weight
+    the embedding's own plain tensor that needs a gradient, a plain lookup embedding, no FSDP2
+    (its units reduce a parameter's gradient through their own hooks). Else None."""
+    emb, head = model.embed, model.head
+    w = emb.weight
+    if not (torch.is_grad_enabled() and w.requires_grad and head.weight is w
+            and _plain_embedding(emb) and type(w) in (torch.Tensor, nn.Parameter)
+            and not any(isinstance(m, _FSDPModule) for m in (model, emb))):
+        return None
+    return GradSink()
+
+
 def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] = None, *,
                   act: bool = True, grad_loops: Optional[int] = None, checkpoint: bool = False,
                   halt_check: Optional[Callable[[torch.Tensor, float], bool]] = None) -> ForwardOut:
@@ -190,6 +219,12 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
     ``w_t`` the ACT weight of iteration t (1-based) and n the loops run: the remainder mass of a
     position that never halted counts at full depth (Graves 2016's ponder cost, made
     differentiable through the halting probabilities). ``ponder`` is its mean.
+
+    With a gradient to compute, the tied embedding / head weight goes through one
+    :class:`~mythos_kernels.grad_sink.GradSink` (:func:`tied_sink`): pass the returned
+    :class:`ForwardOut` itself to :func:`~mythos.train.lm_loss` and the embedding's and the fused
+    loss's weight gradients land in one buffer (autograd would zero-fill a [V, D] for the
+    embedding and add two [V, D] gradients). Any other use of ``out.h`` works as before.
     """
     cfg = model.cfg
     n_loops = cfg.max_loop_iters if n_loops is None else n_loops
@@ -200,7 +235,13 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
         raise ValueError(f"grad_loops must be a positive int or None, got {grad_loops!r}")
     model.check_inputs(ids, n_loops, None, 0)
     T = ids.shape[1]
-    x = model.embed(ids)
+    sink = tied_sink(model)
+    head_weight = None
+    if sink is None:
+        x = model.embed(ids)
+    else:
+        head_weight = sink.attach(model.embed.weight)
+        x = sink_embedding(ids, head_weight, sink)
     freqs = model.freqs_cis_mla if cfg.attn_type == "mla" else model.freqs_cis
     freqs_cis = freqs[:T]
     mask = CAUSAL if T > 1 else None
@@ -217,7 +258,7 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
                                       grad_loops, checkpoint, halt_check)
     for i, layer in enumerate(model.coda):
         x = run_layer(layer, x, f"coda_{i}")
-    return ForwardOut(x, depth, run)
+    return ForwardOut(x, depth, run, head_weight, sink)
 
 
 def spectral_radius(model: nn.Module) -> float:

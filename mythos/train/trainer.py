@@ -294,7 +294,7 @@ class Trainer:
                 with self._autocast():
                     out = train_forward(model, b.ids, n, act=tc.act, grad_loops=tc.grad_loops,
                                         checkpoint=tc.checkpoint_activations)
-                    loss = lm_loss(model, out.h, b.targets)
+                    loss = lm_loss(model, out, b.targets)
                     total = loss + tc.ponder_weight * out.ponder if tc.ponder_weight else loss
                 (total / tc.grad_accum).backward()
                 loss_sum += loss.detach().double().cpu()
