@@ -184,13 +184,13 @@ def _plain_embedding(emb: nn.Module) -> bool:
 def tied_sink(model: OpenMythos) -> Optional[GradSink]:
     """A :class:`~mythos_kernels.grad_sink.GradSink` for the model's tied embedding / head
     weight when :func:`train_forward` can route both through it: autograd on, the head weight
-    the embedding's own plain tensor that needs a gradient, a plain lookup embedding, no FSDP2
-    (its units reduce a parameter's gradient through their own hooks). Else None."""
+    the embedding's own weight, a plain tensor (not a sharded DTensor: under FSDP2 the
+    embedding's unit has gathered it, inside the wrapped forward) that needs a gradient, and a
+    plain lookup embedding. Else None."""
     emb, head = model.embed, model.head
     w = emb.weight
     if not (torch.is_grad_enabled() and w.requires_grad and head.weight is w
-            and _plain_embedding(emb) and type(w) in (torch.Tensor, nn.Parameter)
-            and not any(isinstance(m, _FSDPModule) for m in (model, emb))):
+            and _plain_embedding(emb) and type(w) in (torch.Tensor, nn.Parameter)):
         return None
     return GradSink()
 
