@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import choose, cpu_enabled, register_cpu
+from ._dispatch import cpu_enabled, pick, register_cpu
 
 _EXACT_FUSED = (torch.float32, torch.float64)
 
@@ -32,8 +32,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim. No Triton kernel yet: the reference serves every backend."""
-    choose("rms_norm", x, weight, has_kernel=False)
+    """RMSNorm over the last dim. No Triton kernel yet: a registered CPU form (training:
+    :mod:`mythos_kernels.cpu.rmsnorm`) or the reference serves."""
+    _, form = pick("rms_norm", x, weight, has_kernel=False, cpu_args=(x, weight, eps))
+    if form is not None:
+        return form(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
 

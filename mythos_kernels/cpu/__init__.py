@@ -2,4 +2,4 @@
 forms with the dispatch point (:func:`mythos_kernels._dispatch.register_cpu`); the package's
 ``__init__`` imports them all, so an op's module never imports its CPU forms."""
 
-from . import linear, mla_decode, moe  # noqa: F401
+from . import linear, mla_decode, moe, rmsnorm  # noqa: F401
