@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from ._dispatch import choose
 from ._registry import KernelConfig, register_kernel
 from ._scratch import kept_output, scratch
-from .grad_sink import GradSink
 from ._tl import next_pow2 as _p2
+from .grad_sink import GradSink
 
 try:
     import triton

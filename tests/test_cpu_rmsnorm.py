@@ -73,7 +73,7 @@ def test_rms_norm_training_form(shape, dtype, scale, needs):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     names = [n for n, t in (("x", x), ("weight", w)) if t.requires_grad]
     for name, a, e in zip(names, got, want):
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale[name], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_rms_norm_training_form_nan_row_and_limits():

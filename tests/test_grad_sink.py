@@ -91,7 +91,7 @@ def test_two_losses_deposit_into_one_sink():
 def test_untied_and_unused_paths():
     """The embedding alone through a sink (no fused loss), a sink nothing deposited into (the
     alias used by a plain op only), and an embedding whose weight needs no gradient."""
-    w, mix, ids, tgt = _tied(17, 6, 2, 3, torch.float32, seed=5)
+    w, mix, ids, _ = _tied(17, 6, 2, 3, torch.float32, seed=5)
     ref = (F.embedding(ids, w) @ mix).square().sum()
     sink = GradSink()
     out = (sink_embedding(ids, sink.attach(w), sink) @ mix).square().sum()
