@@ -34,6 +34,7 @@ from .cpu.linear import (
     weights_unchanged,
 )
 from .linear import dense, dense_reference, lm_head, lm_head_reference
+from .grad_sink import GradSink, sink_embedding
 from .linear_ce import linear_cross_entropy, linear_cross_entropy_reference
 from .mla import mla_decompress, mla_decompress_reference
 from .mla_decode import mla_decode, mla_decode_attention, mla_decode_attention_reference, mla_decode_reference
@@ -76,7 +77,7 @@ __all__ = [
     "clear_weight_copies", "compiled_split", "decode_head_weight", "dense", "dense_reference", "lm_head",
     "lm_head_reference", "lm_head_transposed", "packable", "two_threads",
     "shared_swiglu_packed", "weight_copies_enabled", "weights_unchanged", "scope_memo",
-    "linear_cross_entropy", "linear_cross_entropy_reference",
+    "GradSink", "sink_embedding", "linear_cross_entropy", "linear_cross_entropy_reference",
     "mla_decompress", "mla_decompress_reference", "mla_decode", "mla_decode_attention",
     "mla_decode_attention_reference", "mla_decode_reference",
     "expert_counts", "moe_experts", "moe_experts_reference", "moe_route", "moe_route_reference",

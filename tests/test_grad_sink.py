@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_close, gen, needs_kernels
 
-from mythos_kernels import linear_cross_entropy, use_backend
-from mythos_kernels.grad_sink import GradSink, sink_embedding
+from mythos_kernels import GradSink, linear_cross_entropy, sink_embedding, use_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
