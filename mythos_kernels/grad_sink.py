@@ -18,6 +18,8 @@ alias the usual way). The result equals autograd's sum up to the order of the fp
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +42,7 @@ class GradSink:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         self._shape = weight.shape
-        return _Attach.apply(self, weight)
+        return attach_sum(self.take, weight)
 
     def add(self, grad: torch.Tensor) -> None:
         """Deposit a dense contribution (the weight's shape); ``grad`` is handed over: the sink
@@ -71,21 +73,28 @@ class GradSink:
 
 
 class _Attach(torch.autograd.Function):
-    """Identity on the weight; backward returns the sink's sum plus any gradient that reached
-    the alias directly."""
+    """Identity on the weight; backward returns ``take()`` plus any gradient that reached the
+    alias directly."""
 
     @staticmethod
-    def forward(ctx, sink: GradSink, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, take: Callable[[], torch.Tensor | None], weight: torch.Tensor) -> torch.Tensor:
         ctx.set_materialize_grads(False)
-        ctx.sink = sink
+        ctx.take = take
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        total = ctx.sink.take()
+        total = ctx.take()
         if grad is None or total is None:
             return None, (grad if total is None else total)
         return None, total.add_(grad)
+
+
+def attach_sum(take: Callable[[], torch.Tensor | None], weight: torch.Tensor) -> torch.Tensor:
+    """An alias of ``weight`` whose backward returns ``take()`` (a gradient summed elsewhere, or
+    None) plus any gradient that reached the alias directly. Autograd runs it after the backward
+    of every op that used the alias, so the sum ``take`` hands over is complete."""
+    return _Attach.apply(take, weight)
 
 
 class _SinkEmbedding(torch.autograd.Function):

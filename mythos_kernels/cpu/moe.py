@@ -20,6 +20,7 @@ Variants (names for :func:`mythos_kernels.cpu_variant`): ``moe_experts_cpu``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from contextvars import ContextVar
 from typing import Iterable, Iterator
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from .._dispatch import _compiling, _transformed, cpu_enabled, cpu_inference, register_cpu
 from .._scratch import kept_output, scratch
+from ..grad_sink import attach_sum
 from ..moe import _swiglu, _swiglu_in_place
 from . import linear as _lin
 from .linear import vecmat
@@ -494,7 +496,7 @@ class _LoopGrads:
     """The weight gradients of one expert stack summed over every use of it (the loops of a
     recurrent block): each use's backward adds its experts' products into one ``[E, R, C]``
     buffer per weight (an expert's first product written, later ones added: no per-use zero
-    fill and no per-use sum of full stacks); :class:`_SharedExperts`' backward takes the sums."""
+    fill and no per-use sum of full stacks); the stack's aliases (``attach_sum``) take the sums."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, tuple[torch.Tensor, list[int]]] = {}
@@ -527,29 +529,6 @@ class _LoopGrads:
         return dw
 
 
-def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    if a is None or b is None:
-        return b if a is None else a
-    return a.add_(b)
-
-
-class _SharedExperts(torch.autograd.Function):
-    """Identity on an expert stack ``(w13, w2)`` whose backward returns the gradients the uses
-    summed in a :class:`_LoopGrads` (plus any gradient that reached its outputs directly).
-    Autograd runs it after the backward of every op that used its outputs, so the sums are
-    complete."""
-
-    @staticmethod
-    def forward(ctx, acc, w13, w2):
-        ctx.set_materialize_grads(False)
-        ctx.acc = acc
-        return w13.view_as(w13), w2.view_as(w2)
-
-    @staticmethod
-    def backward(ctx, d13, d2):
-        return None, _plus(ctx.acc.take("w13"), d13), _plus(ctx.acc.take("w2"), d2)
-
-
 # expert stacks whose weight gradients the training form sums over uses: id(w13) ->
 # (w13, w2, w13 view, w2 view, _LoopGrads); set by :func:`summed_expert_grads`
 _SUMMED: ContextVar[dict | None] = ContextVar("mythos_summed_expert_grads", default=None)
@@ -571,7 +550,8 @@ def summed_expert_grads(stacks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> 
             if (w13.device.type == w2.device.type == "cpu"
                     and (w13.requires_grad or w2.requires_grad)):
                 acc = _LoopGrads()
-                v13, v2 = _SharedExperts.apply(acc, w13, w2)
+                v13 = attach_sum(functools.partial(acc.take, "w13"), w13)
+                v2 = attach_sum(functools.partial(acc.take, "w2"), w2)
                 table[id(w13)] = (w13, w2, v13, v2, acc)
     token = _SUMMED.set(table)
     try:

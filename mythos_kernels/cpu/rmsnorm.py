@@ -7,8 +7,8 @@ order). Backward, with ``r = rsqrt(mean(x^2) + eps)``, ``xh = x * r`` and ``gw =
 
     dx = r * (gw - xh * mean(gw * xh))          dweight = sum over rows of g * xh
 
-(equal to autograd's up to fp32 rounding). At the mid config's [256, 512] a norm's forward and
-backward take ~0.55 ms instead of ~0.88 ms; a training step runs ~49 of them.
+(equal to autograd's up to fp32 rounding): fewer passes over x than autograd's op-by-op
+backward, and one saved tensor (``xh``) instead of the formula's intermediates.
 
 Variant (for :func:`mythos_kernels.cpu_variant`): ``rmsnorm_autograd``.
 """
