@@ -12,7 +12,10 @@
 * ``moe_forms``    -- the CPU MoE's many-pair forms (``moe_experts_padded``, ``moe_experts_sorted``)
                       and ``moe_experts_cpu``'s pick over routings from balanced to skewed: the
                       measurement behind ``PAD_SEGMENT_ROWS`` / ``PAD_MIN_ROWS`` in
-                      ``mythos_kernels.moe``. Rows in ``moe_forms.jsonl``.
+                      ``mythos_kernels.cpu.moe``; and (``mode`` "train") the same for the
+                      training forms, forward + backward: the padded slab, the sorted segments
+                      and ``moe_experts_sorted_autograd``'s pick (the same rule). Rows in
+                      ``moe_forms.jsonl``.
 * ``adaptive``     -- per-token early exit (criterion x threshold x fill: tokens/s against top-1
                       agreement and KL with full depth) and self-speculative decoding (tokens/s,
                       acceptance) on the mid config (``bench.adaptive``). Rows in
@@ -196,9 +199,11 @@ def run_linear_split(level: str = "quick") -> list[dict]:
 
 def run_moe_forms(level: str = "quick") -> list[dict]:
     """The ``moe_forms`` suite's rows: per expert shape, token count and routing skew, the padded
-    and sorted forms' times and the dispatched ``moe_experts_cpu`` (its rule's pick) over the
-    faster form. A 64 MB read between calls puts the weights out of cache, as in a model whose
-    other weights pass through between two MoE calls."""
+    and sorted forms' times and the dispatched form (its rule's pick) over the faster one, for
+    inference (``moe_experts_cpu``) and for training (forward + backward of every input's
+    gradient: ``_PaddedExpertsFn``, ``_SortedExpertsFn``, ``moe_experts_sorted_autograd``). A
+    64 MB read between calls puts the weights out of cache, as in a model whose other weights
+    pass through between two MoE calls."""
     from mythos_kernels.cpu import moe as M
 
     tiny = level == "tiny"
@@ -241,20 +246,38 @@ def run_moe_forms(level: str = "quick") -> list[dict]:
                     tp = timed(lambda: M.moe_experts_padded(x, w, idx, w13, w2, counts, order, cap))
                     ts = timed(lambda: M.moe_experts_sorted(x, w, idx, w13, w2, host, order))
                     tc = timed(lambda: M.moe_experts_cpu(x, w, idx, w13, w2))
-                    row = {"suite": "moe_forms", "E": E, "D": D, "F": Fh, "k": k, "N": N,
-                           "skew": skew, "cap": cap, "nonempty": E - host.count(0),
-                           "padded_ms": round(tp, 3), "sorted_ms": round(ts, 3),
-                           "cpu_ms": round(tc, 3), "cpu_over_best": round(tc / min(tp, ts), 3),
-                           "level": level}
-                    rows.append(row)
-                    print(f"  E={E:3d} D={D:4d} F={Fh:3d} k={k} N={N:3d} skew={skew:.1f} cap={cap:3d} "
-                          f"nonempty={row['nonempty']:3d}  padded {tp:7.2f} ms  sorted {ts:7.2f} ms  "
-                          f"moe_experts_cpu {tc:7.2f} ms ({row['cpu_over_best']:.2f}x best)")
-    if rows:
-        total = sum(r["cpu_ms"] for r in rows)
-        best = sum(min(r["padded_ms"], r["sorted_ms"]) for r in rows)
-        print(f"  moe_experts_cpu's total / best form's total: {total / best:.3f}; worst case "
-              f"{max(r['cpu_over_best'] for r in rows):.2f}x")
+                    with torch.enable_grad():
+                        ins = [t.requires_grad_() for t in (x.clone(), w.clone(), w13.clone(),
+                                                            w2.clone())]
+                        dy = torch.randn(N, D)
+
+                        def train(fn):
+                            return lambda: torch.autograd.grad(fn(ins[0], ins[1], idx, ins[2],
+                                                                  ins[3]), ins, dy)
+                        tp_t = timed(train(lambda *a: M._PaddedExpertsFn.apply(
+                            *a, None, order, host)))
+                        ts_t = timed(train(lambda *a: M._SortedExpertsFn.apply(
+                            *a, None, order, host)))
+                        tc_t = timed(train(M.moe_experts_sorted_autograd))
+                    for mode, times in (("inference", (tp, ts, tc)), ("train", (tp_t, ts_t, tc_t))):
+                        row = {"suite": "moe_forms", "mode": mode, "E": E, "D": D, "F": Fh, "k": k,
+                               "N": N, "skew": skew, "cap": cap, "nonempty": E - host.count(0),
+                               "padded_ms": round(times[0], 3), "sorted_ms": round(times[1], 3),
+                               "cpu_ms": round(times[2], 3),
+                               "cpu_over_best": round(times[2] / min(times[:2]), 3),
+                               "level": level}
+                        rows.append(row)
+                        print(f"  {mode:9s} E={E:3d} D={D:4d} F={Fh:3d} k={k} N={N:3d} "
+                              f"skew={skew:.1f} cap={cap:3d} nonempty={row['nonempty']:3d}  padded "
+                              f"{times[0]:7.2f} ms  sorted {times[1]:7.2f} ms  picked "
+                              f"{times[2]:7.2f} ms ({row['cpu_over_best']:.2f}x best)")
+    for mode in ("inference", "train"):
+        mine = [r for r in rows if r["mode"] == mode]
+        if mine:
+            total = sum(r["cpu_ms"] for r in mine)
+            best = sum(min(r["padded_ms"], r["sorted_ms"]) for r in mine)
+            print(f"  {mode}: the picked form's total / the best form's total: {total / best:.3f}; "
+                  f"worst case {max(r['cpu_over_best'] for r in mine):.2f}x")
     return rows
 
 

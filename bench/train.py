@@ -4,9 +4,9 @@
                 models), the loss, backward, ``AdamW.step``; the variants run interleaved in one
                 process, same weights (open-mythos's state dict loaded into mythos through
                 :mod:`mythos.checkpoint`'s load hooks), the same AdamW (torch's fused kernel).
-                Rows: seconds per step split into fwd / bwd / optim, tokens/s; on CUDA also the
-                model FLOPs utilization against the measured matmul peak
-                (:mod:`bench.ceilings`). Variants: ``open-mythos``
+                Rows: seconds per step split into fwd / bwd / optim, tokens/s, the model
+                FLOPs utilization against the measured matmul peak of the device (on a CPU at
+                the run's thread count; :mod:`bench.ceilings`). Variants: ``open-mythos``
                 (its logits + ``F.cross_entropy``), ``mythos`` (the training forward
                 ``mythos.train.train_forward``, then the full logits + ``F.cross_entropy``)
                 and ``mythos+fused-ce`` (the same forward, then ``mythos.train.lm_loss`` on its
@@ -210,8 +210,9 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
         for v in (names[::-1] if i % 2 else names):
             times[v].append(steps[v]())
     flops = step_flops(cfg, B, T, n_loops)
-    peak = _ceil.matmul_rate(_ceil.get_ceilings(device), dtype) * 1e12 if device.type == "cuda" \
-        else None
+    # the measured matmul rate of this device (on a CPU at this thread count; bf16 there takes
+    # fp32's rate, bench.ceilings)
+    peak = _ceil.matmul_rate(_ceil.get_ceilings(device), dtype) * 1e12
     info = run_info(device)
     rows = []
     for v, ts in times.items():
@@ -224,7 +225,7 @@ def run_step_suite(plan: dict, device: torch.device, variants=VARIANTS) -> list[
                      "fwd_s": med["fwd"], "bwd_s": med["bwd"], "optim_s": med["optim"],
                      "step_s": med["step"], "reps": len(ts), "tokens_per_s": B * T / med["step"],
                      "model_flops": flops,
-                     "mfu_pct": 100.0 * flops / med["step"] / peak if peak else None,
+                     "mfu_pct": 100.0 * flops / med["step"] / peak,
                      "loss": ts[-1]["loss"], "impl_source": notes.get(
                          "open-mythos" if v == "open-mythos" else "mythos"), **info})
     base = next((r for r in rows if r["impl"] == "open-mythos"), None)

@@ -453,7 +453,7 @@ def test_named_suites_tiny(tmp_path, om, capsys):
     assert 0 < fwd["mythos_gflop"] < fwd["open_mythos_gflop"]
     assert {(r["rows"], r["N"]) for r in rows["linear_split"]} == {(1, 160), (8, 160)}
     assert all(r["linear_us"] > 0 and r["split_us"] > 0 for r in rows["linear_split"])
-    assert len(rows["moe_forms"]) == 2
+    assert [r["mode"] for r in rows["moe_forms"]] == ["inference", "train"] * 2
     assert all(r["cpu_over_best"] > 0 and r["nonempty"] <= r["E"] for r in rows["moe_forms"])
 
 
@@ -487,6 +487,22 @@ def test_train_losses_and_checkpointing_hook(om):
             for a, b in zip(g, grads):
                 if a is not None:
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_rows_report_mfu_on_cpu(om):
+    """Every ok step row carries the model FLOPs utilization against the device's measured
+    matmul peak (the CPU's too), consistent with its own step time."""
+    from bench import ceilings
+    from bench import train as bt
+
+    plan = dict(bt.PLANS[("tiny", "cpu")], config="mid", B=1, T=8, n_loops=1, reps=1)
+    rows = bt.run_step_suite(plan, torch.device("cpu"), variants=("open-mythos", "mythos"))
+    peak = ceilings.matmul_rate(ceilings.get_ceilings("cpu", verbose=False), torch.float32) * 1e12
+    assert [r["impl"] for r in rows] == ["open-mythos", "mythos"]
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["mfu_pct"] == pytest.approx(100 * r["model_flops"] / r["step_s"] / peak)
+        assert 0 < r["mfu_pct"] < 100
 
 
 def test_train_memory_child_with_checkpointing():

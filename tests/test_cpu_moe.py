@@ -149,15 +149,18 @@ def test_moe_skewed_routing_takes_sorted_form(monkeypatch, idx_dtype, dtype):
     torch.testing.assert_close(out, ref, **tol)
 
 
-def _autograd_case(N, k, E, D, Fh, dtype, form):
+def _autograd_case(N, k, E, D, Fh, dtype, form, idx=None):
     """Output and every gradient of ``K.moe_experts`` (with only ``form`` of the autograd forms on)
-    against the reference's; returns the dispatch record of the call."""
+    against the reference's (random routing, or ``idx``); returns the dispatch record of the
+    call."""
     from conftest import assert_close
 
     x, w13, w2 = _rand(N, D, dtype=dtype), _rand(E, D, 2 * Fh, dtype=dtype), _rand(E, Fh, D, dtype=dtype)
-    weights, idx = _route(N, E, k)
+    weights, ridx = _route(N, E, k)
     weights = weights.to(dtype)
-    idx[0] = torch.arange(k)                    # every expert id in [0, k) at least once
+    if idx is None:
+        idx = ridx
+        idx[0] = torch.arange(k)                # every expert id in [0, k) at least once
     leaves = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
     dy = _rand(N, D, dtype=dtype)
     K.reset_dispatch_counts()
@@ -182,10 +185,122 @@ AUTOGRAD_CASES = [(3, 2, 6, 16, 4), (37, 3, 7, 33, 9), (64, 4, 16, 24, 12), (20,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_autograd_takes_the_sorted_form(monkeypatch, N, k, E, D, Fh, dtype):
     """CPU autograd: the sorted autograd form serves first (any row width), output and every
-    gradient as the reference's."""
+    gradient as the reference's (its padded slab for balanced routing switched off)."""
     calls = spy(monkeypatch, M._SortedExpertsFn, "apply")
-    assert _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd") == {("moe_experts", "cpu"): 1}
+    with K.cpu_variant("moe_padded_train", False):
+        counts = _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd")
+    assert counts == {("moe_experts", "cpu"): 1}
     assert calls == ["apply"]
+
+
+def _balanced(N, k, E):
+    """Routing with expert loads differing by at most one, in a random order."""
+    return (torch.arange(N * k) % E)[torch.randperm(N * k)].view(N, k)
+
+
+def _skewed(N, k, E):
+    """Routing with every token's first slot on expert 0 (one expert holds N of the N * k pairs)."""
+    idx = torch.randint(0, E, (N, k))
+    idx[:, 0] = 0
+    return idx
+
+
+@pytest.mark.parametrize("N,k,E,D,Fh", [(17, 2, 4, 24, 8), (40, 4, 16, 33, 9), (97, 3, 7, 16, 5),
+                                        (64, 4, 64, 20, 12)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_autograd_balanced_routing_takes_the_padded_form(monkeypatch, N, k, E, D, Fh, dtype):
+    """CPU autograd with balanced routing: the padded slab serves (the sorted form for skewed
+    routing, or with its variant off), output and every gradient as the reference's."""
+    idx = _balanced(N, k, E)
+    padded = spy(monkeypatch, M._PaddedExpertsFn, "apply")
+    sorted_ = spy(monkeypatch, M._SortedExpertsFn, "apply")
+    assert M._padded_is_cheaper(torch.bincount(idx.flatten(), minlength=E).tolist(), N * k)
+    _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd", idx=idx)
+    assert (padded, sorted_) == (["apply"], [])
+    with K.cpu_variant("moe_padded_train", False):
+        _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd", idx=idx)
+    assert (padded, sorted_) == (["apply"], ["apply"])
+    skewed = _skewed(N, k, E)
+    pad = M._padded_is_cheaper(torch.bincount(skewed.flatten(), minlength=E).tolist(), N * k)
+    assert pad == (E == 4)      # 4 experts: the padding costs less than 4 segments' own calls
+    _autograd_case(N, k, E, D, Fh, dtype, "moe_sorted_autograd", idx=skewed)
+    assert (len(padded), len(sorted_)) == (1 + pad, 2 - pad)
+
+
+@pytest.mark.parametrize("need", ["x", "weights", "w13", "w2"])
+def test_moe_padded_autograd_single_gradients(monkeypatch, need):
+    """The padded form: each input alone needing a gradient gets the reference's; an expert no
+    pair reaches gets zero weight gradients (its slab rows are padding only)."""
+    from conftest import assert_close
+
+    N, k, E, D, Fh = 29, 2, 9, 20, 7
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    weights = torch.softmax(torch.randn(N, k), -1)
+    idx = _balanced(N, k, E - 1)                 # expert E-1 gets no pair
+    calls = spy(monkeypatch, M._PaddedExpertsFn, "apply")
+    ins = dict(x=x, weights=weights, w13=w13, w2=w2)
+    dy = _rand(N, D)
+    leaf = ins[need].clone().requires_grad_()
+    args = {**ins, need: leaf}
+    out = M.moe_experts_sorted_autograd(args["x"], args["weights"], idx, args["w13"], args["w2"])
+    (g,) = torch.autograd.grad(out, leaf, dy)
+    assert calls == ["apply"]
+    ref_leaf = ins[need].clone().requires_grad_()
+    rargs = {**ins, need: ref_leaf}
+    ref = K.moe_experts_reference(rargs["x"], rargs["weights"], idx, rargs["w13"], rargs["w2"])
+    (rg,) = torch.autograd.grad(ref, ref_leaf, dy)
+    assert_close("out", ref, out, torch.float32)
+    assert_close("d" + need, rg, g, torch.float32)
+    if need in ("w13", "w2"):
+        assert torch.equal(g[E - 1], torch.zeros_like(g[E - 1]))
+
+
+def test_moe_padded_autograd_nan_stays_in_its_expert(monkeypatch):
+    """A NaN in one expert's weights reaches only the tokens routed there and that expert's
+    gradients: its padding rows (0 x NaN) are never read back, and no other expert's slice."""
+    N, E, D, Fh = 12, 4, 16, 8
+    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    idx = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 2, 3, 0]).unsqueeze(1)   # expert 1: 2 rows of 4
+    w13[1, 0, 0] = float("nan")
+    calls = spy(monkeypatch, M._PaddedExpertsFn, "apply")
+    leaves = [t.clone().requires_grad_() for t in (x, torch.ones(N, 1), w13, w2)]
+    out = M.moe_experts_sorted_autograd(leaves[0], leaves[1], idx, leaves[2], leaves[3])
+    dx, dw, dw13, dw2 = torch.autograd.grad(out, leaves, torch.ones(N, D))
+    assert calls == ["apply"]
+    bad = idx[:, 0] == 1
+    assert out[bad].isnan().any() and not out[~bad].isnan().any()
+    assert not dx[~bad].isnan().any() and not dw[~bad].isnan().any()
+    assert not dw13[[0, 2, 3]].isnan().any() and not dw2[[0, 2, 3]].isnan().any()
+
+
+def test_moe_summed_grads_over_padded_and_sorted_calls(monkeypatch):
+    """Inside ``summed_expert_grads`` (the recurrent loops), calls served by the padded and the
+    sorted forms add into the same sums, in any order: every gradient as the reference's
+    summed over the calls, an expert no call reaches zero."""
+    from conftest import assert_close
+
+    N, k, E, D, Fh = 32, 2, 16, 16, 8
+    w13, w2 = _rand(E, D, 2 * Fh), _rand(E, Fh, D)
+    routes = [_skewed(N, k, E - 1), _balanced(N, k, E - 1), _balanced(N, k, E - 1),
+              _skewed(N, k, E - 1)]
+    xs = [_rand(N, D) for _ in routes]
+    ws = [torch.softmax(torch.randn(N, k), -1) for _ in routes]
+    dys = [_rand(N, D) for _ in routes]
+    padded = spy(monkeypatch, M._PaddedExpertsFn, "apply")
+    sorted_ = spy(monkeypatch, M._SortedExpertsFn, "apply")
+    leaves = [t.clone().requires_grad_() for t in (w13, w2, *xs)]
+    with M.summed_expert_grads([(leaves[0], leaves[1])]):
+        outs = [M.moe_experts_sorted_autograd(x, w, i, leaves[0], leaves[1])
+                for x, w, i in zip(leaves[2:], ws, routes)]
+    grads = torch.autograd.grad(outs, leaves, dys)
+    assert len(padded) == 2 and len(sorted_) == 2
+    ref_leaves = [t.clone().requires_grad_() for t in (w13, w2, *xs)]
+    refs = [K.moe_experts_reference(x, w, i, ref_leaves[0], ref_leaves[1])
+            for x, w, i in zip(ref_leaves[2:], ws, routes)]
+    ref_grads = torch.autograd.grad(refs, ref_leaves, dys)
+    for r, g in zip(ref_grads, grads):
+        assert_close("grad", r, g, torch.float32)
+    assert not grads[0][E - 1].any() and not grads[1][E - 1].any()
 
 
 @pytest.mark.parametrize("need", ["x", "weights", "w13", "w2"])

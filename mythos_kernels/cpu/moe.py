@@ -7,14 +7,16 @@ Inference (no autograd), :func:`moe_experts_cpu`: per pair for decode (two exper
 two padded bmms for balanced routing, and the sorted segments without the pair-order copies for
 skewed routing (random-init models send most tokens to a few experts). Training:
 :func:`moe_experts_sorted_autograd`, the sorted pairs with one product per non-empty expert and
-its own backward (inside :func:`summed_expert_grads`, the recurrent loops' expert weight
-gradients summed in one buffer per weight); :func:`moe_experts_grouped`, the sorted pairs through
+its own backward, or for balanced routing (as the router-bias update makes it) bmms over a
+padded slab, chosen by the inference rule (:func:`_padded_is_cheaper`); inside
+:func:`summed_expert_grads` the recurrent loops' expert weight gradients are summed in one
+buffer per weight. :func:`moe_experts_grouped`, the sorted pairs through
 two grouped GEMMs that have a CPU kernel and autograd, serves where it is switched off.
 
 Variants (names for :func:`mythos_kernels.cpu_variant`): ``moe_experts_cpu``,
 ``moe_sorted_autograd``, ``moe_grouped_mm`` (forms); ``moe_pairs``, ``moe_split``,
-``moe_seg_pairs``, ``moe_scratch`` (switches inside ``moe_experts_cpu``); ``moe_summed_grads``
-(inside ``moe_sorted_autograd``).
+``moe_seg_pairs``, ``moe_scratch`` (switches inside ``moe_experts_cpu``); ``moe_summed_grads``,
+``moe_padded_train`` (inside ``moe_sorted_autograd``).
 """
 
 from __future__ import annotations
@@ -425,13 +427,10 @@ class _SortedExpertsFn(torch.autograd.Function):
     outputs ``ys`` [P, D] (for the routing weights' gradient); the SwiGLU output is recomputed."""
 
     @staticmethod
-    def forward(ctx, x, weights, idx, w13, w2, acc):
+    def forward(ctx, x, weights, idx, w13, w2, acc, order, counts):
         N, k = idx.shape
-        E, D = w13.shape[0], x.shape[1]
+        D = x.shape[1]
         P, Fh = N * k, w2.shape[1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)                         # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=E).tolist()              # the one host read
         segs = _segments(counts)
         tok = order // k                                                 # token of each sorted pair
         xs = x.index_select(0, tok)                                      # [P, D]
@@ -453,7 +452,7 @@ class _SortedExpertsFn(torch.autograd.Function):
     def backward(ctx, dout):
         xs, hg, ys, ws, tok, order, w13, w2 = ctx.saved_tensors
         segs, empty = ctx.segs, ctx.empty
-        need_x, need_w, _, need_w13, need_w2, _ = ctx.needs_input_grad
+        need_x, need_w, _, need_w13, need_w2 = ctx.needs_input_grad[:5]
         acc = ctx.acc
         Fh = w2.shape[1]
         g = dout.index_select(0, tok)                                    # [P, D] d(ys * ws)
@@ -489,7 +488,82 @@ class _SortedExpertsFn(torch.autograd.Function):
                 for e, s, t in segs:
                     torch.mm(dhg[s:t], w13[e].t(), out=dxs[s:t])
                 dx = torch.zeros_like(dout).index_add_(0, tok, dxs)
-        return dx, dweights, None, dw13, dw2, None
+        return dx, dweights, None, dw13, dw2, None, None, None
+
+
+class _PaddedExpertsFn(torch.autograd.Function):
+    """The routed SwiGLU experts over a zero-padded slab ``[E, cap, D]`` (each expert's pairs in
+    its rows, ``cap`` the largest count), every product one bmm over all experts: for balanced
+    routing, where the sorted form's per-expert products are all small (a few dozen rows each,
+    where MKL runs far below its matmul rate) and a bmm runs the experts one per core. Backward:
+    the gradient rows scattered into the same slab (zero in the padding, so the padding adds
+    nothing to the weight gradients), the SwiGLU derivative as in :class:`_SortedExpertsFn`,
+    the weight gradients as one bmm each (added into the running sums inside
+    :func:`summed_expert_grads`). Each token's slots are summed in slot order, as in the reference.
+    Saved: the slab ``xs`` and the gate|up product ``hg`` (``E * cap`` rows), the pairs' expert
+    outputs [N, k, D] (for the routing weights' gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, idx, w13, w2, acc, order, counts):
+        N, k = idx.shape
+        E, D = w13.shape[0], x.shape[1]
+        cap = max(counts)
+        flat = idx.reshape(-1)
+        e_sorted = flat[order]
+        first = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
+        rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
+        slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
+        xs = x.new_zeros(E * cap, D)
+        for s in slot.view(N, k).unbind(1):
+            xs.index_copy_(0, s, x)
+        hg = torch.bmm(xs.view(E, cap, D), w13)                         # [E, cap, 2F]
+        ys = torch.bmm(_swiglu(hg), w2).view(E * cap, D)
+        yp = ys.index_select(0, slot).view(N, k, D)                      # [N, k, D]
+        ws = weights.to(x.dtype)
+        out = yp[:, 0] * ws[:, :1]
+        for j in range(1, k):
+            out.addcmul_(yp[:, j], ws[:, j:j + 1])
+        ctx.save_for_backward(xs, hg, yp, ws, slot, w13, w2)
+        ctx.cap, ctx.w_dtype, ctx.acc = cap, weights.dtype, acc
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, hg, yp, ws, slot, w13, w2 = ctx.saved_tensors
+        need_x, need_w, _, need_w13, need_w2 = ctx.needs_input_grad[:5]
+        acc, cap = ctx.acc, ctx.cap
+        N, k, D = yp.shape
+        E, Fh = w13.shape[0], w2.shape[1]
+        dx = dweights = dw13 = dw2 = None
+        if need_w:
+            dweights = (yp * dout.unsqueeze(1)).sum(-1).to(ctx.w_dtype)
+        dys = xs.new_zeros(E * cap, D)                                   # d(expert outputs)
+        dys.index_copy_(0, slot, (dout.unsqueeze(1) * ws.unsqueeze(-1)).view(N * k, D))
+        dys = dys.view(E, cap, D)
+        gate, up = hg[..., :Fh], hg[..., Fh:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        if need_w2:
+            a = (silu * up).transpose(1, 2)                              # [E, F, cap]
+            if acc is None:
+                dw2 = torch.bmm(a, dys)
+            else:
+                acc.add_all("w2", a, dys, w2.shape)
+        if need_x or need_w13:
+            da = torch.bmm(dys, w2.transpose(1, 2))                      # [E, cap, F]
+            dhg = torch.empty_like(hg)
+            torch.mul(da, silu, out=dhg[..., Fh:])
+            dhg[..., :Fh] = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
+            if need_w13:
+                a = xs.view(E, cap, D).transpose(1, 2)                   # [E, D, cap]
+                if acc is None:
+                    dw13 = torch.bmm(a, dhg)
+                else:
+                    acc.add_all("w13", a, dhg, w13.shape)
+            if need_x:
+                dxs = torch.bmm(dhg, w13.transpose(1, 2)).view(E * cap, D)
+                dx = dxs.index_select(0, slot).view(N, k, D).sum(1)
+        return dx, dweights, None, dw13, dw2, None, None, None
 
 
 class _LoopGrads:
@@ -501,21 +575,37 @@ class _LoopGrads:
     def __init__(self) -> None:
         self._bufs: dict[str, tuple[torch.Tensor, list[int]]] = {}
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
-            shape: torch.Size) -> None:
-        """Add ``a[s:t].T @ b[s:t]`` to expert e's slice of the ``name`` sum, for each segment."""
+    def _buf(self, name: str, shape: torch.Size, like: torch.Tensor
+             ) -> tuple[torch.Tensor, list[int]]:
         if name not in self._bufs:
             # a kept output (its pages stay mapped from one step to the next: a new buffer of
             # this size faults in page by page) once the previous step's gradient is dropped
-            dw = kept_output("moe_summed_" + name, tuple(shape), a.dtype, a.device)
-            self._bufs[name] = (a.new_empty(shape) if dw is None else dw, [0] * shape[0])
-        dw, written = self._bufs[name]
+            dw = kept_output("moe_summed_" + name, tuple(shape), like.dtype, like.device)
+            self._bufs[name] = (like.new_empty(shape) if dw is None else dw, [0] * shape[0])
+        return self._bufs[name]
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
+            shape: torch.Size) -> None:
+        """Add ``a[s:t].T @ b[s:t]`` to expert e's slice of the ``name`` sum, for each segment."""
+        dw, written = self._buf(name, shape, a)
         for e, s, t in segs:
             if written[e]:
                 dw[e].addmm_(a[s:t].t(), b[s:t])
             else:
                 torch.mm(a[s:t].t(), b[s:t], out=dw[e])
                 written[e] = 1
+
+    def add_all(self, name: str, a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> None:
+        """Add the batched product ``a @ b`` (``[E, R, c] @ [E, c, C]``) to every expert's slice
+        of the ``name`` sum."""
+        dw, written = self._buf(name, shape, a)
+        if not any(written):
+            torch.bmm(a, b, out=dw)
+        else:
+            for lo, hi in _empty_runs(written):
+                dw[lo:hi].zero_()
+            dw.baddbmm_(a, b)
+        written[:] = [1] * len(written)
 
     def take(self, name: str) -> torch.Tensor | None:
         """The ``name`` sum (zeros for experts no use reached), or None when no use added one;
@@ -562,17 +652,25 @@ def summed_expert_grads(stacks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> 
 
 def moe_experts_sorted_autograd(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                                 w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU training (:class:`_SortedExpertsFn`):
-    the pairs sorted by expert once, one product per non-empty expert in forward and backward,
-    the pairs' outputs weighted and added to their tokens with ``index_add`` (each token's slots
-    summed in expert order: the last bits may differ from the reference). One host read (the
+    """:func:`~mythos_kernels.moe.moe_experts_reference` for CPU training, the pairs sorted by
+    expert once: :class:`_SortedExpertsFn`, one product per non-empty expert in forward and
+    backward, the pairs' outputs weighted and added to their tokens with ``index_add`` (each
+    token's slots summed in expert order: the last bits may differ from the reference); or, where
+    :func:`_padded_is_cheaper` finds the routing balanced enough (and the ``moe_padded_train``
+    variant is on), :class:`_PaddedExpertsFn`, bmms over a padded slab. One host read (the
     expert counts). Inside :func:`summed_expert_grads` for this stack, the weight gradients
     are summed over the calls. x [N, D], weights/idx [N, k], w13 [E, D, 2F], w2 [E, F, D] ->
     [N, D]."""
+    acc = None
     entry = (_SUMMED.get() or {}).get(id(w13))
     if entry is not None and entry[0] is w13 and entry[1] is w2:
-        return _SortedExpertsFn.apply(x, weights, idx, entry[2], entry[3], entry[4])
-    return _SortedExpertsFn.apply(x, weights, idx, w13, w2, None)
+        w13, w2, acc = entry[2], entry[3], entry[4]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)                             # pairs sorted by expert
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()       # the one host read
+    form = (_PaddedExpertsFn if cpu_enabled("moe_padded_train")
+            and _padded_is_cheaper(counts, flat.numel()) else _SortedExpertsFn)
+    return form.apply(x, weights, idx, w13, w2, acc, order, counts)
 
 
 def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
@@ -601,6 +699,8 @@ register_cpu("moe_experts", "moe_sorted_autograd", moe_experts_sorted_autograd,
              doc="autograd: the sorted pairs, one product per non-empty expert, own backward")
 register_cpu("moe_experts", "moe_summed_grads",
              doc="training form: expert weight grads summed over the loops (summed_expert_grads)")
+register_cpu("moe_experts", "moe_padded_train",
+             doc="training form: balanced routing as bmms over a padded slab (else sorted)")
 register_cpu("moe_experts", "moe_grouped_mm", moe_experts_grouped, serves=_serves_autograd,
              doc="autograd: the sorted pairs through two F.grouped_mm")
 register_cpu("moe_experts", "moe_pairs", doc="decode pairs two experts per bmm (else per pair)")
