@@ -203,6 +203,21 @@ def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> b
     return E * max(counts) <= pairs + PAD_SEGMENT_ROWS * (E - counts.count(0))
 
 
+def _to_slab(slab: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, order: torch.Tensor,
+             first: torch.Tensor, cap: int) -> torch.Tensor:
+    """Writes each (token, slot) pair's row of x [N, D] into the zeroed slab [E * cap, D] at
+    ``e * cap + rank`` (its expert e, its rank among e's pairs in ``order``, the pairs stably
+    sorted by expert; ``first`` [E]: each expert's first sorted pair); returns those rows
+    (``slot`` [N * k], token-major)."""
+    flat = idx.reshape(-1)
+    e_sorted = flat[order]
+    rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
+    slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)
+    for s in slot.view(idx.shape).unbind(1):
+        slab.index_copy_(0, s, x)
+    return slot
+
+
 def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
                        w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor,
                        order: torch.Tensor, cap: int) -> torch.Tensor:
@@ -213,17 +228,11 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     from its slot and the slots are summed in slot order, as in the reference."""
     N, k = idx.shape
     E, D = w13.shape[0], x.shape[1]
-    flat = idx.reshape(-1)
-    e_sorted = flat[order]
-    first = torch.cumsum(counts, 0) - counts                             # each expert's first pair
-    rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
-    slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
     # kept buffers for the slab and the products (mythos_kernels._scratch: their pages stay
     # mapped between loops); only ``out`` is new. The padding rows' results are never read;
     # zeroing them keeps stale values (NaN, denormals) out of the products
     slab = _buffer("moe_padded_slab", (E * cap, D), x.dtype, x.device).zero_()
-    for s in slot.view(N, k).unbind(1):
-        slab.index_copy_(0, s, x)
+    slot = _to_slab(slab, x, idx, order, torch.cumsum(counts, 0) - counts, cap)
     hg = torch.bmm(slab.view(E, cap, D), w13,
                    out=_buffer("moe_padded_hg", (E, cap, w13.shape[2]), x.dtype, x.device))
     y = torch.bmm(_swiglu_in_place(hg), w2,
@@ -418,10 +427,23 @@ def _wgrad(a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
     return dw
 
 
+def _swiglu_grad(da: torch.Tensor, hg: torch.Tensor, sig: torch.Tensor, silu: torch.Tensor
+                 ) -> torch.Tensor:
+    """d(gate|up) [..., 2F] of ``silu(gate) * up`` from its output gradient ``da`` [..., F], in
+    one pass per half: ``da * silu`` for up, ``da * up * silu'(gate)`` for the gate with
+    ``silu'(g) = s (1 + g (1 - s))`` (``s = sigmoid(gate)``, ``silu`` as computed from it)."""
+    Fh = da.shape[-1]
+    gate, up = hg[..., :Fh], hg[..., Fh:]
+    dhg = torch.empty_like(hg)
+    torch.mul(da, silu, out=dhg[..., Fh:])
+    dhg[..., :Fh] = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
+    return dhg
+
+
 class _SortedExpertsFn(torch.autograd.Function):
     """The routed SwiGLU experts over the pairs sorted by expert, one ``mm`` per non-empty expert
     and product; the sort is made once and reused by backward. Backward: the SwiGLU derivative
-    in one pass (``silu'(g) = s (1 + g (1 - s))``, ``s = sigmoid(g)``), the weight gradients as
+    (:func:`_swiglu_grad`), the weight gradients as
     one product per non-empty expert, no work for empty experts beyond a zero fill.
     Saved: the sorted rows ``xs`` [P, D], the gate|up product ``hg`` [P, 2F] and the expert
     outputs ``ys`` [P, D] (for the routing weights' gradient); the SwiGLU output is recomputed."""
@@ -474,10 +496,7 @@ class _SortedExpertsFn(torch.autograd.Function):
             da = torch.empty_like(silu)                                  # [P, F]
             for e, s, t in segs:
                 torch.mm(dys[s:t], w2[e].t(), out=da[s:t])
-            dhg = torch.empty_like(hg)                                   # [P, 2F]
-            torch.mul(da, silu, out=dhg[:, Fh:])
-            dgate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
-            dhg[:, :Fh] = dgate
+            dhg = _swiglu_grad(da, hg, sig, silu)                        # [P, 2F]
             if need_w13:
                 if acc is None:
                     dw13 = _wgrad(xs, dhg, segs, empty, w13.shape)
@@ -497,7 +516,7 @@ class _PaddedExpertsFn(torch.autograd.Function):
     routing, where the sorted form's per-expert products are all small (a few dozen rows each,
     where MKL runs far below its matmul rate) and a bmm runs the experts one per core. Backward:
     the gradient rows scattered into the same slab (zero in the padding, so the padding adds
-    nothing to the weight gradients), the SwiGLU derivative as in :class:`_SortedExpertsFn`,
+    nothing to the weight gradients), the SwiGLU derivative (:func:`_swiglu_grad`),
     the weight gradients as one bmm each (added into the running sums inside
     :func:`summed_expert_grads`). Each token's slots are summed in slot order, as in the reference.
     Saved: the slab ``xs`` and the gate|up product ``hg`` (``E * cap`` rows), the pairs' expert
@@ -508,14 +527,9 @@ class _PaddedExpertsFn(torch.autograd.Function):
         N, k = idx.shape
         E, D = w13.shape[0], x.shape[1]
         cap = max(counts)
-        flat = idx.reshape(-1)
-        e_sorted = flat[order]
-        first = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
-        rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
-        slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)  # per pair
         xs = x.new_zeros(E * cap, D)
-        for s in slot.view(N, k).unbind(1):
-            xs.index_copy_(0, s, x)
+        first = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
+        slot = _to_slab(xs, x, idx, order, first, cap)                  # each pair's slab row
         hg = torch.bmm(xs.view(E, cap, D), w13)                         # [E, cap, 2F]
         ys = torch.bmm(_swiglu(hg), w2).view(E * cap, D)
         yp = ys.index_select(0, slot).view(N, k, D)                      # [N, k, D]
@@ -551,9 +565,7 @@ class _PaddedExpertsFn(torch.autograd.Function):
                 acc.add_all("w2", a, dys, w2.shape)
         if need_x or need_w13:
             da = torch.bmm(dys, w2.transpose(1, 2))                      # [E, cap, F]
-            dhg = torch.empty_like(hg)
-            torch.mul(da, silu, out=dhg[..., Fh:])
-            dhg[..., :Fh] = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(da)
+            dhg = _swiglu_grad(da, hg, sig, silu)                        # [E, cap, 2F]
             if need_w13:
                 a = xs.view(E, cap, D).transpose(1, 2)                   # [E, D, cap]
                 if acc is None:
