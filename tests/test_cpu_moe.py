@@ -227,22 +227,27 @@ def test_moe_autograd_balanced_routing_takes_the_padded_form(monkeypatch, N, k, 
     assert (len(padded), len(sorted_)) == (1 + pad, 2 - pad)
 
 
+@pytest.mark.parametrize("form", ["sorted", "padded"])
 @pytest.mark.parametrize("need", ["x", "weights", "w13", "w2"])
-def test_moe_padded_autograd_single_gradients(monkeypatch, need):
-    """The padded form: each input alone needing a gradient gets the reference's; an expert no
-    pair reaches gets zero weight gradients (its slab rows are padding only)."""
+def test_moe_training_forms_single_gradients(monkeypatch, need, form):
+    """Both training forms (the sorted segments; the padded slab, balanced routing): each input
+    alone needing a gradient gets the reference's (the others' products skipped); an expert no
+    pair reaches gets zero weight gradients (in the slab: padding rows only)."""
     from conftest import assert_close
 
     N, k, E, D, Fh = 29, 2, 9, 20, 7
     x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
     weights = torch.softmax(torch.randn(N, k), -1)
     idx = _balanced(N, k, E - 1)                 # expert E-1 gets no pair
-    calls = spy(monkeypatch, M._PaddedExpertsFn, "apply")
+    calls = spy(monkeypatch, M._PaddedExpertsFn if form == "padded" else M._SortedExpertsFn,
+                "apply")
     ins = dict(x=x, weights=weights, w13=w13, w2=w2)
     dy = _rand(N, D)
     leaf = ins[need].clone().requires_grad_()
     args = {**ins, need: leaf}
-    out = M.moe_experts_sorted_autograd(args["x"], args["weights"], idx, args["w13"], args["w2"])
+    with K.cpu_variant("moe_padded_train", form == "padded"):
+        out = M.moe_experts_sorted_autograd(args["x"], args["weights"], idx, args["w13"],
+                                            args["w2"])
     (g,) = torch.autograd.grad(out, leaf, dy)
     assert calls == ["apply"]
     ref_leaf = ins[need].clone().requires_grad_()
@@ -301,31 +306,6 @@ def test_moe_summed_grads_over_padded_and_sorted_calls(monkeypatch):
     for r, g in zip(ref_grads, grads):
         assert_close("grad", r, g, torch.float32)
     assert not grads[0][E - 1].any() and not grads[1][E - 1].any()
-
-
-@pytest.mark.parametrize("need", ["x", "weights", "w13", "w2"])
-def test_moe_sorted_autograd_single_gradients(need):
-    """Each input alone needing a gradient gets the reference's (the others' products skipped);
-    an expert no pair reaches gets zero weight gradients."""
-    from conftest import assert_close
-
-    N, k, E, D, Fh = 29, 2, 9, 20, 7
-    x, w13, w2 = _rand(N, D), _rand(E, D, 2 * Fh), _rand(E, Fh, D)
-    weights, idx = _route(N, E, k)
-    idx[idx == E - 1] = 0                       # expert E-1 gets no pair
-    ins = dict(x=x, weights=weights, w13=w13, w2=w2)
-    dy = _rand(N, D)
-    leaf = ins[need].clone().requires_grad_()
-    args = {**ins, need: leaf}
-    out = M.moe_experts_sorted_autograd(args["x"], args["weights"], idx, args["w13"], args["w2"])
-    (g,) = torch.autograd.grad(out, leaf, dy)
-    ref_leaf = ins[need].clone().requires_grad_()
-    rargs = {**ins, need: ref_leaf}
-    ref = K.moe_experts_reference(rargs["x"], rargs["weights"], idx, rargs["w13"], rargs["w2"])
-    (rg,) = torch.autograd.grad(ref, ref_leaf, dy)
-    assert_close("d" + need, rg, g, torch.float32)
-    if need in ("w13", "w2"):
-        assert torch.equal(g[E - 1], torch.zeros_like(g[E - 1]))
 
 
 def test_moe_sorted_autograd_nan_stays_in_its_expert():
