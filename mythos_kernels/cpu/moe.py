@@ -203,19 +203,22 @@ def _padded_is_cheaper(counts: list[int], pairs: int, paired: bool = False) -> b
     return E * max(counts) <= pairs + PAD_SEGMENT_ROWS * (E - counts.count(0))
 
 
-def _to_slab(slab: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, order: torch.Tensor,
-             first: torch.Tensor, cap: int) -> torch.Tensor:
-    """Writes each (token, slot) pair's row of x [N, D] into the zeroed slab [E * cap, D] at
-    ``e * cap + rank`` (its expert e, its rank among e's pairs in ``order``, the pairs stably
-    sorted by expert; ``first`` [E]: each expert's first sorted pair); returns those rows
-    (``slot`` [N * k], token-major)."""
+def _slab_rows(idx: torch.Tensor, order: torch.Tensor, first: torch.Tensor, cap: int
+               ) -> torch.Tensor:
+    """Each (token, slot) pair's row in a padded ``[E * cap]`` slab: ``e * cap + rank`` (its
+    expert e, its rank among e's pairs in ``order``, the pairs stably sorted by expert;
+    ``first`` [E]: each expert's first sorted pair) -> [N, k]."""
     flat = idx.reshape(-1)
     e_sorted = flat[order]
-    rank = torch.arange(flat.numel(), device=x.device) - first[e_sorted]
-    slot = torch.empty_like(order).index_put_((order,), e_sorted * cap + rank)
-    for s in slot.view(idx.shape).unbind(1):
-        slab.index_copy_(0, s, x)
-    return slot
+    rank = torch.arange(flat.numel(), device=idx.device) - first[e_sorted]
+    return torch.empty_like(order).index_put_((order,), e_sorted * cap + rank).view(idx.shape)
+
+
+def _fill_slab(slab: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Writes x [N, D]'s row n at each of its slab rows ``rows[n]`` [N, k] of the zeroed slab."""
+    for r in rows.unbind(1):
+        slab.index_copy_(0, r, x)
+    return slab
 
 
 def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
@@ -232,7 +235,9 @@ def moe_experts_padded(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor
     # mapped between loops); only ``out`` is new. The padding rows' results are never read;
     # zeroing them keeps stale values (NaN, denormals) out of the products
     slab = _buffer("moe_padded_slab", (E * cap, D), x.dtype, x.device).zero_()
-    slot = _to_slab(slab, x, idx, order, torch.cumsum(counts, 0) - counts, cap)
+    rows = _slab_rows(idx, order, torch.cumsum(counts, 0) - counts, cap)
+    _fill_slab(slab, x, rows)
+    slot = rows.view(-1)
     hg = torch.bmm(slab.view(E, cap, D), w13,
                    out=_buffer("moe_padded_hg", (E, cap, w13.shape[2]), x.dtype, x.device))
     y = torch.bmm(_swiglu_in_place(hg), w2,
@@ -519,39 +524,41 @@ class _PaddedExpertsFn(torch.autograd.Function):
     nothing to the weight gradients), the SwiGLU derivative (:func:`_swiglu_grad`),
     the weight gradients as one bmm each (added into the running sums inside
     :func:`summed_expert_grads`). Each token's slots are summed in slot order, as in the reference.
-    Saved: the slab ``xs`` and the gate|up product ``hg`` (``E * cap`` rows), the pairs' expert
-    outputs [N, k, D] (for the routing weights' gradient)."""
+    Saved: x itself (the slab, k copies of each row and the padding, is rebuilt for the w13
+    gradient), the gate|up product ``hg`` (``E * cap`` rows) and the pairs' expert outputs
+    [N, k, D] (for the routing weights' gradient)."""
 
     @staticmethod
     def forward(ctx, x, weights, idx, w13, w2, acc, order, counts):
         N, k = idx.shape
         E, D = w13.shape[0], x.shape[1]
         cap = max(counts)
-        xs = x.new_zeros(E * cap, D)
         first = torch.tensor([0, *itertools.accumulate(counts[:-1])], device=x.device)
-        slot = _to_slab(xs, x, idx, order, first, cap)                  # each pair's slab row
+        rows = _slab_rows(idx, order, first, cap)                        # [N, k]
+        xs = _fill_slab(x.new_zeros(E * cap, D), x, rows)
         hg = torch.bmm(xs.view(E, cap, D), w13)                         # [E, cap, 2F]
         ys = torch.bmm(_swiglu(hg), w2).view(E * cap, D)
-        yp = ys.index_select(0, slot).view(N, k, D)                      # [N, k, D]
+        yp = ys.index_select(0, rows.view(-1)).view(N, k, D)             # [N, k, D]
         ws = weights.to(x.dtype)
         out = yp[:, 0] * ws[:, :1]
         for j in range(1, k):
             out.addcmul_(yp[:, j], ws[:, j:j + 1])
-        ctx.save_for_backward(xs, hg, yp, ws, slot, w13, w2)
+        ctx.save_for_backward(x, hg, yp, ws, rows, w13, w2)
         ctx.cap, ctx.w_dtype, ctx.acc = cap, weights.dtype, acc
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        xs, hg, yp, ws, slot, w13, w2 = ctx.saved_tensors
+        x, hg, yp, ws, rows, w13, w2 = ctx.saved_tensors
         need_x, need_w, _, need_w13, need_w2 = ctx.needs_input_grad[:5]
         acc, cap = ctx.acc, ctx.cap
         N, k, D = yp.shape
         E, Fh = w13.shape[0], w2.shape[1]
+        slot = rows.view(-1)
         dx = dweights = dw13 = dw2 = None
         if need_w:
             dweights = (yp * dout.unsqueeze(1)).sum(-1).to(ctx.w_dtype)
-        dys = xs.new_zeros(E * cap, D)                                   # d(expert outputs)
+        dys = dout.new_zeros(E * cap, D)                                 # d(expert outputs)
         dys.index_copy_(0, slot, (dout.unsqueeze(1) * ws.unsqueeze(-1)).view(N * k, D))
         dys = dys.view(E, cap, D)
         gate, up = hg[..., :Fh], hg[..., Fh:]
@@ -567,6 +574,7 @@ class _PaddedExpertsFn(torch.autograd.Function):
             da = torch.bmm(dys, w2.transpose(1, 2))                      # [E, cap, F]
             dhg = _swiglu_grad(da, hg, sig, silu)                        # [E, cap, 2F]
             if need_w13:
+                xs = _fill_slab(x.new_zeros(E * cap, D), x, rows)
                 a = xs.view(E, cap, D).transpose(1, 2)                   # [E, D, cap]
                 if acc is None:
                     dw13 = torch.bmm(a, dhg)
