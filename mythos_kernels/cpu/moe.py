@@ -420,18 +420,6 @@ def _empty_runs(counts: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _wgrad(a: torch.Tensor, b: torch.Tensor, segs: list[tuple[int, int, int]],
-           empty: list[tuple[int, int]], shape: torch.Size) -> torch.Tensor:
-    """The stacked weight gradient ``[E, R, C]``: ``a[s:t].T @ b[s:t]`` per non-empty expert,
-    zeros (one fill per run of experts, ``empty``) for the experts no row reached."""
-    dw = a.new_empty(shape)
-    for e, s, t in segs:
-        torch.mm(a[s:t].t(), b[s:t], out=dw[e])
-    for lo, hi in empty:
-        dw[lo:hi].zero_()
-    return dw
-
-
 def _swiglu_grad(da: torch.Tensor, hg: torch.Tensor, sig: torch.Tensor, silu: torch.Tensor
                  ) -> torch.Tensor:
     """d(gate|up) [..., 2F] of ``silu(gate) * up`` from its output gradient ``da`` [..., F], in
@@ -471,14 +459,14 @@ class _SortedExpertsFn(torch.autograd.Function):
         ws = weights.reshape(-1).index_select(0, order).to(x.dtype)     # [P]
         out = torch.zeros_like(x).index_add_(0, tok, ys * ws.unsqueeze(1))
         ctx.save_for_backward(xs, hg, ys, ws, tok, order, w13, w2)
-        ctx.segs, ctx.empty = segs, _empty_runs(counts)
+        ctx.segs = segs
         ctx.shape, ctx.w_dtype, ctx.acc = (N, k), weights.dtype, acc
         return out
 
     @staticmethod
     def backward(ctx, dout):
         xs, hg, ys, ws, tok, order, w13, w2 = ctx.saved_tensors
-        segs, empty = ctx.segs, ctx.empty
+        segs = ctx.segs
         need_x, need_w, _, need_w13, need_w2 = ctx.needs_input_grad[:5]
         acc = ctx.acc
         Fh = w2.shape[1]
@@ -492,26 +480,23 @@ class _SortedExpertsFn(torch.autograd.Function):
         gate, up = hg[:, :Fh], hg[:, Fh:]
         sig = torch.sigmoid(gate)
         silu = gate * sig
+        grads = acc if acc is not None else _LoopGrads(kept=False)
         if need_w2:
-            if acc is None:
-                dw2 = _wgrad(silu * up, dys, segs, empty, w2.shape)
-            else:
-                acc.add("w2", silu * up, dys, segs, w2.shape)
+            grads.add("w2", silu * up, dys, segs, w2.shape)
         if need_x or need_w13:
             da = torch.empty_like(silu)                                  # [P, F]
             for e, s, t in segs:
                 torch.mm(dys[s:t], w2[e].t(), out=da[s:t])
             dhg = _swiglu_grad(da, hg, sig, silu)                        # [P, 2F]
             if need_w13:
-                if acc is None:
-                    dw13 = _wgrad(xs, dhg, segs, empty, w13.shape)
-                else:
-                    acc.add("w13", xs, dhg, segs, w13.shape)
+                grads.add("w13", xs, dhg, segs, w13.shape)
             if need_x:
                 dxs = torch.empty_like(xs)
                 for e, s, t in segs:
                     torch.mm(dhg[s:t], w13[e].t(), out=dxs[s:t])
                 dx = torch.zeros_like(dout).index_add_(0, tok, dxs)
+        if acc is None:                       # this call's own gradients, else summed elsewhere
+            dw13, dw2 = grads.take("w13"), grads.take("w2")
         return dx, dweights, None, dw13, dw2, None, None, None
 
 
@@ -564,25 +549,20 @@ class _PaddedExpertsFn(torch.autograd.Function):
         gate, up = hg[..., :Fh], hg[..., Fh:]
         sig = torch.sigmoid(gate)
         silu = gate * sig
+        grads = acc if acc is not None else _LoopGrads(kept=False)
         if need_w2:
-            a = (silu * up).transpose(1, 2)                              # [E, F, cap]
-            if acc is None:
-                dw2 = torch.bmm(a, dys)
-            else:
-                acc.add_all("w2", a, dys, w2.shape)
+            grads.add_all("w2", (silu * up).transpose(1, 2), dys, w2.shape)   # [E, F, cap] @
         if need_x or need_w13:
             da = torch.bmm(dys, w2.transpose(1, 2))                      # [E, cap, F]
             dhg = _swiglu_grad(da, hg, sig, silu)                        # [E, cap, 2F]
             if need_w13:
                 xs = _fill_slab(x.new_zeros(E * cap, D), x, rows)
-                a = xs.view(E, cap, D).transpose(1, 2)                   # [E, D, cap]
-                if acc is None:
-                    dw13 = torch.bmm(a, dhg)
-                else:
-                    acc.add_all("w13", a, dhg, w13.shape)
+                grads.add_all("w13", xs.view(E, cap, D).transpose(1, 2), dhg, w13.shape)
             if need_x:
                 dxs = torch.bmm(dhg, w13.transpose(1, 2)).view(E * cap, D)
                 dx = dxs.index_select(0, slot).view(N, k, D).sum(1)
+        if acc is None:                       # this call's own gradients, else summed elsewhere
+            dw13, dw2 = grads.take("w13"), grads.take("w2")
         return dx, dweights, None, dw13, dw2, None, None, None
 
 
@@ -590,17 +570,22 @@ class _LoopGrads:
     """The weight gradients of one expert stack summed over every use of it (the loops of a
     recurrent block): each use's backward adds its experts' products into one ``[E, R, C]``
     buffer per weight (an expert's first product written, later ones added: no per-use zero
-    fill and no per-use sum of full stacks); the stack's aliases (``attach_sum``) take the sums."""
+    fill and no per-use sum of full stacks); the stack's aliases (``attach_sum``) take the sums.
+    A call outside :func:`summed_expert_grads` builds its own gradients in one
+    (``kept=False``: fresh buffers, as the caller keeps them) and takes them at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: bool = True) -> None:
         self._bufs: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self._kept = kept
 
     def _buf(self, name: str, shape: torch.Size, like: torch.Tensor
              ) -> tuple[torch.Tensor, list[int]]:
         if name not in self._bufs:
-            # a kept output (its pages stay mapped from one step to the next: a new buffer of
-            # this size faults in page by page) once the previous step's gradient is dropped
-            dw = kept_output("moe_summed_" + name, tuple(shape), like.dtype, like.device)
+            # with ``kept``, a kept output (its pages stay mapped from one step to the next: a
+            # new buffer of this size faults in page by page) once the previous step's gradient
+            # is dropped
+            dw = (kept_output("moe_summed_" + name, tuple(shape), like.dtype, like.device)
+                  if self._kept else None)
             self._bufs[name] = (like.new_empty(shape) if dw is None else dw, [0] * shape[0])
         return self._bufs[name]
 
