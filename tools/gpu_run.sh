@@ -107,7 +107,7 @@ part() {
       # -rfE: failure summaries in the log even when the part is cut by its timeout later;
       # --durations: where the time goes;
       # noshrink: a failing hypothesis example is reported at once, not shrunk for minutes
-      HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-noshrink}" \
+      export HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-noshrink}"
       # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
       run tests "$PY" -m pytest tests -q -p no:cacheprovider ${extra[@]+"${extra[@]}"} ${PYTEST_ARGS:-} \
         -rfE --durations=25 --junitxml="$RES/junit.xml" -o junit_family=xunit2
