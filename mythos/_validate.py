@@ -56,6 +56,12 @@ def check_int(name: str, v: Any, lo: Optional[int] = None, hi: Optional[int] = N
     return out
 
 
+def check_loops(name: str, v: Any) -> Optional[int]:
+    """A loop count (``n_loops``): a positive int, or None / 0 for the config's
+    ``max_loop_iters`` (open-mythos reads ``n_loops or cfg.max_loop_iters``)."""
+    return check_int(name, v, lo=0, none_ok=True) or None
+
+
 def check_float(name: str, v: Any, lo: Optional[float] = None, hi: Optional[float] = None,
                 lo_open: bool = False, hi_open: bool = False, inf_ok: bool = False) -> float:
     """``v`` as a Python float in the range (open ends with ``lo_open`` / ``hi_open``); NaN is

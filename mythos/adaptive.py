@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import early_exit, speculative
-from ._validate import check_bool, check_float, check_int
+from ._validate import check_bool, check_float, check_int, check_loops
 from .cache import MythosCache
 from .generate import capture_step, step_modes
 from .sampling import check_min_p, check_top_p, sample_filtered
@@ -30,7 +30,7 @@ def check_args(model, input_ids, max_new_tokens, n_loops, temperature, top_k, to
              temperature=check_float("temperature", temperature, lo=0, inf_ok=True),
              top_k=check_int("top_k", top_k, none_ok=True) or 0,
              top_p=check_top_p(top_p), min_p=check_min_p(min_p),
-             n_loops=check_int("n_loops", n_loops, lo=1, none_ok=True),
+             n_loops=check_loops("n_loops", n_loops),
              draft_loops=check_int("draft_loops", draft_loops, lo=1, none_ok=True),
              draft_tokens=check_int("draft_tokens", draft_tokens, lo=1))
     crit, thr, fill = early_exit.check_exit_args(exit_criterion, exit_threshold, exit_fill,

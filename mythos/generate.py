@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import mythos_kernels as K
 
-from ._validate import check_bool, check_float, check_int
+from ._validate import check_bool, check_float, check_int, check_loops
 from .cache import MythosCache
 from .decode import decode_plan
 from .sampling import check_finite_rows, multinomial_one, top_k_filter
@@ -34,7 +34,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 64
     temperature = check_float("temperature", temperature, lo=0, inf_ok=True)
     top_k = check_int("top_k", top_k, none_ok=True)       # <= 0 or None: no top-k filter
     top_k = 0 if top_k is None else top_k
-    n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
+    n_loops = check_loops("n_loops", n_loops)
     cuda_graph = check_bool("cuda_graph", cuda_graph, none_ok=True)
     static = check_bool("static", static, none_ok=True)
     compiled = check_bool("compiled", compiled)

@@ -24,7 +24,7 @@ import mythos_kernels as K
 from mythos_kernels._dispatch import _compiling, _transformed
 
 from . import decode
-from ._validate import ArgumentTypeError, check_int, device_memory_bytes
+from ._validate import ArgumentTypeError, check_int, check_loops, device_memory_bytes
 from .adaptive import generate as adaptive_generate
 from .cache import CacheWrite, LayerCache, cache_length, check_cache
 from .checkpoint import rope_load_hook
@@ -168,7 +168,7 @@ class OpenMythos(nn.Module):
         B, T = input_ids.shape
         if B < 1 or T < 1:
             raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
-        check_int("n_loops", n_loops, lo=1, none_ok=True)
+        check_loops("n_loops", n_loops)
         check_int("start_pos", start_pos, lo=0)
         if start_pos + T > cfg.max_seq_len:
             raise ValueError(f"start_pos + seq_len = {start_pos} + {T} exceeds max_seq_len "
@@ -200,7 +200,7 @@ class OpenMythos(nn.Module):
                 With a cache it must equal the positions the cache holds; omitted (None), it
                 is taken from the cache (0 without one).
         """
-        n_loops = check_int("n_loops", n_loops, lo=1, none_ok=True)
+        n_loops = check_loops("n_loops", n_loops)
         start_pos = check_int("start_pos", start_pos, lo=0, none_ok=True)
         if start_pos is None:
             start_pos = cache_length(kv_cache) if isinstance(kv_cache, dict) else 0

@@ -66,7 +66,6 @@ def _snapshot(cache):
     (torch.zeros(2, 0, dtype=torch.long), {}, "non-empty"),
     (torch.full((2, 5), 97), {}, "vocab_size"),
     (torch.full((2, 5), -1), {}, "vocab_size"),
-    (torch.zeros(2, 5, dtype=torch.long), dict(n_loops=0), "n_loops"),
     (torch.zeros(2, 5, dtype=torch.long), dict(n_loops=-2), "n_loops"),
     (torch.zeros(2, 5, dtype=torch.long), dict(n_loops=2.0), "n_loops"),
     (torch.zeros(2, 5, dtype=torch.long), dict(start_pos=60), "max_seq_len"),
@@ -220,7 +219,7 @@ def test_ids_of_other_dtypes_are_a_type_error(model, dtype):
 def _call_cases():
     """(call, argument, wrong-type value, out-of-range value) for forward's and generate's
     arguments."""
-    return [("forward", "n_loops", 2.0, 0), ("forward", "start_pos", 1.5, -1),
+    return [("forward", "n_loops", 2.0, -1), ("forward", "start_pos", 1.5, -1),
             ("generate", "max_new_tokens", 2.5, -1), ("generate", "n_loops", "2", -3),
             ("generate", "temperature", "1", -0.5), ("generate", "temperature", None, math.nan),
             ("generate", "top_k", 2.5, None), ("generate", "cuda_graph", 1, None),
@@ -236,6 +235,24 @@ def test_every_call_argument_checked(model, call, arg, wrong_type, out_of_range)
     if out_of_range is not None:
         with pytest.raises(ValueError, match=arg):
             fn(ids, **{arg: out_of_range})
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_zero_loops_means_the_configs_depth_as_open_mythos(om, attn):
+    """open-mythos reads ``n_loops or cfg.max_loop_iters``: 0 runs the config's depth."""
+    from conftest import assert_close, make_pair
+
+    a, b = make_pair(om, **tiny_kwargs(attn))
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        ref = b(ids)
+        assert_close("logits", a(ids, n_loops=0), b(ids, n_loops=0), 1e-4)
+        torch.testing.assert_close(b(ids, n_loops=0), ref, rtol=0, atol=0)
+        torch.testing.assert_close(b(ids, n_loops=np.int64(0)), ref, rtol=0, atol=0)
+    assert torch.equal(b.generate(ids, 3, n_loops=0, top_k=1),
+                       b.generate(ids, 3, n_loops=b.cfg.max_loop_iters, top_k=1))
+    assert torch.equal(b.generate(ids, 3, n_loops=0, top_k=1, top_p=0.9, temperature=0),
+                       b.generate(ids, 3, n_loops=None, top_k=1, top_p=0.9, temperature=0))
 
 
 def test_generate_takes_numpy_integers_like_n_loops(model):
