@@ -474,6 +474,31 @@ def test_lm_loss_rejects_a_non_bool_flag():
         lm_loss(model, torch.randn(1, 3, 32), torch.zeros(1, 3, dtype=torch.long), fused=1)
 
 
+@pytest.mark.parametrize("bad,msg", [
+    (torch.zeros(2, 5, dtype=torch.long), r"leading shape \(2, 6\)"),   # shifted targets
+    (torch.zeros(12, dtype=torch.long), "leading shape"),
+    (torch.zeros(2, 7, dtype=torch.long), "leading shape"),
+    (torch.zeros(2, 6), "int64 or int32"),
+    ([[0] * 6] * 2, "int64 or int32"),
+])
+def test_lm_loss_and_accuracy_reject_targets_not_matching_h(bad, msg):
+    """Targets that do not line up with h (the usual shift-by-one slip) are an error naming
+    them, not a loss over mispaired rows; accuracy takes the ForwardOut as lm_loss does."""
+    from mythos.train import answer_accuracy
+
+    torch.manual_seed(2)
+    model = OpenMythos(micro_cfg())
+    ids = torch.randint(0, 40, (2, 6))
+    out = train_forward(model, ids, 2)
+    for call in (lambda t: lm_loss(model, out, t), lambda t: lm_loss(model, out.h, t, fused=False),
+                 lambda t: answer_accuracy(model, out, t)):
+        with pytest.raises(ValueError, match=msg):
+            call(bad)
+    t = torch.randint(0, 40, (2, 6))
+    assert answer_accuracy(model, out, t) == answer_accuracy(model, out.h, t)
+    assert answer_accuracy(model, out, t)[1] == 12
+
+
 # -- the Triton path (interpreter on CPU) --------------------------------------------------------
 
 @needs_kernels

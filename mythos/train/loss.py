@@ -18,9 +18,23 @@ def _head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="mean")
 
 
-def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of h [B, T, D] and targets [B, T] that carry a target (others take no head work)."""
-    flat_t = targets.reshape(-1)
+def _selected(h: torch.Tensor | ForwardOut, targets: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of h [B, T, D] (or a ForwardOut's ``.h``) and targets [B, T] that carry a target
+    (others take no head work); a ValueError when targets is not an integer tensor of h's
+    leading shape (e.g. targets shifted by one against h)."""
+    if isinstance(h, ForwardOut):
+        h = h.h
+    if not isinstance(h, torch.Tensor) or h.dim() < 2:
+        raise ValueError(f"h must be the hidden states [..., D] (a tensor or train_forward's "
+                         f"ForwardOut), got {type(h).__name__}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        what = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be an int64 or int32 tensor of token ids, got {what}")
+    if targets.shape != h.shape[:-1]:
+        raise ValueError(f"targets must have h's leading shape {tuple(h.shape[:-1])} (one "
+                         f"target per position, -100 for none), got {tuple(targets.shape)}")
+    flat_t = targets.reshape(-1).long()
     keep = (flat_t != IGNORE).nonzero().squeeze(-1)
     return h.reshape(-1, h.shape[-1]).index_select(0, keep), flat_t.index_select(0, keep)
 
@@ -38,10 +52,8 @@ def lm_loss(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: torch.Tens
     if not isinstance(fused, bool):
         raise TypeError(f"fused must be a bool, got {type(fused).__name__}")
     weight, sink = model.head.weight, None
-    if isinstance(h, ForwardOut):
-        if h.head_weight is not None:
-            weight, sink = h.head_weight, h.grad_sink
-        h = h.h
+    if isinstance(h, ForwardOut) and h.head_weight is not None:
+        weight, sink = h.head_weight, h.grad_sink
     hs, ts = _selected(h, targets)
     hs = model.norm(hs)                                                      # [N, D]
     if not fused:
@@ -50,8 +62,10 @@ def lm_loss(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: torch.Tens
 
 
 @torch.no_grad()
-def answer_accuracy(model: OpenMythos, h: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) argmax predictions over the positions with a target."""
+def answer_accuracy(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: torch.Tensor
+                    ) -> tuple[int, int]:
+    """(correct, total) argmax predictions over the positions with a target; h as for
+    :func:`lm_loss`."""
     hs, ts = _selected(h, targets)
     pred = F.linear(model.norm(hs), model.head.weight).argmax(-1)
     return int((pred == ts).sum()), int(ts.numel())
