@@ -143,6 +143,39 @@ def test_convert_checkpoint_tool(om, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()
 
 
+@pytest.mark.usefixtures("on_cpu")
+def test_convert_checkpoint_tool_writes_safetensors(om, tmp_path, capsys):
+    """A .safetensors OUT from a real checkpoint (the tied embedding and head share storage,
+    which safetensors refuses unless untied): both layouts, a wrapped IN (its other entries named
+    as not written), and the files load strictly with the same logits."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "tools"))
+    from convert_checkpoint import main
+
+    kw = tiny_kwargs("gqa")
+    a, b = make_pair(om, **kw)
+    ids = torch.randint(0, kw["vocab_size"], (2, 5))
+    src, wrapped = str(tmp_path / "om.pt"), str(tmp_path / "wrapped.pt")
+    torch.save(a.state_dict(), src)
+    torch.save({"model": a.state_dict(), "step": 3}, wrapped)
+    to_m, to_om = str(tmp_path / "m.safetensors"), str(tmp_path / "om.safetensors")
+    assert main([src, to_m]) == 0
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw)).eval()
+    m.load_state_dict(load_file(to_m), strict=True)
+    assert main([to_m, to_om]) == 0
+    o = om.OpenMythos(om.MythosConfig(**kw)).eval()
+    o.load_state_dict(load_file(to_om), strict=True)
+    with torch.no_grad():
+        assert torch.equal(m(ids), b(ids)) and torch.equal(o(ids), a(ids))
+    capsys.readouterr()
+    assert main([wrapped, str(tmp_path / "w.safetensors")]) == 0
+    assert "not the other entries of IN (step)" in capsys.readouterr().out
+    assert load_file(str(tmp_path / "w.safetensors")).keys() == load_file(to_m).keys()
+
+
 def _convert(*args: str, cwd):
     """Run tools/convert_checkpoint.py as a script in ``cwd``; the CompletedProcess."""
     import subprocess

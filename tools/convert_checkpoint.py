@@ -80,6 +80,15 @@ def convert(obj, to: str | None = None):
     return {**obj, key: new}, src, dst
 
 
+def _safetensors_bytes(obj) -> bytes:
+    """The state_dict of ``obj`` as safetensors bytes: each tensor its own contiguous copy
+    (safetensors refuses shared storage, and a checkpoint's tied embedding and head share it)."""
+    from safetensors.torch import save
+
+    sd, _ = _state_dict_of(obj)
+    return save({k: v.detach().to("cpu").clone().contiguous() for k, v in sd.items()})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,8 +127,7 @@ def main(argv=None) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             if args.dst.endswith(".safetensors"):
-                from safetensors.torch import save
-                f.write(save({k: v.contiguous() for k, v in new.items()}))
+                f.write(_safetensors_bytes(new))
             else:
                 torch.save(new, f)
         os.replace(tmp, args.dst)
@@ -128,6 +136,11 @@ def main(argv=None) -> int:
         raise
     same = " (already in that layout: copied)" if src == dst else ""
     print(f"{args.src} ({src} layout) -> {args.dst} ({dst} layout){same}")
+    dropped = sorted(map(str, set(new) - {_state_dict_of(new)[1]})) \
+        if args.dst.endswith(".safetensors") and _state_dict_of(new)[1] else []
+    if dropped:
+        print(f"note: a .safetensors file holds tensors only: the state_dict was written, not the "
+              f"other entries of IN ({', '.join(dropped)})")
     return 0
 
 
