@@ -33,6 +33,11 @@ def moe_load_hook(module, state_dict, prefix, local_metadata, strict, missing_ke
     keys = [k for k in state_dict if k.startswith(prefix + "routed_experts.")]
     if not keys:
         return
+    both = [k for k in (prefix + "w13", prefix + "w2") if k in state_dict]
+    if both:
+        error_msgs.append(f"the state_dict holds {prefix!r}'s routed experts in both layouts "
+                          f"(per-expert routed_experts.* and stacked {', '.join(both)}): keep one")
+        return
     E = module.n_experts
     found = {int(m.group(2)) for k in keys if (m := EXPERT_KEY_RE.match(k[len(prefix):]))}
     if found and max(found) + 1 != E:

@@ -46,6 +46,17 @@ def test_mythos_layout_round_trip_and_converter(om):
     assert b.recurrent.block.ffn.w2.shape == (7, 12, 60)
 
 
+def test_both_expert_layouts_in_one_state_dict_is_an_error(om):
+    """Per-expert and stacked keys for the same experts: which would win is ambiguous, so the
+    load is an error (strict or not) naming the module, as torch reports a load's errors."""
+    kw = tiny_kwargs("mla")
+    m = mythos.OpenMythos(mythos.MythosConfig(**kw))
+    sd = {**m.state_dict(), **mythos.to_open_mythos_state_dict(m)}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="recurrent.block.ffn.*both layouts"):
+            m.load_state_dict(sd, strict=strict)
+
+
 def test_missing_expert_reports_error(om):
     kw = tiny_kwargs("mla")
     a, _ = make_pair(om, **kw)
