@@ -21,6 +21,7 @@ position ``S - T + t`` and sees keys ``0 .. S - T + t`` (causal, aligned to the 
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
@@ -172,8 +173,11 @@ if triton is not None:
                 S = tl.load(LENS + pid_b).to(tl.int32)
             else:
                 S = tl.load(LENS).to(tl.int32)
+            # seq_len is then the capacity: a device length past it reads no key beyond it
+            S_keys = tl.minimum(S, seq_len)
         else:
             S = seq_len
+            S_keys = S
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
@@ -182,8 +186,8 @@ if triton is not None:
         m_ok = offs_m < M
         r_ok = offs_r < R
         d_ok = offs_d < DR
-        # number of keys row m sees: S - T + t + 1 with t = m // H
-        kv_lim = S - T + offs_m // H + 1
+        # number of keys row m sees: S - T + t + 1 with t = m // H (none past the keys there are)
+        kv_lim = tl.minimum(S - T + offs_m // H + 1, S_keys)
 
         q = tl.load(Q + pid_b * stride_qb + offs_m[:, None] * stride_qm + offs_r[None, :],
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)                  # [BM, BR]
@@ -191,9 +195,9 @@ if triton is not None:
                      mask=m_ok[:, None] & d_ok[None, :], other=0.0)                 # [BM, BD]
 
         # this split's key range, a whole number of tiles
-        chunk = tl.cdiv(tl.cdiv(S, num_splits), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(S_keys, num_splits), BLOCK_N) * BLOCK_N
         start = pid_s * chunk
-        end = tl.minimum(start + chunk, S)
+        end = tl.minimum(start + chunk, S_keys)
 
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -343,7 +347,13 @@ def _check(q_lat, q_rope, c_kv, k_rope, seq_len):
         if seq_len.dtype.is_floating_point or seq_len.dtype == torch.bool:
             raise ValueError(f"seq_len tensor must be an integer tensor, got {seq_len.dtype}")
     else:
-        S = int(seq_len)
+        try:
+            if isinstance(seq_len, bool):
+                raise TypeError
+            S = operator.index(seq_len)
+        except TypeError:
+            raise ValueError(f"seq_len must be an int or an integer tensor, got "
+                             f"{type(seq_len).__name__} {seq_len!r}") from None
         if not T <= S <= c_kv.shape[1]:
             raise ValueError(f"seq_len must satisfy T={T} <= seq_len <= capacity "
                              f"{c_kv.shape[1]}, got {S}")
@@ -451,7 +461,9 @@ def mla_decode_attention(q_lat: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.
         k_rope:  [B, Smax, dr] shared rotary key cache (RoPE applied).
         seq_len: valid length S (int, or int32 tensor 0-d / [B] on the cache's device, so a CUDA
                  graph can replay with new lengths; then pass a fixed ``num_splits`` too).
-                 Query token t of T sees keys 0 .. S - T + t. Keys >= S are never read.
+                 Query token t of T sees keys 0 .. S - T + t. Keys >= S are never read, nor
+                 any past the capacity (a tensor length is not checked on the host: one past
+                 the capacity attends to every key there is).
         scale:   softmax scale (open-mythos: ``(nope_dim + rope_dim) ** -0.5``).
         num_splits: sequence splits (default: about 2 programs per SM).
 

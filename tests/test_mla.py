@@ -164,6 +164,35 @@ def test_decode_attention_tensor_lengths(nan_empty, dtype, per_batch, T):
 
 
 @needs_triton
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_device_lengths_past_capacity_read_no_further(T, num_splits):
+    """A device length past the cache's capacity (unchecked: reading it would sync) reads no
+    key beyond the capacity: the cache is a view into a larger buffer poisoned past it, and
+    the result is the reference's (every key of the capacity, causal limit from the length)."""
+    B, H, R, DR, Smax = 2, 3, 24, 8, 7
+    buf_c, buf_k = torch.full((B, Smax + 9, R), float("nan"), device=DEVICE), \
+        torch.full((B, Smax + 9, DR), float("nan"), device=DEVICE)
+    c, kr = buf_c[:, :Smax], buf_k[:, :Smax]
+    c.copy_(rand(B, Smax, R))
+    kr.copy_(rand(B, Smax, DR))
+    q_lat, q_rope = rand(B, T, H, R), rand(B, T, H, DR)
+    lens = torch.tensor([Smax + 5, 4], dtype=torch.int32, device=DEVICE)
+    got = mla_decode_attention_triton(q_lat, q_rope, c, kr, lens, 0.3, num_splits=num_splits)
+    ref = mla_decode_attention_reference(q_lat, q_rope, c, kr, lens, 0.3)
+    assert not got.isnan().any()
+    assert_close("out_lat", got, ref, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [3.7, True, "3"])
+def test_decode_attention_host_length_must_be_an_int(bad):
+    q_lat, q_rope = torch.randn(1, 2, 8), torch.randn(1, 2, 4)
+    c, kr = torch.randn(1, 5, 8), torch.randn(1, 5, 4)
+    with pytest.raises(ValueError, match="seq_len must be an int"):
+        mla_decode_attention(q_lat, q_rope, c, kr, bad, 0.3)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1, 2])
 def test_absorbed_decode_equals_decompressed(dtype, T):
