@@ -47,6 +47,12 @@ from mythos_kernels.recurrent import (
 from . import modules as M
 
 _MODELS: list = []   # the model classes whose hidden_states the plan reproduces (register_model)
+# the module classes a plan reproduces, with their forwards as defined (a forward replaced on
+# the class afterwards is not what the plan runs)
+_STOCK = {c: c.forward for c in (
+    M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN, M.LoRAAdapter,
+    M.TransformerBlock, M.LTIInjection, M.ACTHalting, M.RecurrentBlock, torch.nn.ModuleList,
+    torch.nn.Embedding, torch.nn.Dropout, torch.nn.Linear)}
 
 
 def register_model(cls: type) -> type:
@@ -95,16 +101,14 @@ def _bypassed_module(model) -> Optional[str]:
     if not any(type(model).hidden_states is cls.hidden_states for cls in _MODELS):
         return (f"{type(model).__name__}.hidden_states is not one of mythos's own modules (the plan "
                 "would bypass its forward)")
-    stock = (M.RMSNorm, M.Linear, M.GQAttention, M.MLAttention, M.Expert, M.MoEFFN,
-             M.LoRAAdapter, M.TransformerBlock, M.LTIInjection, M.ACTHalting, M.RecurrentBlock,
-             torch.nn.ModuleList, torch.nn.Embedding, torch.nn.Dropout)
     for name, mod in model.named_modules():
         if mod._forward_hooks or mod._forward_pre_hooks:
             return "the model has forward hooks"
         if not name:
             continue
-        ok = type(mod) in stock or (name == "head" and type(mod) is torch.nn.Linear)
-        if not ok or "forward" in vars(mod):
+        cls = type(mod)
+        ok = cls in _STOCK and (cls is not torch.nn.Linear or name == "head")   # (head: not planned)
+        if not ok or "forward" in vars(mod) or cls.forward is not _STOCK[cls]:
             return (f"module {name!r} ({type(mod).__name__}) is not one of mythos's own modules "
                     "(the plan would bypass its forward)")
     return None

@@ -47,6 +47,7 @@ from .modules import (
     RMSNorm,
     RoutedExperts,
     TransformerBlock,
+    must_call,
     apply_rope,
     loop_index_embedding,
     precompute_rope_freqs,
@@ -229,7 +230,10 @@ class OpenMythos(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[..., D]`` (:meth:`hidden_states`) -> logits ``[..., vocab_size]``: the
         final RMSNorm and the tied head."""
-        return K.lm_head(self.norm(h), self.head.weight)
+        head = self.head
+        if must_call(head, nn.Linear) or head.bias is not None:   # hooked, replaced or biased
+            return head(self.norm(h))
+        return K.lm_head(self.norm(h), head.weight)
 
     def hidden_states(self, input_ids: torch.Tensor, n_loops: Optional[int], kv_cache: Optional[dict],
                       start_pos: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:

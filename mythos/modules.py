@@ -28,10 +28,25 @@ from mythos_kernels.cpu.linear import dense_plan, swiglu_plan
 from mythos_kernels.cpu.moe import FEW_PAIRS, moe_experts_cpu, moe_experts_few_pairs
 from mythos_kernels.mla_decode import mla_absorb_weights, mla_decode_attention_reference, mla_decode_num_splits
 from mythos_kernels.moe import moe_experts_reference, moe_route_reference
+from mythos_kernels.recurrent import act_accumulate_reference
 
 from .cache import layer_cache
 from .checkpoint import moe_load_hook
 from .config import MythosConfig
+
+
+def must_call(mod: nn.Module, cls: type) -> bool:
+    """Whether ``mod``, whose weights a fused kernel reads where open-mythos calls the module,
+    must be called as a module instead: a forward hook or pre-hook on it (or a global one), a
+    ``forward`` set on the instance or replaced on its class, or a module of another type in
+    its place. The caller then takes its module-by-module path, so that hooks see the calls
+    open-mythos makes and patches take effect."""
+    from torch.nn.modules import module as _m
+
+    return bool(type(mod) is not cls or "forward" in vars(mod)
+                or cls.forward is not _STOCK_FORWARDS.get(cls)
+                or mod._forward_hooks or mod._forward_pre_hooks
+                or _m._global_forward_hooks or _m._global_forward_pre_hooks)
 
 
 class RMSNorm(nn.Module):
@@ -201,6 +216,8 @@ class MLAttention(nn.Module):
         k_rope = kv_raw[..., self.kv_lora_rank:].unsqueeze(2)
         k_rope = K.apply_rope(k_rope.expand(B, T, min(2, H), self.qk_rope_dim), freqs_cis)
         k_rope = k_rope[:, :, 0]                                               # [B, T, dr]
+        if positions is None and (must_call(self.kv_norm, RMSNorm) or must_call(self.kv_up, Linear)):
+            return self._forward_modules(q_nope, q_rope, kv_raw, k_rope, mask, kv_cache, cache_key)
         if kv_cache is None:  # training / no cache: RMSNorm fused into the decompression
             w_up, w_norm = _one_dtype(kv_raw, self.kv_up.weight, self.kv_norm.weight)
             k, v = K.mla_decompress(kv_raw[..., :self.kv_lora_rank], k_rope, w_up,
@@ -228,6 +245,26 @@ class MLAttention(nn.Module):
                                self.qk_nope_dim, self.v_dim, S, self.q_head_dim ** -0.5)
             return self.wo(out.reshape(B, T, -1))
         k, v = K.mla_decompress(c_kv, k_rope, w_up, H, self.qk_nope_dim, self.v_dim)
+        return self._attend(q_nope, q_rope, k, v, mask)
+
+    def _forward_modules(self, q_nope, q_rope, kv_raw, k_rope, mask, kv_cache, cache_key
+                         ) -> torch.Tensor:
+        """``forward`` with ``kv_norm`` and ``kv_up`` called as modules, as open-mythos calls them
+        (:func:`must_call`): the latent normalized, cached, and every cached position
+        decompressed through ``kv_up``; then attention over K, V."""
+        B, T, H = *q_nope.shape[:2], self.n_heads
+        c_kv = self.kv_norm(kv_raw[..., :self.kv_lora_rank])                  # [B, T, r]
+        if c_kv.dtype != kv_raw.dtype:
+            c_kv = c_kv.to(kv_raw.dtype)
+        if kv_cache is not None:
+            kv = layer_cache(kv_cache, cache_key, self.max_seq_len, H).append(c_kv=c_kv,
+                                                                               k_rope=k_rope)
+            c_kv, k_rope = kv["c_kv"], kv["k_rope"]
+        S = c_kv.shape[1]
+        kv = self.kv_up(c_kv).view(B, S, H, self.qk_nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.qk_nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, S, H, self.qk_rope_dim
+                                                          ).to(k_nope.dtype)], dim=-1)
         return self._attend(q_nope, q_rope, k, v, mask)
 
     def _attend(self, q_nope, q_rope, k, v, mask) -> torch.Tensor:
@@ -426,7 +463,11 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
         t_idx = min(loop_t, self.scale.num_embeddings - 1)
-        return (self.down(x) * self.scale.weight[t_idx]) @ self.B
+        if must_call(self.scale, nn.Embedding):     # open-mythos looks the scale up by a call
+            s = self.scale(torch.tensor(t_idx, device=x.device))
+        else:
+            s = self.scale.weight[t_idx]
+        return (self.down(x) * s) @ self.B
 
 
 class TransformerBlock(nn.Module):
@@ -447,7 +488,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, freqs_cis, mask=None, kv_cache=None, cache_key="default", positions=None):
         drop = self.resid_drop
-        drop = drop if drop.training and drop.p > 0 else None    # eval: identity, skip the call
+        # eval: identity, the call skipped (unless it must be called: a hook on it)
+        drop = drop if (drop.training and drop.p > 0) or must_call(drop, nn.Dropout) else None
         a = self.attn(self.attn_norm(x), freqs_cis, mask, kv_cache, cache_key, positions)
         x = x + (a if drop is None else drop(a))
         f = self.ffn(self.ffn_norm(x))
@@ -504,28 +546,56 @@ class RecurrentBlock(nn.Module):
         # every rank runs the same number of loops)
         self.halt_reducer: Optional[Callable[[torch.Tensor, float], bool]] = None
 
+    def calls_modules(self) -> bool:
+        """Whether one of the modules the fused step reads only the weights of must be called
+        (:func:`must_call`: the loop norm, the injection, the halting head); then each loop runs
+        :meth:`loop_input_modules` and :meth:`step_modules`."""
+        return any(must_call(m, c) for m, c in ((self.norm, RMSNorm), (self.injection, LTIInjection),
+                                                (self.act, ACTHalting), (self.act.halt, Linear)))
+
+    def loop_input_modules(self, h: torch.Tensor, e: torch.Tensor, t: int) -> torch.Tensor:
+        """Loop t's input as open-mythos computes it: ``norm(loop_index_embedding(h, t) + e)``."""
+        return self.norm(loop_index_embedding(h, t, self.loop_dim) + e)
+
+    def step_modules(self, h, e, out, h_out, cum_p, t: int):
+        """Loop t after the block, each module called as in open-mythos (LoRA, injection, ACT):
+        ``(h', h_out', cum_p', None)`` (the next loop makes its input when it runs, as
+        open-mythos does: :meth:`loop_input_modules`); the ACT sums as :meth:`forward`'s."""
+        out = out + self.lora(out, t)
+        h = self.injection(h, e, out)
+        h_out, cum_p = act_accumulate_reference(h, self.act(h), h_out, cum_p,
+                                                self.cfg.act_threshold)
+        return h, h_out, cum_p, None
+
     def forward(self, h, e, freqs_cis, mask=None, n_loops=None, kv_cache=None, positions=None):
         n_loops = n_loops or self.cfg.max_loop_iters
+        modules = self.calls_modules()
         B, T, D = h.shape
         thr = self.cfg.act_threshold
         acc = K.acc_dtype(h.dtype)                 # ACT state: fp32 (fp64 for an fp64 model)
         cum_p = torch.zeros(B, T, device=h.device, dtype=acc)
         h_out = torch.zeros(B, T, D, device=h.device, dtype=acc)
         inj, halt, norm = self.injection, self.act.halt, self.norm
-        x = K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
+        x = None if modules else K.loop_input(h, e, 0, norm.weight, norm.eps, self.loop_dim)
         halted = self.halt_reducer or K.HaltCheck(h.device, lag=self.halt_lag)  # lag 0 by default
         for t in range(n_loops):
+            if modules:                    # hooked, patched or replaced: open-mythos's calls
+                x = self.loop_input_modules(h, e, t)
             out = self.block(x, freqs_cis, mask, kv_cache, f"recurrent_loop_{t}", positions)
-            delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)
-            if delta.dtype != out.dtype:   # autocast: a low-precision delta, promoted as in
-                out, delta = out + delta, None                    # open-mythos's out + lora
-            nxt = (t + 1, norm.weight, norm.eps, self.loop_dim) if t + 1 < n_loops else None
-            # h' = A h + B e + out + delta, ACT accumulation, and the next loop's normed input
-            res = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt, inj.B,
-                                 halt.weight, halt.bias, thr, next_loop=nxt, delta=delta)
-            h, h_out, cum_p = res[:3]
-            x = res[3] if nxt is not None else None
-            if kv_cache is None and nxt is not None and halted(cum_p, thr):
+            last = t + 1 == n_loops
+            if modules:
+                h, h_out, cum_p, x = self.step_modules(h, e, out, h_out, cum_p, t)
+            else:
+                delta = self.lora(out, t)  # the step kernel adds it (rounded as out + delta)
+                if delta.dtype != out.dtype:   # autocast: a low-precision delta, promoted as
+                    out, delta = out + delta, None                # in open-mythos's out + lora
+                nxt = None if last else (t + 1, norm.weight, norm.eps, self.loop_dim)
+                # h' = A h + B e + out + delta, ACT accumulation, the next loop's normed input
+                res = K.lti_act_step(h, e, out, h_out, cum_p, inj.log_A, inj.log_dt, inj.B,
+                                     halt.weight, halt.bias, thr, next_loop=nxt, delta=delta)
+                h, h_out, cum_p = res[:3]
+                x = None if last else res[3]
+            if kv_cache is None and not last and halted(cum_p, thr):
                 break
         return h_out.to(h.dtype)
 
@@ -698,3 +768,8 @@ class _Block:
     def __call__(self, x: torch.Tensor, freqs: torch.Tensor, lc) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), freqs, lc)
         return x + self.ffn(self.ffn_norm(x))
+
+
+# the forwards of the modules whose weights fused kernels read (:func:`must_call`), as defined
+_STOCK_FORWARDS: dict[type, Callable] = {c: c.forward for c in (
+    RMSNorm, Linear, LTIInjection, ACTHalting, nn.Linear, nn.Embedding, nn.Dropout)}

@@ -41,6 +41,7 @@ h_out (4 B) = 18 D bytes (+ 2 D with the LoRA delta, + 12 B of ACT state); see
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -127,12 +128,22 @@ def lti_act_step_reference(h: torch.Tensor, e: torch.Tensor, out: torch.Tensor,
         A = get_A(log_A, log_dt)
     h_new = A * h + B * e + out
     p = torch.sigmoid(torch.nn.functional.linear(h_new, w_halt.reshape(1, -1), b_halt)).squeeze(-1)
+    return (h_new, *act_accumulate_reference(h_new, p, h_out, cum_p, threshold))
+
+
+def act_accumulate_reference(h: torch.Tensor, p: torch.Tensor, h_out: torch.Tensor,
+                             cum_p: torch.Tensor, threshold: float
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACT's accumulation of one loop (open-mythos's remainder trick): a running position adds
+    ``p`` [B, T] times h [B, T, D] to h_out, or the remainder ``1 - cum_p`` on the loop where
+    ``cum_p + p`` reaches the threshold; a halted one (``cum_p >= threshold``) adds nothing.
+    Returns (h_out', cum_p') in cum_p's dtype."""
     still = (cum_p < threshold).to(cum_p.dtype)
     remainder = (1.0 - cum_p).clamp(min=0)
     weight = torch.where(cum_p + p >= threshold, remainder, p) * still
-    h_out = h_out + weight.unsqueeze(-1) * h_new
+    h_out = h_out + weight.unsqueeze(-1) * h
     cum_p = cum_p + p * still
-    return h_new, h_out, cum_p
+    return h_out, cum_p
 
 
 def lti_act_step_and_next_input_reference(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt,
@@ -622,7 +633,7 @@ def _check_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thres
     _check_vec("w_halt", w_halt, D)
     _check_vec("b_halt", b_halt, 1)
     # +inf is a threshold no cum_p reaches: every loop runs (as in open-mythos)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
             or math.isnan(threshold) or threshold == -math.inf:
         raise ValueError(f"threshold must be a float, not NaN or -inf, got {threshold!r}")
     devs = {t.device for t in (h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt)}
@@ -655,7 +666,8 @@ def loop_input(h: torch.Tensor, e: torch.Tensor, loop_t: int, norm_weight: torch
     impl = choose("loop_input", h, e, norm_weight, supported=_unsupported(h.shape[-1], h.dtype))
     if impl == "triton":
         return loop_input_triton(h, e, loop_t, norm_weight, eps, loop_dim)
-    return loop_input_reference(h, e, loop_t, norm_weight, eps, loop_dim)
+    # h's dtype as the kernel writes it (a wider norm weight would promote the reference's)
+    return loop_input_reference(h, e, loop_t, norm_weight, eps, loop_dim).to(h.dtype)
 
 
 def lti_act_step_triton(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, threshold,
@@ -709,10 +721,14 @@ def lti_act_step(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt, thre
     if delta is not None:
         out = out + delta
     if next_loop is None:
-        return lti_act_step_reference(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt,
-                                      threshold)
-    return lti_act_step_and_next_input_reference(h, e, out, h_out, cum_p, log_A, log_dt, B,
-                                                 w_halt, b_halt, threshold, next_loop)
+        res = lti_act_step_reference(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt,
+                                     threshold)
+    else:
+        res = lti_act_step_and_next_input_reference(h, e, out, h_out, cum_p, log_A, log_dt, B,
+                                                    w_halt, b_halt, threshold, next_loop)
+    # h' and x_next in h's dtype as the kernels write them (wider parameters would promote the
+    # reference's); the ACT state keeps its own
+    return tuple(t.to(h.dtype) if i in (0, 3) else t for i, t in enumerate(res))
 
 
 def lti_act_step_and_next_input(h, e, out, h_out, cum_p, log_A, log_dt, B, w_halt, b_halt,

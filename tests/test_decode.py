@@ -217,6 +217,19 @@ def test_swapped_or_overridden_modules_skip_the_plan(monkeypatch):
         assert why_not(m, ids) is None
 
 
+def test_a_forward_replaced_on_its_class_skips_the_plan(monkeypatch):
+    """A module class's forward replaced after import (a patching library, say) is what the
+    model runs, so no plan runs in its place."""
+    from mythos.modules import LTIInjection
+
+    m = _model()
+    ids = torch.randint(0, m.cfg.vocab_size, (1, 3))
+    with torch.no_grad():
+        assert why_not(m, ids) is None
+        monkeypatch.setattr(LTIInjection, "forward", lambda self, h, e, out: out)
+        assert "recurrent.injection" in why_not(m, ids)
+
+
 def test_generate_with_a_hook_skips_the_plan(monkeypatch):
     m = _model()
     ids = torch.randint(0, m.cfg.vocab_size, (1, 3))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import mythos_kernels as K
 from mythos.model import OpenMythos
+from mythos.modules import must_call
 
 from .data import IGNORE
 from .recurrence import ForwardOut
@@ -55,6 +56,10 @@ def lm_loss(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: torch.Tens
     if isinstance(h, ForwardOut) and h.head_weight is not None:
         weight, sink = h.head_weight, h.grad_sink
     hs, ts = _selected(h, targets)
+    if must_call(model.head, torch.nn.Linear) or model.head.bias is not None:
+        # a hooked, patched or replaced head (or one with a bias): called as the model calls it
+        logits = model.logits(hs)
+        return F.cross_entropy(logits.float(), ts, ignore_index=IGNORE, reduction="mean")
     hs = model.norm(hs)                                                      # [N, D]
     if not fused:
         return _head_loss(hs, weight, ts)
@@ -67,5 +72,5 @@ def answer_accuracy(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: to
     """(correct, total) argmax predictions over the positions with a target; h as for
     :func:`lm_loss`."""
     hs, ts = _selected(h, targets)
-    pred = F.linear(model.norm(hs), model.head.weight).argmax(-1)
+    pred = model.logits(hs).argmax(-1)
     return int((pred == ts).sum()), int(ts.numel())

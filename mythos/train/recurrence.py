@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 import mythos_kernels as K
+from mythos._validate import check_float, check_int
 from mythos.model import CAUSAL, OpenMythos, RecurrentBlock
 from mythos.modules import MoEFFN
 from mythos_kernels.cpu.moe import summed_expert_grads
@@ -53,9 +54,9 @@ class LoopSampler:
         if self.mode not in LOOP_SAMPLING:
             raise ValueError(f"loop sampling must be one of {LOOP_SAMPLING}, got {self.mode!r}")
         for name in ("max_loops", "min_loops"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            setattr(self, name, check_int(name, getattr(self, name), lo=1))
+        self.mean = check_float("mean", self.mean)
+        self.sigma = check_float("sigma", self.sigma, lo=0, lo_open=True)
         if self.min_loops > self.max_loops:
             raise ValueError(f"min_loops ({self.min_loops}) must be <= max_loops ({self.max_loops})")
         if not (self.min_loops <= self.mean <= self.max_loops):
@@ -63,8 +64,6 @@ class LoopSampler:
                              f"{self.mean!r}")
         if self.mode == "fixed" and self.mean != int(self.mean):
             raise ValueError(f"fixed loop sampling needs an integer n_loops, got {self.mean!r}")
-        if not (self.sigma > 0):
-            raise ValueError(f"sigma must be > 0, got {self.sigma!r}")
 
     def __call__(self, seed: int, step: int) -> int:
         if self.mode == "fixed":
@@ -103,8 +102,11 @@ class ForwardOut:
 
 
 def _iteration(rb: RecurrentBlock, t: int, nxt, e, freqs_cis, mask, h, x, h_out, cum_p):
-    """One loop of ``RecurrentBlock.forward`` (no cache): block, LoRA, LTI + ACT step."""
+    """One loop of ``RecurrentBlock.forward`` (no cache): block, LoRA, LTI + ACT step (each
+    module called where one must be: ``RecurrentBlock.calls_modules``)."""
     out = rb.block(x, freqs_cis, mask, None, f"recurrent_loop_{t}", None)
+    if rb.calls_modules():
+        return rb.step_modules(h, e, out, h_out, cum_p, t)      # next input: at its loop
     delta = rb.lora(out, t)
     if delta.dtype != out.dtype:
         out, delta = out + delta, None
@@ -148,7 +150,8 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
         for t in range(n_loops):
             with torch.set_grad_enabled(grad and t >= n_free):
                 if x is None:   # the first loop, or the first one with a graph after the cut
-                    x = K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim)
+                    x = (rb.loop_input_modules(h, e, t) if rb.calls_modules()
+                         else K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim))
                 # at the cut the next input is recomputed with a graph (it depends on e)
                 fuse = t + 1 < n_loops and t + 1 != n_free
                 nxt = (t + 1, norm.weight, norm.eps, rb.loop_dim) if fuse else None
@@ -227,12 +230,8 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
     embedding and add two [V, D] gradients). Any other use of ``out.h`` works as before.
     """
     cfg = model.cfg
-    n_loops = cfg.max_loop_iters if n_loops is None else n_loops
-    if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
-        raise ValueError(f"n_loops must be a positive int, got {n_loops!r}")
-    if grad_loops is not None and (isinstance(grad_loops, bool) or not isinstance(grad_loops, int)
-                                   or grad_loops < 1):
-        raise ValueError(f"grad_loops must be a positive int or None, got {grad_loops!r}")
+    n_loops = cfg.max_loop_iters if n_loops is None else check_int("n_loops", n_loops, lo=1)
+    grad_loops = check_int("grad_loops", grad_loops, lo=1, none_ok=True)
     model.check_inputs(ids, n_loops, None, 0)
     T = ids.shape[1]
     sink = tied_sink(model)
