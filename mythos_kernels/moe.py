@@ -610,8 +610,9 @@ def _check_expert_inputs(x, weights, idx, w13, w2) -> None:
     if x.dim() != 2:
         raise ValueError(f"moe_experts: x must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
-    if idx.dim() != 2 or idx.shape[0] != N:
-        raise ValueError(f"moe_experts: idx must be [{N}, k], got {tuple(idx.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != N or idx.shape[1] < 1:
+        raise ValueError(f"moe_experts: idx must be [{N}, k] with k >= 1 experts per token, got "
+                         f"{tuple(idx.shape)}")
     if idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"moe_experts: idx must be int64 or int32, got {idx.dtype}")
     if weights.shape != idx.shape:

@@ -300,6 +300,8 @@ def test_bad_inputs_raise_value_error():
         K.moe_experts(x, w, idx.float(), w13, w2)
     with pytest.raises(ValueError, match="weights"):
         K.moe_experts(x, w[:, :1], idx, w13, w2)
+    with pytest.raises(ValueError, match="k >= 1"):              # no expert per token
+        K.moe_experts(x, w[:, :0], idx[:, :0], w13, w2)
     with pytest.raises(ValueError, match="dtypes differ"):
         K.moe_experts(x, w, idx, w13.double(), w2)
     # expert ids outside [0, E), every CPU path (checked for CPU tensors only: on a GPU the check

@@ -665,3 +665,21 @@ def test_float64_runs_on_the_reference_only():
         R.lti_act_step(*_args(S, P, 0.99))
     with K.use_backend("triton"), pytest.raises(K.BackendUnavailable, match="float64"):
         R.loop_input(S["h"], S["e"], 0, P["norm_w"], EPS, 8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", pytest.param("triton", marks=needs_kernels)])
+def test_step_and_input_return_h_dtype_with_wider_parameters(backend):
+    """bf16 activations with fp32 parameters (or an fp64 norm weight with fp32 activations):
+    h' and the next input come back in h's dtype on every backend, as documented (the
+    reference's math would promote them); the ACT state stays fp32; numpy scalars pass."""
+    import numpy as np
+
+    S, P = _state((2, 3, 16), torch.bfloat16, "mixed", 0.99, _params(16, "cpu"), "cpu")
+    with K.use_backend(backend):
+        res = R.lti_act_step(*_args(S, P, np.float32(0.99)),
+                             next_loop=(1, P["norm_w"], EPS, 2))
+        x = R.loop_input(S["h"].float(), S["e"].float(), 0, P["norm_w"].double(), EPS, 2)
+    assert [t.dtype for t in res] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    assert x.dtype == torch.float32
+    ref = R.lti_act_step_reference(*_args(_f32(S), P, 0.99))
+    assert_close("h'", ref[0], res[0].float(), torch.bfloat16)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import needs_kernels, spy, tiny_kwargs
@@ -235,6 +236,9 @@ def test_router_bias_update_rejects_bad_input():
         update_router_bias(model, {}, rate=float("nan"))
     with pytest.raises(ValueError, match="shape"):
         update_router_bias(model, torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="rate"):
+        update_router_bias(model, {}, rate="1e-3")
+    update_router_bias(model, {}, rate=np.float32(1e-3))        # numpy scalars pass
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -276,6 +280,14 @@ def test_loop_sampler():
     assert set(u(1, i) for i in range(100)) == {2, 3, 4, 5}
     with pytest.raises(ValueError, match="loop sampling"):
         LoopSampler("gauss", 3, 5)
+    for bad, msg in [(dict(sigma=float("inf")), "sigma"), (dict(sigma=0), "sigma"),
+                     (dict(mean=True), "mean"), (dict(mean=float("nan")), "mean"),
+                     (dict(max_loops=5.0), "max_loops"), (dict(min_loops=0), "min_loops")]:
+        with pytest.raises(ValueError, match=msg):
+            LoopSampler(**{"mode": "poisson-lognormal", "mean": 3, "max_loops": 5, **bad})
+    # numpy scalars, as the rest of the API takes them
+    n = LoopSampler("poisson-lognormal", np.float32(3), np.int64(5), sigma=np.float64(0.5))
+    assert type(n.max_loops) is int and 1 <= n(0, 0) <= 5
 
 
 # -- training, checkpoints, resume ---------------------------------------------------------------
@@ -466,6 +478,19 @@ def test_lm_loss_on_the_forward_output_shares_the_tied_gradient(fused, monkeypat
     assert tied_sink(model) is not None
     model.embed.padding_idx = 0
     assert tied_sink(model) is None
+
+
+def test_train_forward_takes_numpy_integers_and_checks_them():
+    torch.manual_seed(1)
+    model = OpenMythos(micro_cfg())
+    ids = torch.randint(0, 40, (1, 5))
+    a = train_forward(model, ids, np.int64(2), grad_loops=np.int32(1))
+    b = train_forward(model, ids, 2, grad_loops=1)
+    assert a.n_loops == b.n_loops == 2 and torch.equal(a.h, b.h)
+    for kw, msg in [(dict(n_loops=2.0), "n_loops"), (dict(n_loops=0), "n_loops"),
+                    (dict(n_loops=2, grad_loops=True), "grad_loops")]:
+        with pytest.raises(ValueError, match=msg):
+            train_forward(model, ids, **kw)
 
 
 def test_lm_loss_rejects_a_non_bool_flag():

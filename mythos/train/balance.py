@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import mythos_kernels as K
+from mythos._validate import check_float
 from mythos.model import MoEFFN
 
 
@@ -76,8 +77,7 @@ def update_router_bias(model_or_layer: nn.Module, counts, rate: float = 1e-3) ->
             single layer. Layers without counts are left alone.
         rate: the update speed gamma (DeepSeek-V3: 1e-3).
     """
-    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0):
-        raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+    rate = check_float("rate", rate, lo=0)
     layers = [model_or_layer] if isinstance(model_or_layer, MoEFFN) else moe_layers(model_or_layer)
     if isinstance(counts, torch.Tensor):
         if len(layers) != 1:
