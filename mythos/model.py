@@ -193,7 +193,8 @@ class OpenMythos(nn.Module):
         """input_ids [B, T] -> logits [B, T, vocab_size].
 
         Args:
-            n_loops: recurrent depth (default cfg.max_loop_iters; may exceed it at inference).
+            n_loops: recurrent depth (None or 0: cfg.max_loop_iters, as open-mythos; may
+                exceed it at inference).
             kv_cache: a dict (``{}`` to start) reused across calls for incremental decoding;
                 refused before any compute if it does not fit the model or was left
                 inconsistent, and left as it was if the call raises (``mythos.cache``).
