@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _torch_module
 
 import mythos_kernels as K
 from mythos_kernels._dispatch import cpu_enabled, record
@@ -41,12 +42,10 @@ def must_call(mod: nn.Module, cls: type) -> bool:
     ``forward`` set on the instance or replaced on its class, or a module of another type in
     its place. The caller then takes its module-by-module path, so that hooks see the calls
     open-mythos makes and patches take effect."""
-    from torch.nn.modules import module as _m
-
     return bool(type(mod) is not cls or "forward" in vars(mod)
                 or cls.forward is not _STOCK_FORWARDS.get(cls)
                 or mod._forward_hooks or mod._forward_pre_hooks
-                or _m._global_forward_hooks or _m._global_forward_pre_hooks)
+                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks)
 
 
 class RMSNorm(nn.Module):
