@@ -201,6 +201,26 @@ def test_ponder_depth_and_gradients():
     assert float(g) < 0          # a larger halting bias halts earlier
 
 
+@pytest.mark.parametrize("thr", [2.0, 5.0, float("inf")])
+def test_depth_stays_in_range_above_a_threshold_of_one(thr):
+    """With act_threshold above 1 the halting probabilities sum past 1 unhalted: the depth
+    still lies in [1, loops run] (capped mass), and without ACT it is the loops run."""
+    import math
+
+    torch.manual_seed(4)
+    model = OpenMythos(micro_cfg(act_threshold=thr))
+    with torch.no_grad():
+        model.recurrent.act.halt.bias.fill_(1.0)          # p ~ 0.7 per loop
+    ids = torch.randint(0, 40, (2, 7))
+    out = train_forward(model, ids, 4)
+    assert ((out.depth >= 1) & (out.depth <= out.n_loops + 1e-6)).all(), out.depth
+    if math.isinf(thr):
+        # p ~ 0.7: the capped mass reaches 1 within the second loop for every position
+        assert (out.depth < 2.5).all()
+    flat = train_forward(model, ids, 3, act=False)
+    assert torch.equal(flat.depth, torch.full_like(flat.depth, 3.0))
+
+
 # -- router-bias balancing -----------------------------------------------------------------------
 
 def test_router_bias_update_balances_a_skewed_router():
@@ -325,6 +345,66 @@ def test_exact_resume_through_the_command_line(tmp_path):
     assert pa["recurrent.block.ffn.router_bias"].abs().sum() > 0
     rows = [json.loads(line) for line in open(os.path.join(b, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_keeps_the_schedule_and_replaces_rows_after_the_checkpoint(tmp_path):
+    """The cosine horizon defaults to the first command's --steps and a resume with more steps
+    keeps it (the lr does not jump back up); rows a killed run wrote after its last checkpoint
+    are replaced by the resumed run's, not followed by them."""
+    common = ["--seq-len", "12", "--batch-size", "2", "--eval-every", "0", "--warmup", "0",
+              "--no-progress"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(common + ["--steps", "4", "--save-every", "2", "--out", a]) == 0
+    assert main(["--resume", a, "--steps", "7", "--no-progress"]) == 0
+    lrs = [r["lr"] for r in map(json.loads, open(os.path.join(a, "metrics.jsonl")))]
+    assert len(lrs) == 7
+    assert all(x >= y for x, y in zip(lrs, lrs[1:])), lrs          # never back up
+    d = TrainConfig()
+    assert lrs[4:] == [pytest.approx(d.lr * d.min_lr_ratio)] * 3, lrs   # past the horizon 4
+    # a run "killed" after step 3 (rows 1-3 written, newest checkpoint at step 2)
+    assert main(common + ["--steps", "4", "--save-every", "2", "--out", b]) == 0
+    import shutil
+    ckpts = sorted(os.listdir(os.path.join(b, "checkpoints")))
+    shutil.rmtree(os.path.join(b, "checkpoints", ckpts[-1]))        # drop step 4's checkpoint
+    rows = open(os.path.join(b, "metrics.jsonl")).readlines()
+    open(os.path.join(b, "metrics.jsonl"), "w").writelines(rows[:3])
+    assert main(["--resume", b, "--steps", "4", "--no-progress"]) == 0
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(b, "metrics.jsonl")))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_out_folders_a_run_cannot_use(tmp_path, capsys):
+    """--out that is a file, under a file, empty, or a folder with an earlier run's metrics (no
+    checkpoint); --out with --resume naming another folder: errors naming the flag, exit 2,
+    nothing written."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    base = ["--seq-len", "12", "--batch-size", "2", "--steps", "1", "--eval-every", "0",
+            "--no-progress"]
+    for out, msg in [(str(tmp_path / "afile"), "not a folder"),
+                     (str(tmp_path / "afile" / "sub"), "not a writable folder"),
+                     ("", "empty path"), (str(tmp_path / "old"), "earlier run")]:
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--out", out])
+        assert e.value.code == 2 and msg in capsys.readouterr().err, out
+    assert (tmp_path / "old" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
+    run = str(tmp_path / "run")
+    assert main(base + ["--out", run]) == 0
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", run, "--steps", "2", "--out", str(tmp_path / "fork")])
+    assert e.value.code == 2 and "omit --out" in capsys.readouterr().err
+    assert not (tmp_path / "fork").exists()
+
+
+def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):
+    from mythos.train.checkpoint import list_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000007", "step-123456789"):
+        (root / name).mkdir(parents=True)
+    assert latest_checkpoint(str(tmp_path)).endswith("step-123456789")
+    assert len(list_checkpoints(str(tmp_path))) == 2
 
 
 def test_checkpoint_loads_into_open_mythos_layouts(tmp_path, om):

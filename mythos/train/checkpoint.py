@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from mythos.config import MythosConfig
 from mythos.model import OpenMythos
 
-_NAME = re.compile(r"^step-(\d{8})$")
+_NAME = re.compile(r"^step-(\d{8,})$")
 FILES = ("model.safetensors", "state.pt", "meta.json")
 DCP_DIR = "dcp"
 

@@ -55,6 +55,29 @@ def _finite(lo: float, strict: bool):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown for options that take a value, not for on/off switches (whose default is
+    the switch not given)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _check_out(flag: str, path: str) -> None:
+    """``path`` can be a run folder: not empty, not a file, under a folder (creatable)."""
+    if not path:
+        raise ValueError(f"{flag} must name a folder, got an empty path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: {parent!r} is not a writable folder")
+
+
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     """The training parser; ``explicit_only``: every default suppressed (to see which flags a
     command line gave)."""
@@ -64,7 +87,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         description="Train a mythos looped MoE model on a built-in task or local text files. "
                     "Writes DIR/metrics.jsonl (one JSON row per logged step) and checkpoints in "
                     "DIR/checkpoints. 'python -m mythos.train plot DIR' draws the curves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS if explicit_only else None)
 
     def a(*names, **kw):
@@ -163,9 +186,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             if ns.task is None and not ns.data:
                 ns.task = "pointer"
+            _check_out("--out", ns.out)
             if list_checkpoints(ns.out):
                 raise ValueError(f"--out {ns.out!r} already holds checkpoints of a run: continue it "
                                  f"with --resume {ns.out} or choose another --out")
+            if os.path.exists(os.path.join(ns.out, "metrics.jsonl")):
+                raise ValueError(f"--out {ns.out!r} holds metrics.jsonl of an earlier run (stopped "
+                                 "before its first checkpoint): choose another --out or remove it")
             trainer = Trainer(TrainConfig(**_settings(ns)))
     except (ValueError, TypeError) as exc:
         teardown()
@@ -211,6 +238,9 @@ def _resume(ns: argparse.Namespace, given: dict) -> Trainer:
     run_dir = ns.resume
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"--resume {run_dir!r} is not a folder")
+    if "out" in given and os.path.realpath(given["out"]) != os.path.realpath(run_dir):
+        raise ValueError(f"--out {given['out']!r} with --resume {run_dir!r}: a resumed run writes "
+                         "into its own folder (omit --out)")
     path = latest_checkpoint(run_dir)
     if path is None:
         raise CheckpointError(f"--resume {run_dir!r} holds no checkpoint")

@@ -163,16 +163,20 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
                 prev = cum_p
                 h, h_out, cum_p = res[:3]
                 x = res[3] if fuse else None
-                # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding)
-                w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0), cum_p - prev)
+                # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding),
+                # its running mass capped at 1 (a threshold above 1 lets cum_p pass 1 unhalted)
+                w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0),
+                                cum_p.clamp(max=1.0) - prev.clamp(max=1.0))
                 depth = depth + (t + 1) * w
             run = t + 1
             if act and t + 1 < n_loops and halted(cum_p, thr):
                 break
+    if not act:                          # every position ran every loop
+        return h, torch.full_like(depth, run), run
     # probability mass that never halted counts at the depth reached
-    weight_sum = torch.where(cum_p >= thr, torch.ones_like(cum_p), cum_p)
+    weight_sum = torch.where(cum_p >= thr, torch.ones_like(cum_p), cum_p.clamp(max=1.0))
     depth = depth + run * (1.0 - weight_sum)
-    return (h_out.to(h.dtype) if act else h), depth, run
+    return h_out.to(h.dtype), depth, run
 
 
 def _plain_embedding(emb: nn.Module) -> bool:
@@ -221,7 +225,9 @@ def train_forward(model: OpenMythos, ids: torch.Tensor, n_loops: Optional[int] =
     The expected halting depth of a position is ``sum_t t * w_t + n * (1 - sum_t w_t)`` with
     ``w_t`` the ACT weight of iteration t (1-based) and n the loops run: the remainder mass of a
     position that never halted counts at full depth (Graves 2016's ponder cost, made
-    differentiable through the halting probabilities). ``ponder`` is its mean.
+    differentiable through the halting probabilities). A running position's mass is capped at
+    1 (with ``act_threshold`` above 1 the probabilities can sum past it unhalted), so the depth
+    lies in [1, n]. ``ponder`` is its mean. With ``act=False`` the depth is n everywhere.
 
     With a gradient to compute, the tied embedding / head weight goes through one
     :class:`~mythos_kernels.grad_sink.GradSink` (:func:`tied_sink`): pass the returned

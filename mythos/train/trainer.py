@@ -199,6 +199,8 @@ class Trainer:
     def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None,
                  task: Optional[Task] = None):
         tc.validate()
+        if tc.decay_steps is None:   # the horizon is the first command's --steps, kept on resume
+            tc.decay_steps = tc.steps
         self.tc = tc
         self.cfg = model_cfg or resolve_config(tc.config)
         # under --dist: the process group (torchrun's), this rank's device and slice of a batch
@@ -360,7 +362,7 @@ class Trainer:
         opt = {} if self.ctx is not None else {"optimizer": self.optimizer.state_dict()}  # DCP holds it
         return {**opt,
                 "schedule": {"step": self.step, "lr": self.tc.lr, "warmup": self.tc.warmup,
-                             "decay_steps": self.tc.decay_steps or self.tc.steps,
+                             "decay_steps": self.tc.decay_steps,
                              "min_lr_ratio": self.tc.min_lr_ratio},
                 "rng": rng_state(), "data": {"seed": self.tc.seed, "step": self.step},
                 "world_size": 1 if self.ctx is None else self.ctx.world,
@@ -394,6 +396,32 @@ class Trainer:
         if self.step != int(meta["step"]):
             raise CheckpointError(f"checkpoint {path!r}: meta.json step {meta['step']} != "
                                   f"state.pt step {self.step}")
+        if self.is_main:
+            self._drop_rows_after(self.step)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """Remove metrics rows past ``step`` (written after the checkpoint a resume starts from,
+        by a run that was killed or stopped before its next save), so the resumed run's rows
+        replace them instead of following them; rewritten atomically."""
+        if not os.path.isfile(self._metrics_path):
+            return
+        with open(self._metrics_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+                continue
+            keep.append(line)
+        if len(keep) == len(lines):
+            return
+        tmp = self._metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self._metrics_path)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -441,6 +469,15 @@ def train_config_dict(tc: TrainConfig) -> dict:
     return d
 
 
+def _saved_horizon(path: str) -> Optional[int]:
+    """The cosine horizon a checkpoint's state.pt recorded (None where it cannot be read)."""
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+        return int(state["schedule"]["decay_steps"])
+    except Exception:  # noqa: BLE001 - a DCP checkpoint, or a corrupt file: load() reports it
+        return None
+
+
 def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
     """A Trainer continuing the run in ``run_dir`` from its newest checkpoint, with ``overrides``
     (e.g. ``steps``) applied to its saved settings.
@@ -461,6 +498,8 @@ def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
         raise CheckpointError(f"checkpoint {path!r}: meta.json has no run settings")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    if tc.decay_steps is None:   # a checkpoint from before the horizon was stored in its settings
+        tc.decay_steps = _saved_horizon(path)
     for k, v in overrides.items():
         setattr(tc, k, v)
     tc.out = run_dir
