@@ -280,6 +280,37 @@ def test_pointer_task_answers_and_splits():
     assert (c.targets[:, -1] >= 5).all() and (c.targets[:, -1] < 15).all()
 
 
+def test_pointer_answers_at_huge_hop_counts():
+    """The answer is pi^hops(start) (repeated squaring: a hop count of 10^18 costs ~60
+    compositions), the same tokens as walking the permutation hop by hop."""
+    import time
+
+    from mythos.train.data import _permutation_power
+
+    rng = np.random.default_rng(1)
+    pi = np.stack([rng.permutation(23) for _ in range(5)])
+    for k in (0, 1, 2, 5, 46, 97):
+        walk = np.tile(np.arange(23), (5, 1))
+        for _ in range(k):
+            walk = np.take_along_axis(pi, walk, 1)
+        assert np.array_equal(_permutation_power(pi, k), walk), k
+    t0 = time.perf_counter()
+    b = PointerTask(40, hops=10 ** 18).batch(0, "train", 0, 0, 4)
+    assert time.perf_counter() - t0 < 5 and b.ids.shape == (4, 40)
+
+
+def test_text_data_needs_a_held_out_window(tmp_path):
+    """Fewer tokens than one training and one held-out window, or token ids outside the
+    vocabulary: a ValueError (the held-out split never overlaps the training one)."""
+    with pytest.raises(ValueError, match="held out"):
+        TextLM(np.arange(30) % 256, 16)
+    with pytest.raises(ValueError, match="vocab_size"):
+        TextLM(np.arange(1000), 8)
+    t = TextLM(np.arange(34) % 256, 16)
+    (a, b), (c, d) = t._split["train"], t._split["eval"]
+    assert b <= c and b - a >= 17 and d - c >= 17
+
+
 def test_text_data(tmp_path):
     f = tmp_path / "a.txt"
     f.write_bytes(bytes(range(256)) * 4)
@@ -395,6 +426,36 @@ def test_out_folders_a_run_cannot_use(tmp_path, capsys):
         main(["--resume", run, "--steps", "2", "--out", str(tmp_path / "fork")])
     assert e.value.code == 2 and "omit --out" in capsys.readouterr().err
     assert not (tmp_path / "fork").exists()
+
+
+def test_ctrl_c_saves_the_step_reached_and_resumes(tmp_path):
+    """SIGINT to a running `python -m mythos.train`: it ends after the step in progress with a
+    checkpoint of it (exit 130, a message naming --resume), and --resume continues from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mythos.train", "--seq-len", "12", "--batch-size", "2",
+           "--steps", "100000", "--save-every", "0", "--eval-every", "0", "--no-progress",
+           "--out", str(out)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    reached = latest_checkpoint(str(out))
+    assert reached is not None
+    step = int(os.path.basename(reached).split("-")[1])
+    assert step >= 2
+    assert main(["--resume", str(out), "--steps", str(step + 1), "--no-progress"]) == 0
+    steps = [r["step"] for r in map(json.loads, open(metrics))]
+    assert steps == list(range(1, step + 2))
 
 
 def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):

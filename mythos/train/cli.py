@@ -24,16 +24,18 @@ RESUME_OVERRIDES = ("steps", "eval_every", "save_every", "log_every", "keep", "e
                     "device", "dist")
 
 
-def int_at_least(lo: int):
-    """An argparse type: an int >= ``lo``."""
+def int_at_least(lo: int, hi: Optional[int] = None):
+    """An argparse type: an int >= ``lo`` (and <= ``hi``)."""
     what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+    if hi is not None:
+        what = f"an integer in [{lo}, {hi}]"
 
     def parse(s: str) -> int:
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < lo:
+        if v < lo or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
         return v
     return parse
@@ -121,7 +123,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
       help="AdamW weight decay (matrices only)")
     a("--clip", type=_finite(0, False), default=d.clip, help="gradient-norm clip (0: none)")
     a("--grad-accum", type=_pos_int, default=d.grad_accum, help="micro-batches per step")
-    a("--seed", type=_nonneg_int, default=d.seed, help="seed of weights, data and loop counts")
+    a("--seed", type=int_at_least(0, 2 ** 63 - 1), default=d.seed, help="seed of weights, data and loop counts")
     a("--out", default=d.out, metavar="DIR", help="run folder (metrics.jsonl, checkpoints)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest "
       "checkpoint up to --steps (other settings are the run's)")
@@ -206,6 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(os.path.join(trainer.tc.out, "command.json"), "a") as f:
                 f.write(json.dumps({"argv": argv, "start_step": trainer.step}) + "\n")
         trainer.run(progress=ns.progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue from the newest checkpoint with: python -m mythos.train "
+              f"--resume {trainer.tc.out} --steps {trainer.tc.steps}", file=sys.stderr)
+        return 130
     finally:
         teardown()
     return 0

@@ -86,9 +86,7 @@ class PointerTask(Task):
         pi = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)               # [B, n]
         order = rng.permuted(np.tile(np.arange(n), (B, 1)), axis=1)            # listing order
         start = rng.integers(0, n, size=B)
-        cur = start.copy()
-        for _ in range(self.hops):
-            cur = pi[np.arange(B), cur]
+        cur = _permutation_power(pi, self.hops)[np.arange(B), start]
         seq = np.zeros((B, L), dtype=np.int64)
         body = 2 * n
         off = L - body - 4                                                     # left padding
@@ -147,6 +145,20 @@ def _answer_batch(seq: np.ndarray) -> Batch:
     return Batch(t[:, :-1].contiguous(), targets)
 
 
+def _permutation_power(pi: np.ndarray, k: int) -> np.ndarray:
+    """``pi^k`` of each row's permutation [B, n] by repeated squaring (log2 k compositions,
+    so a hop count of 10^9 costs what 30 do)."""
+    out = np.tile(np.arange(pi.shape[1]), (pi.shape[0], 1))
+    p = pi
+    while k:
+        if k & 1:
+            out = np.take_along_axis(p, out, 1)                                # p after out
+        k >>= 1
+        if k:
+            p = np.take_along_axis(p, p, 1)                                    # p after p
+    return out
+
+
 class TextLM(Task):
     """Next-token prediction over windows of a token stream (bytes of local files by default).
     The last tenth of the stream (at least one window) is the held-out split."""
@@ -157,13 +169,16 @@ class TextLM(Task):
         super().__init__(seq_len)
         tokens = np.asarray(tokens, dtype=np.int64)
         L = seq_len + 1
-        if tokens.size < L:
-            raise ValueError(f"data holds {tokens.size} tokens, fewer than seq_len + 1 = {L}")
+        if tokens.size < 2 * L:
+            raise ValueError(f"data holds {tokens.size} tokens, fewer than 2 x (seq_len + 1) = "
+                             f"{2 * L}: one window to train on and one held out")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            raise ValueError(f"data tokens must lie in [0, vocab_size={vocab_size}), got values in "
+                             f"[{tokens.min()}, {tokens.max()}]")
         self.tokens = tokens
         self.vocab_size = vocab_size
         n_eval = max(tokens.size // 10, L)
-        self._split = {"eval": (tokens.size - n_eval, tokens.size),
-                       "train": (0, tokens.size - n_eval if tokens.size - n_eval >= L else tokens.size)}
+        self._split = {"eval": (tokens.size - n_eval, tokens.size), "train": (0, tokens.size - n_eval)}
 
     @classmethod
     def from_files(cls, paths: Sequence[str], seq_len: int, tokenizer: Optional[str] = None,

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -432,7 +434,11 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def run(self, progress: bool = True) -> list[dict]:
-        """Train from the current step to ``steps``; returns the rows written."""
+        """Train from the current step to ``steps``; returns the rows written.
+
+        In a single process run from the main thread, Ctrl-C (SIGINT) ends the run after the
+        step in progress, saves a checkpoint of it and raises KeyboardInterrupt (a second
+        Ctrl-C stops at once, unsaved); ``--resume`` continues from there."""
         from tqdm import tqdm
 
         tc = self.tc
@@ -440,12 +446,32 @@ class Trainer:
         rows = []
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (progress and self.is_main), mininterval=0.5,
                    dynamic_ncols=True, desc="train")
+        stop: list[int] = []
+        restore = None
+        if self.ctx is None and threading.current_thread() is threading.main_thread():
+            def on_interrupt(signum, frame):
+                if stop:
+                    raise KeyboardInterrupt
+                stop.append(signum)
+                bar.write("interrupted: ending after this step with a checkpoint (Ctrl-C again to "
+                          "stop at once, unsaved)")
+            restore = signal.signal(signal.SIGINT, on_interrupt)
+        saved = None
         try:
             while self.step < tc.steps:
+                if stop:
+                    if saved != self.step:
+                        self.save()
+                    bar.write(f"stopped at step {self.step} of {tc.steps}: checkpoint saved in "
+                              f"{tc.out}")
+                    raise KeyboardInterrupt
                 row = self.train_step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
                                 loops=row["n_loops"], refresh=False)
+                if row["skipped"] and self.is_main:
+                    bar.write(f"step {self.step}: the loss or the gradients are not finite: "
+                              "step skipped (not applied)")
                 if row["skipped"] or self.step % tc.log_every == 0 or self.step == tc.steps:
                     self.log(row)
                     rows.append(row)
@@ -458,7 +484,10 @@ class Trainer:
                                   + (f" eval_acc {ev['eval_acc']:.3f}" if "eval_acc" in ev else ""))
                 if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
                     self.save()
+                    saved = self.step
         finally:
+            if restore is not None:
+                signal.signal(signal.SIGINT, restore)
             bar.close()
         return rows
 
