@@ -458,6 +458,20 @@ def test_ctrl_c_saves_the_step_reached_and_resumes(tmp_path):
     assert steps == list(range(1, step + 2))
 
 
+def test_training_memory_is_checked_before_building(tmp_path, monkeypatch):
+    """Weights, gradients and AdamW's two states (4 x the weights) beyond the device's memory:
+    a ValueError naming the sizes before any model is built or anything is written."""
+    import mythos.train.trainer as tr
+    from mythos.config import allocation_terms
+
+    weights = sum(allocation_terms(micro_cfg(), 4).values())
+    monkeypatch.setattr(tr, "device_memory_bytes", lambda dev: 3 * weights)
+    monkeypatch.setattr(tr, "OpenMythos", lambda cfg: pytest.fail("model built"))
+    with pytest.raises(ValueError, match="AdamW's two states"):
+        Trainer(small_run(str(tmp_path / "r")), micro_cfg())
+    assert not (tmp_path / "r").exists()
+
+
 def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):
     from mythos.train.checkpoint import list_checkpoints
 

@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mythos.config import MythosConfig
+from mythos._validate import device_memory_bytes
+from mythos.config import MythosConfig, allocation_terms
 from mythos.model import OpenMythos
 
 from .balance import LoadTracker, load_stats, moe_layers, update_router_bias
@@ -133,6 +134,18 @@ class TrainConfig:
                              "runs every loop")
 
 
+def _check_training_memory(cfg: MythosConfig, device: torch.device) -> None:
+    """ValueError before anything is allocated when the weights, their gradients and AdamW's
+    two states (4 x the fp32 weights, activations not counted) exceed ``device``'s memory."""
+    limit = device_memory_bytes(device)
+    weights = sum(allocation_terms(cfg, 4).values())
+    if limit is not None and 4 * weights > limit:
+        raise ValueError(f"training this config needs about {4 * weights / 2**30:.4g} GiB before "
+                         f"activations (the {weights / 2**30:.4g} GiB of fp32 weights, their "
+                         f"gradients and AdamW's two states), more than the {limit / 2**30:.4g} "
+                         f"GiB of memory of {device}")
+
+
 def lr_at(tc: TrainConfig, step: int) -> float:
     """Linear warmup over ``warmup`` steps to ``lr``, then cosine decay to ``lr * min_lr_ratio``
     at ``decay_steps`` (default ``steps``), constant after."""
@@ -212,6 +225,7 @@ class Trainer:
             self.device = self.ctx.device
         else:
             self.device = resolve_device(tc.device)
+            _check_training_memory(self.cfg, self.device)
         max_loops = tc.max_loops or self.cfg.max_loop_iters
         self.sampler = LoopSampler(tc.loop_sampling, tc.n_loops, max_loops, tc.min_loops)
         if tc.grad_loops is not None and tc.grad_loops > max_loops:
