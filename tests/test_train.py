@@ -472,6 +472,40 @@ def test_training_memory_is_checked_before_building(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_task_object_of_ones_own_trains_and_resumes_with_it(tmp_path, capsys):
+    """Trainer(tc, task=obj) needs no task or data in the settings; a resume needs the object
+    again (the command line and resume_trainer without it say so instead of training on the
+    settings' default task); seq_len beyond the model's is refused up front."""
+    from mythos.train import Task
+    from mythos.train.data import Batch
+    from mythos.train.trainer import resume_trainer
+
+    class Copy(Task):
+        name = "copy"
+        vocab_size = 40
+
+        def batch(self, seed, split, step, micro, batch_size):
+            g = torch.Generator().manual_seed(seed * 1000 + step * 10 + micro)
+            x = torch.randint(3, 40, (batch_size, self.seq_len + 1), generator=g)
+            return Batch(x[:, :-1], x[:, 1:])
+
+    out = str(tmp_path / "own")
+    tc = TrainConfig(steps=2, batch_size=2, seq_len=12, out=out, eval_every=0)
+    t = Trainer(tc, micro_cfg(), task=Copy(12))
+    t.run(progress=False)
+    with pytest.raises(ValueError, match="Task object"):
+        resume_trainer(out, {"steps": 3})
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", out, "--steps", "3", "--no-progress"])
+    assert e.value.code == 2 and "Task object" in capsys.readouterr().err
+    r = resume_trainer(out, {"steps": 3}, task=Copy(12))
+    assert r.step == 2 and isinstance(r.task, Copy)
+    r.run(progress=False)
+    assert r.step == 3
+    with pytest.raises(ValueError, match="max_seq_len"):
+        Trainer(TrainConfig(out=str(tmp_path / "y")), micro_cfg(), task=Copy(64))
+
+
 def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):
     from mythos.train.checkpoint import list_checkpoints
 

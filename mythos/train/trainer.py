@@ -87,8 +87,10 @@ class TrainConfig:
     dist: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
-        """ValueError naming the first invalid setting."""
+    def validate(self, own_task: bool = False) -> None:
+        """ValueError naming the first invalid setting; ``own_task``: the run's data is a
+        :class:`~mythos.train.Task` object of the caller's (then task and data, if set, are only
+        labels)."""
         def pos_int(name, zero=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero else 1):
@@ -127,7 +129,7 @@ class TrainConfig:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if (self.task is None) == (not self.data):
+        if not own_task and (self.task is None) == (not self.data):
             raise ValueError("give exactly one of task (a built-in task) and data (text files)")
         if self.ponder_weight > 0 and not self.act:
             raise ValueError("ponder_weight > 0 needs ACT (act=True): without ACT every position "
@@ -213,7 +215,7 @@ class Trainer:
 
     def __init__(self, tc: TrainConfig, model_cfg: Optional[MythosConfig] = None,
                  task: Optional[Task] = None):
-        tc.validate()
+        tc.validate(own_task=task is not None)
         if tc.decay_steps is None:   # the horizon is the first command's --steps, kept on resume
             tc.decay_steps = tc.steps
         self.tc = tc
@@ -237,8 +239,12 @@ class Trainer:
         elif task.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"task {task.name!r} uses {task.vocab_size} token ids, more than the "
                              f"model's vocab_size {self.cfg.vocab_size}")
+        elif task.seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"task {task.name!r} has seq_len {task.seq_len}, more than the "
+                             f"model's max_seq_len {self.cfg.max_seq_len}")
         else:
             self.task = task
+        self._own_task = task is not None
         use_bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         seed_all(tc.seed)
@@ -330,7 +336,7 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         row = {"step": self.step, "loss": loss_v, "lr": lr,
-               "tokens_per_s": tc.grad_accum * tc.batch_size * tc.seq_len / max(dt, 1e-9),
+               "tokens_per_s": tc.grad_accum * tc.batch_size * self.task.seq_len / max(dt, 1e-9),
                "n_loops": n, "loops_run": run, "grad_norm": grad_norm,
                "rho_A": spectral_radius(model), "mean_halt_depth": depth_sum / tc.grad_accum,
                "skipped": int(skipped)}
@@ -386,7 +392,10 @@ class Trainer:
                                 for i, m in enumerate(moe_layers(self.model))}}
 
     def meta(self) -> dict:
-        return {"config": dataclasses.asdict(self.cfg), "train": train_config_dict(self.tc)}
+        meta = {"config": dataclasses.asdict(self.cfg), "train": train_config_dict(self.tc)}
+        if self._own_task:   # a resume needs the same object passed again
+            meta["own_task"] = f"{type(self.task).__module__}.{type(self.task).__qualname__}"
+        return meta
 
     def save(self) -> str:
         if self.ctx is not None:
@@ -521,9 +530,10 @@ def _saved_horizon(path: str) -> Optional[int]:
         return None
 
 
-def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
+def resume_trainer(run_dir: str, overrides: dict, task: Optional[Task] = None) -> Trainer:
     """A Trainer continuing the run in ``run_dir`` from its newest checkpoint, with ``overrides``
-    (e.g. ``steps``) applied to its saved settings.
+    (e.g. ``steps``) applied to its saved settings. A run trained on a Task object of the
+    caller's needs it passed again as ``task`` (its data cannot be rebuilt from the settings).
 
     Raises:
         CheckpointError if the folder holds no checkpoint or a corrupt one.
@@ -539,6 +549,14 @@ def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
     saved = meta.get("train")
     if not isinstance(saved, dict):
         raise CheckpointError(f"checkpoint {path!r}: meta.json has no run settings")
+    own = meta.get("own_task")
+    if own is not None and task is None:
+        raise CheckpointError(f"the run in {run_dir!r} trained on a Task object of its own ({own}): "
+                              "resume it from Python with resume_trainer(run_dir, overrides, "
+                              "task=...) passing that task again")
+    if own is None and task is not None:
+        raise ValueError(f"the run in {run_dir!r} trained on its settings' task or data, not on a "
+                         "Task object: resume it without task=")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
     if tc.decay_steps is None:   # a checkpoint from before the horizon was stored in its settings
@@ -546,6 +564,6 @@ def resume_trainer(run_dir: str, overrides: dict) -> Trainer:
     for k, v in overrides.items():
         setattr(tc, k, v)
     tc.out = run_dir
-    trainer = Trainer(tc, config_from_dict(meta["config"], f"checkpoint {path!r} config"))
+    trainer = Trainer(tc, config_from_dict(meta["config"], f"checkpoint {path!r} config"), task)
     trainer.load(path)
     return trainer
