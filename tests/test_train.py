@@ -506,6 +506,16 @@ def test_a_task_object_of_ones_own_trains_and_resumes_with_it(tmp_path, capsys):
         Trainer(TrainConfig(out=str(tmp_path / "y")), micro_cfg(), task=Copy(64))
 
 
+def test_data_paths_are_kept_absolute_for_a_resume_elsewhere(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_bytes(bytes(range(256)) * 4)
+    monkeypatch.chdir(tmp_path / "d")
+    base = ["--seq-len", "12", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
+    assert main(base + ["--data", "notes.txt", "--steps", "1", "--out", str(tmp_path / "r")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(tmp_path / "r"), "--steps", "2", "--no-progress"]) == 0
+
+
 def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):
     from mythos.train.checkpoint import list_checkpoints
 
@@ -585,7 +595,9 @@ def test_bad_command_lines_fail_before_training(tmp_path, capsys):
            ["--task", "nope"], ["--data", str(tmp_path / "missing.txt")],
            ["--resume", str(tmp_path)], ["--resume", run, "--config", "small"],
            ["--resume", run, "--lr", "0.5"], ["--out", run], ["--config", "nope"],
-           ["--seq-len", "100000"]]
+           ["--seq-len", "100000"], ["--seed", str(2 ** 64)],
+           ["--data", __file__, "--hops", "3"], ["--task", "pointer", "--tokenizer", "x"],
+           ["--min-loops", "6", "--out", str(tmp_path / "m")]]
     (tmp_path / "empty.txt").write_bytes(b"")
     bad.append(["--data", str(tmp_path / "empty.txt")])
     for argv in bad:

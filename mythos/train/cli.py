@@ -182,6 +182,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     given = _settings(build_parser(explicit_only=True).parse_args(argv))
+    if ns.data:   # absolute: a resume from another working folder finds the same files
+        ns.data = [os.path.abspath(p) for p in ns.data]
+        if "data" in given:
+            given["data"] = ns.data
+    for flag, needs in (("hops", "task"), ("tokenizer", "data")):
+        if flag in given and needs not in given and ns.resume is None:
+            if needs == "task" and ns.data:
+                parser.error("--hops sets a built-in task's difficulty: it has no effect with --data")
+            if needs == "data":
+                parser.error("--tokenizer encodes --data files: it has no effect with a task")
     try:
         if ns.resume is not None:
             trainer = _resume(ns, given)

@@ -59,9 +59,10 @@ class LoopSampler:
         self.sigma = check_float("sigma", self.sigma, lo=0, lo_open=True)
         if self.min_loops > self.max_loops:
             raise ValueError(f"min_loops ({self.min_loops}) must be <= max_loops ({self.max_loops})")
-        if not (self.min_loops <= self.mean <= self.max_loops):
-            raise ValueError(f"mean loops must lie in [{self.min_loops}, {self.max_loops}], got "
-                             f"{self.mean!r}")
+        if self.mode != "uniform" and not (self.min_loops <= self.mean <= self.max_loops):
+            raise ValueError(f"n_loops ({'the loop count' if self.mode == 'fixed' else 'the mean'}) "
+                             f"must lie in [min_loops, max_loops] = [{self.min_loops}, "
+                             f"{self.max_loops}], got {self.mean!r}")
         if self.mode == "fixed" and self.mean != int(self.mean):
             raise ValueError(f"fixed loop sampling needs an integer n_loops, got {self.mean!r}")
 
