@@ -563,6 +563,10 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)
     monkeypatch.setattr(tr, "lm_loss", real)
     assert t.train_step()["skipped"] == 0
+    t.log(row)                                  # strict JSON: the NaN loss written as null
+    line = open(os.path.join(str(tmp_path), "metrics.jsonl")).read().splitlines()[-1]
+    logged = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert logged["loss"] is None and logged["skipped"] == 1
 
 
 def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

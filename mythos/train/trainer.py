@@ -451,10 +451,14 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------
 
     def log(self, row: dict) -> None:
+        """Append ``row`` to metrics.jsonl as strict JSON: a non-finite number (a skipped step's
+        loss, say) is written as null."""
         if not self.is_main:
             return
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in row.items()}
         with open(self._metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
     def run(self, progress: bool = True) -> list[dict]:
         """Train from the current step to ``steps``; returns the rows written.
