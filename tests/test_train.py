@@ -516,6 +516,15 @@ def test_data_paths_are_kept_absolute_for_a_resume_elsewhere(tmp_path, monkeypat
     assert main(["--resume", str(tmp_path / "r"), "--steps", "2", "--no-progress"]) == 0
 
 
+def test_plot_skips_rows_it_cannot_place(tmp_path):
+    """Hand-made or torn rows (no step, not an object, null values) are skipped, not a
+    traceback."""
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"loss": 3}\n[1, 2]\n{"step": 1, "loss": 2.0}\n{"step": 2, "loss": null}\n{"step": 3, "lo')
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
 def test_checkpoints_past_eight_digit_steps_are_found(tmp_path):
     from mythos.train.checkpoint import list_checkpoints
 

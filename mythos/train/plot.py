@@ -14,14 +14,17 @@ PANELS = (("loss", ("loss", "eval_loss")), ("eval accuracy", ("eval_acc",)), ("l
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl (a torn last line, from a killed run, is skipped)."""
+    """The rows of a metrics.jsonl: JSON objects with an integer ``step`` (a torn last line,
+    from a killed run, and anything else is skipped)."""
     rows = []
     with open(path) as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
     return rows
 
 
