@@ -123,7 +123,8 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
       help="AdamW weight decay (matrices only)")
     a("--clip", type=_finite(0, False), default=d.clip, help="gradient-norm clip (0: none)")
     a("--grad-accum", type=_pos_int, default=d.grad_accum, help="micro-batches per step")
-    a("--seed", type=int_at_least(0, 2 ** 63 - 1), default=d.seed, help="seed of weights, data and loop counts")
+    a("--seed", type=int_at_least(0, 2 ** 63 - 1), default=d.seed,
+      help="seed of weights, data and loop counts")
     a("--out", default=d.out, metavar="DIR", help="run folder (metrics.jsonl, checkpoints)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR from its newest "
       "checkpoint up to --steps (other settings are the run's)")
@@ -186,12 +187,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ns.data = [os.path.abspath(p) for p in ns.data]
         if "data" in given:
             given["data"] = ns.data
-    for flag, needs in (("hops", "task"), ("tokenizer", "data")):
-        if flag in given and needs not in given and ns.resume is None:
-            if needs == "task" and ns.data:
-                parser.error("--hops sets a built-in task's difficulty: it has no effect with --data")
-            if needs == "data":
-                parser.error("--tokenizer encodes --data files: it has no effect with a task")
+    if ns.resume is None and "hops" in given and ns.data:
+        parser.error("--hops sets a built-in task's difficulty: it has no effect with --data")
+    if ns.resume is None and "tokenizer" in given and not ns.data:
+        parser.error("--tokenizer encodes --data files: it has no effect with a task")
     try:
         if ns.resume is not None:
             trainer = _resume(ns, given)
