@@ -624,6 +624,12 @@ def test_bad_command_lines_fail_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--resume", run, "--steps", "4", "--no-progress"])
     assert "corrupt" in capsys.readouterr().err
+    import shutil
+    older = os.path.join(run, "checkpoints", "step-00000001")     # an older one kept: named
+    shutil.copytree(os.path.dirname(ck), older)
+    with pytest.raises(SystemExit):
+        main(["--resume", run, "--steps", "4", "--no-progress"])
+    assert "step-00000001' is kept" in capsys.readouterr().err
     assert main(["plot", run]) == 0 and os.path.isfile(os.path.join(run, "metrics.png"))
 
 

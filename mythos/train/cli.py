@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             trainer = Trainer(TrainConfig(**_settings(ns)))
     except (ValueError, TypeError) as exc:
         teardown()
-        parser.error(str(exc))
+        parser.error(str(exc) + _older_checkpoint_hint(exc, ns.resume))
     try:
         if trainer.step >= trainer.tc.steps:
             print(f"nothing to do: the run is at step {trainer.step} of --steps {trainer.tc.steps}")
@@ -247,6 +247,18 @@ def _export(argv: list) -> int:
         p.error(str(exc))
     print(f"wrote {ns.out}")
     return 0
+
+
+def _older_checkpoint_hint(exc: Exception, run_dir: Optional[str]) -> str:
+    """Where a resume failed on its newest checkpoint and an older one is kept: how to resume
+    from that one instead."""
+    if not isinstance(exc, CheckpointError) or run_dir is None:
+        return ""
+    kept = list_checkpoints(run_dir)
+    if len(kept) < 2 or kept[-1][1] not in str(exc):
+        return ""
+    return (f" (the older checkpoint {kept[-2][1]!r} is kept: move {kept[-1][1]!r} away to "
+            "resume from it)")
 
 
 def _resume(ns: argparse.Namespace, given: dict) -> Trainer:
