@@ -231,10 +231,14 @@ class OpenMythos(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[..., D]`` (:meth:`hidden_states`) -> logits ``[..., vocab_size]``: the
         final RMSNorm and the tied head."""
-        head = self.head
-        if must_call(head, nn.Linear) or head.bias is not None:   # hooked, replaced or biased
-            return head(self.norm(h))
-        return K.lm_head(self.norm(h), head.weight)
+        if self.head_called():
+            return self.head(self.norm(h))
+        return K.lm_head(self.norm(h), self.head.weight)
+
+    def head_called(self) -> bool:
+        """Whether the head must be called as a module (hooked, patched, replaced, or with a
+        bias: :func:`mythos.modules.must_call`) rather than computed from its weight alone."""
+        return must_call(self.head, nn.Linear) or self.head.bias is not None
 
     def hidden_states(self, input_ids: torch.Tensor, n_loops: Optional[int], kv_cache: Optional[dict],
                       start_pos: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import mythos_kernels as K
 from mythos.model import OpenMythos
-from mythos.modules import must_call
 
 from .data import IGNORE
 from .recurrence import ForwardOut
@@ -56,8 +55,7 @@ def lm_loss(model: OpenMythos, h: torch.Tensor | ForwardOut, targets: torch.Tens
     if isinstance(h, ForwardOut) and h.head_weight is not None:
         weight, sink = h.head_weight, h.grad_sink
     hs, ts = _selected(h, targets)
-    if must_call(model.head, torch.nn.Linear) or model.head.bias is not None:
-        # a hooked, patched or replaced head (or one with a bias): called as the model calls it
+    if model.head_called():          # hooked, patched, replaced or biased: as the model calls it
         logits = model.logits(hs)
         return F.cross_entropy(logits.float(), ts, ignore_index=IGNORE, reduction="mean")
     hs = model.norm(hs)                                                      # [N, D]

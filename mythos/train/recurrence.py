@@ -102,11 +102,12 @@ class ForwardOut:
         return self.depth.mean()
 
 
-def _iteration(rb: RecurrentBlock, t: int, nxt, e, freqs_cis, mask, h, x, h_out, cum_p):
-    """One loop of ``RecurrentBlock.forward`` (no cache): block, LoRA, LTI + ACT step (each
-    module called where one must be: ``RecurrentBlock.calls_modules``)."""
+def _iteration(rb: RecurrentBlock, modules: bool, t: int, nxt, e, freqs_cis, mask, h, x, h_out,
+               cum_p):
+    """One loop of ``RecurrentBlock.forward`` (no cache): block, LoRA, LTI + ACT step (with
+    ``modules``, each module called: ``RecurrentBlock.calls_modules``)."""
     out = rb.block(x, freqs_cis, mask, None, f"recurrent_loop_{t}", None)
-    if rb.calls_modules():
+    if modules:
         return rb.step_modules(h, e, out, h_out, cum_p, t)      # next input: at its loop
     delta = rb.lora(out, t)
     if delta.dtype != out.dtype:
@@ -145,18 +146,19 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
     n_free = 0 if grad_loops is None else max(n_loops - grad_loops, 0)
     grad = torch.is_grad_enabled()
     halted = halt_check or rb.halt_reducer or K.HaltCheck(h.device, lag=rb.halt_lag)
+    modules = rb.calls_modules()     # hooked, patched or replaced loop modules: called
     x = None
     run = 0
     with summed_expert_grads(_expert_stacks(rb, checkpoint)):
         for t in range(n_loops):
             with torch.set_grad_enabled(grad and t >= n_free):
                 if x is None:   # the first loop, or the first one with a graph after the cut
-                    x = (rb.loop_input_modules(h, e, t) if rb.calls_modules()
+                    x = (rb.loop_input_modules(h, e, t) if modules
                          else K.loop_input(h, e, t, norm.weight, norm.eps, rb.loop_dim))
                 # at the cut the next input is recomputed with a graph (it depends on e)
                 fuse = t + 1 < n_loops and t + 1 != n_free
                 nxt = (t + 1, norm.weight, norm.eps, rb.loop_dim) if fuse else None
-                step = functools.partial(_iteration, rb, t, nxt, e, freqs_cis, mask)
+                step = functools.partial(_iteration, rb, modules, t, nxt, e, freqs_cis, mask)
                 if checkpoint and grad and t >= n_free:
                     res = _checkpoint(step, h, x, h_out, cum_p, use_reentrant=False)
                 else:
@@ -164,11 +166,13 @@ def recurrent_forward(rb: RecurrentBlock, h: torch.Tensor, e: torch.Tensor,
                 prev = cum_p
                 h, h_out, cum_p = res[:3]
                 x = res[3] if fuse else None
-                # the ACT weight of this loop, recovered from cum_p (the step's own up to rounding),
-                # its running mass capped at 1 (a threshold above 1 lets cum_p pass 1 unhalted)
-                w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0),
-                                cum_p.clamp(max=1.0) - prev.clamp(max=1.0))
-                depth = depth + (t + 1) * w
+                if act:
+                    # the ACT weight of this loop, recovered from cum_p (the step's own up to
+                    # rounding), its running mass capped at 1 (a threshold above 1 lets cum_p
+                    # pass 1 unhalted)
+                    w = torch.where((cum_p >= thr) & (prev < thr), (1.0 - prev).clamp(min=0),
+                                    cum_p.clamp(max=1.0) - prev.clamp(max=1.0))
+                    depth = depth + (t + 1) * w
             run = t + 1
             if act and t + 1 < n_loops and halted(cum_p, thr):
                 break
